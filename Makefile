@@ -1,0 +1,39 @@
+# bdia — one entry point for set-up, tests and the main jobs. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON_BOOT ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: help venv test test-all sample accuracy bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24" 2>/dev/null || true
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv (Python 3.11) and install the pinned dependencies
+
+test: $(STAMP)  ## run the test suite (CPU, offline)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)  ## run every test, the slow ones included
+	$(PY) -m pytest -q
+
+sample: $(STAMP)  ## main job: sample with BDIA-EDM and write an image grid under results/
+	$(PY) scripts/sample.py
+
+accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/solver_accuracy.{md,csv}
+	$(PY) scripts/solver_accuracy.py
+
+bench: $(STAMP)  ## wall time of BDIA solvers relative to their base solvers -> results/bench/
+	$(PY) benchmarks/bench_solvers.py
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,41 @@
+"""bdia: exact, invertible diffusion solvers (BDIA-DDIM, BDIA-EDM) beside DDIM and EDM.
+
+    import bdia
+    sigmas = bdia.karras_sigmas(num_steps=18)
+    x0 = bdia.sample(denoiser, latents * sigmas[0], sigmas, solver="bdia_edm", gamma=0.5)
+    pair = bdia.sample(denoiser, latents * sigmas[0], sigmas, solver="bdia_edm", gamma=0.5, return_pair=True)
+    noise_pair = bdia.invert(denoiser, pair, sigmas, solver="bdia_edm", gamma=0.5)
+"""
+
+from .denoisers import (
+    ClassifierFreeGuidance,
+    CountingDenoiser,
+    EmpiricalDenoiser,
+    GaussianMixtureDenoiser,
+    VPEpsDenoiser,
+)
+from .schedules import (
+    SD_SCHEDULE,
+    karras_sigmas,
+    make_alphas_cumprod,
+    sigma_to_timestep,
+    vp_alpha,
+    vp_sigmas,
+    vp_timesteps,
+)
+from .solvers import (
+    INVERTIBLE_SOLVERS,
+    SOLVERS,
+    StatePair,
+    bdia_ddim,
+    bdia_edm,
+    ddim,
+    edm,
+    gamma_schedule,
+    invert,
+    invert_bdia_ddim,
+    invert_bdia_edm,
+    sample,
+)
+
+__version__ = "0.1.0"

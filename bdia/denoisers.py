@@ -1,0 +1,279 @@
+"""Denoisers: one protocol, EDM's, and adapters onto it.
+
+A denoiser is a callable ``D(x, sigma, class_labels=None, **cond) -> denoised`` with ``x = x0 + sigma * n``
+(EDM's convention), returning an estimate of ``E[x0 | x]`` of the same shape as ``x``. It also carries
+``sigma_min``, ``sigma_max`` and ``round_sigma`` (EDM's network attributes). EDM's preconditioned networks
+satisfy this protocol as they are.
+
+``sigma`` is a 0-dim tensor or one value per batch row. Solvers keep their state in float64; the cast to the
+network's dtype happens inside the denoiser (EDM's preconditioners cast to float32 or fp16 themselves).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .schedules import sigma_to_timestep, sigmas_from_alphas_cumprod
+
+__all__ = [
+    "Denoiser",
+    "VPEpsDenoiser",
+    "ClassifierFreeGuidance",
+    "CountingDenoiser",
+    "GaussianMixtureDenoiser",
+    "EmpiricalDenoiser",
+]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    sigma_min: float
+    sigma_max: float
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, **cond) -> torch.Tensor: ...
+
+    def round_sigma(self, sigma): ...
+
+
+def _per_row(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sigma as shape [B, 1, ..., 1] (broadcastable against x), float64, on x's device."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    if sigma.numel() == 1:
+        sigma = sigma.reshape(1).expand(x.shape[0])
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class VPEpsDenoiser(nn.Module):
+    """A discrete-time VP model (DDPM, Stable Diffusion) seen as an EDM denoiser.
+
+    ``model(z, timestep, **cond)`` predicts noise (``prediction_type="epsilon"``) or
+    ``v = alpha * eps - sigma_z * x0`` (``"v_prediction"``) for the VP latent ``z = alpha * x0 + sigma_z * eps``.
+    With ``alpha = 1 / sqrt(1 + sigma**2)``:
+
+    * the model sees ``z = alpha * x`` (the input scaling) and the timestep whose training level equals
+      ``sigma`` (:func:`bdia.schedules.sigma_to_timestep`: exact integers on the training grid, log-sigma
+      interpolated fractional labels between grid points, an error outside the trained range);
+    * ``denoised = x - sigma * eps`` (epsilon), or ``alpha * z - sigma_z * v`` (v-prediction).
+
+    ``model`` may return a tensor or an object with a ``.sample`` attribute (diffusers' UNet outputs).
+    ``integer_timesteps=True`` rounds labels to the nearest integer instead of interpolating (for models that
+    only accept integer labels); grid points are unaffected.
+    """
+
+    def __init__(
+        self,
+        model,
+        alphas_cumprod,
+        prediction_type: str = "epsilon",
+        model_dtype: torch.dtype | None = None,
+        integer_timesteps: bool = False,
+    ):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.model = model
+        self.prediction_type = prediction_type
+        self.model_dtype = model_dtype
+        self.integer_timesteps = integer_timesteps
+        self.register_buffer("train_sigmas", sigmas_from_alphas_cumprod(alphas_cumprod), persistent=False)
+        self.sigma_min = float(self.train_sigmas[0])
+        self.sigma_max = float(self.train_sigmas[-1])
+
+    def round_sigma(self, sigma):
+        return sigma
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        t = sigma_to_timestep(sigma, self.train_sigmas)
+        return t.round() if self.integer_timesteps else t
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        if class_labels is not None:
+            cond = {"class_labels": class_labels, **cond}
+        sigma = _per_row(sigma, x)
+        alpha = (1 + sigma**2).rsqrt()
+        dtype = self.model_dtype or x.dtype
+        z = (x.to(torch.float64) * alpha).to(dtype)
+        timestep = self.timestep(sigma.flatten())
+        if self.integer_timesteps:
+            timestep = timestep.long()
+        out = self.model(z, timestep, **cond)
+        out = getattr(out, "sample", out).to(torch.float64)
+        if self.prediction_type == "epsilon":
+            denoised = x.to(torch.float64) - sigma * out
+        else:
+            sigma_z = sigma * alpha
+            denoised = alpha * z.to(torch.float64) - sigma_z * out
+        return denoised.to(x.dtype)
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """``D_cfg = D(x | uncond) + scale * (D(x | cond) - D(x | uncond))``, both halves in one batched call.
+
+    ``uncond`` maps each conditioning keyword to its unconditional value (e.g. the empty-prompt embedding,
+    or class labels of zeros); tensors of batch size 1 are broadcast to the batch. ``guidance_scale = 1``
+    is plain conditional sampling. Guidance on ``denoised`` equals guidance on eps for any fixed (x, sigma),
+    since ``eps = (x - denoised) / sigma`` is affine in ``denoised``.
+    """
+
+    def __init__(self, denoiser, guidance_scale: float, uncond: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.guidance_scale = float(guidance_scale)
+        self.uncond = dict(uncond)
+
+    @property
+    def sigma_min(self):
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self):
+        return self.denoiser.sigma_max
+
+    def round_sigma(self, sigma):
+        return self.denoiser.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        if class_labels is not None:
+            cond = {"class_labels": class_labels, **cond}
+        batch = x.shape[0]
+        missing = set(self.uncond) - set(cond)
+        if missing:
+            raise ValueError(f"classifier-free guidance: no conditional value given for {sorted(missing)}")
+
+        def expand(v):
+            return v.expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
+
+        both = {}
+        for key, value in cond.items():
+            if key in self.uncond:
+                both[key] = torch.cat([expand(self.uncond[key]).to(value), expand(value)])
+            else:
+                both[key] = torch.cat([expand(value)] * 2) if isinstance(value, torch.Tensor) else value
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma2 = sigma.repeat(2) if sigma.ndim == 1 and sigma.numel() == batch else sigma
+        labels = both.pop("class_labels", None)
+        denoised = self.denoiser(torch.cat([x, x]), sigma2, labels, **both)
+        uncond_out, cond_out = denoised.chunk(2)
+        return uncond_out + self.guidance_scale * (cond_out - uncond_out)
+
+
+class CountingDenoiser(nn.Module):
+    """Counts network evaluations (NFE), so solvers' costs are measured rather than assumed.
+
+    One call counts as one evaluation whatever the batch size (a classifier-free-guidance call, which runs
+    the network once on a doubled batch, counts once).
+    """
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+        self.nfe = 0
+
+    @property
+    def sigma_min(self):
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self):
+        return self.denoiser.sigma_max
+
+    def round_sigma(self, sigma):
+        return self.denoiser.round_sigma(sigma)
+
+    def reset(self) -> None:
+        self.nfe = 0
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        self.nfe += 1
+        return self.denoiser(x, sigma, class_labels, **cond)
+
+
+class GaussianMixtureDenoiser(nn.Module):
+    """Exact posterior mean for data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` (isotropic components).
+
+    With ``x = x0 + sigma * n``: ``p(x) = sum_k w_k N(x; mu_k, (s_k^2 + sigma^2) I)`` and
+
+        E[x0 | x] = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) * (x - mu_k)),
+
+    with responsibilities ``r_k`` the posterior component probabilities. Non-linear in ``x`` when K > 1;
+    computed in float64. ``means`` has shape ``[K, *event_shape]``; inputs have shape ``[B, *event_shape]``.
+    """
+
+    def __init__(self, means, stds, weights=None, sigma_min: float = 0.0, sigma_max: float = float("inf")):
+        super().__init__()
+        means = torch.as_tensor(means, dtype=torch.float64)
+        K = means.shape[0]
+        stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
+        weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if (stds <= 0).any():
+            raise ValueError("component standard deviations must be positive")
+        if weights.shape != (K,) or (weights <= 0).any():
+            raise ValueError(f"weights must be {K} positive numbers")
+        self.register_buffer("means", means)
+        self.register_buffer("stds", stds)
+        self.register_buffer("weights", weights / weights.sum())
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def round_sigma(self, sigma):
+        return sigma
+
+    @property
+    def event_shape(self):
+        return tuple(self.means.shape[1:])
+
+    def log_prob_components(self, x, sigma):
+        """[B, K] log of ``w_k N(x; mu_k, (s_k^2 + sigma^2) I)``."""
+        dim = self.means[0].numel()
+        flat = x.to(torch.float64).reshape(x.shape[0], 1, -1)
+        sigma = _per_row(sigma, flat).reshape(-1, 1)
+        var = self.stds**2 + sigma**2  # [B, K]
+        sq = ((flat - self.means.reshape(1, self.means.shape[0], -1)) ** 2).sum(-1)
+        return self.weights.log() - 0.5 * sq / var - 0.5 * dim * (var.log() + math.log(2 * math.pi))
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        flat = x.to(torch.float64).reshape(x.shape[0], 1, -1)
+        sigma_row = _per_row(sigma, flat).reshape(-1, 1)
+        resp = self.log_prob_components(x, sigma).softmax(dim=-1)  # [B, K]
+        shrink = (self.stds**2 / (self.stds**2 + sigma_row**2)).unsqueeze(-1)  # [B, K, 1]
+        mu = self.means.reshape(1, self.means.shape[0], -1)
+        per_component = mu + shrink * (flat - mu)
+        denoised = (resp.unsqueeze(-1) * per_component).sum(1)
+        return denoised.reshape(x.shape).to(x.dtype)
+
+    def sample_data(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``num`` samples of x0 (float64)."""
+        k = torch.multinomial(self.weights, num, replacement=True, generator=generator)
+        noise = torch.randn((num, *self.event_shape), dtype=torch.float64, generator=generator)
+        return self.means[k] + self.stds[k].reshape(-1, *([1] * len(self.event_shape))) * noise
+
+
+class EmpiricalDenoiser(nn.Module):
+    """The optimal denoiser of a finite data set ``{y_j}`` (the posterior mean under the empirical distribution):
+
+        D(x, sigma) = sum_j softmax_j(-||x - y_j||^2 / (2 sigma^2)) y_j.
+
+    Its probability-flow ODE ends on the training points (it memorises), which makes it a hard, highly
+    non-linear test problem. ``data`` has shape ``[M, *event_shape]``; computed in float64.
+    """
+
+    def __init__(self, data, sigma_min: float = 1e-3, sigma_max: float = float("inf")):
+        super().__init__()
+        self.register_buffer("data", torch.as_tensor(data, dtype=torch.float64))
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def round_sigma(self, sigma):
+        return sigma
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        data = self.data.reshape(self.data.shape[0], -1)
+        sigma_row = _per_row(sigma, flat)  # [B, 1]
+        sq = torch.cdist(flat, data, compute_mode="donot_use_mm_for_euclid_dist").square()  # [B, M]
+        resp = (-sq / (2 * sigma_row**2)).softmax(dim=-1)
+        return (resp @ data).reshape(x.shape).to(x.dtype)

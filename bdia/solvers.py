@@ -1,0 +1,456 @@
+"""Solvers: DDIM, EDM (Heun), and their BDIA versions with exact inversion.
+
+Conventions (see ``shared/DESIGN.md`` section 2 of the project):
+
+* ``sigmas`` is a strictly descending float64 grid in EDM's convention ``x = x0 + sigma * n``, with
+  ``N + 1`` levels for ``N`` steps; ``x_k`` is the state at ``sigmas[k]`` (``k = 0`` pure noise, ``k = N``
+  data). The paper counts the other way: its ``z_i`` is our ``k = N - i``.
+* ``d(x, sigma) = (x - D(x, sigma)) / sigma`` is the probability-flow ODE's ``dx/dsigma`` (EDM eq. 3, s = 1).
+  For a VP model it is the noise estimate eps.
+* gamma = 0 is the base solver; gamma = 1 is "full" BDIA. The first sampling step is a plain base step.
+* BDIA with a one-step map Phi of the current state only (paper eq. in k-index):
+
+      x_{k+1} = gamma * c_k * (x_{k-1} - Phi(x_k; k -> k-1)) + Phi(x_k; k -> k+1)
+
+  with ``c_k = 1`` for BDIA-EDM (x-space, s(t) = 1) and ``c_k = alpha_{k-1} / alpha_{k+1}`` for BDIA-DDIM:
+  the paper states BDIA-DDIM on VP latents ``z = alpha * x``; dividing its z-space update by
+  ``alpha_{k+1}`` gives exactly this x-space form, ``alpha = 1 / sqrt(1 + sigma**2)``.
+* Inversion runs the same recurrence backwards, ``x_{k-1} = (x_{k+1} - Phi_fwd) / (gamma c_k) + Phi_back``,
+  with both maps evaluated at the middle state ``x_k``; it is exact up to round-off, which it amplifies
+  by about ``1 / gamma`` per step.
+
+The BDIA state is the pair of the last two states, an explicit :class:`StatePair` value passed in and
+returned; nothing is kept on objects between calls.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedules import as_sigmas, vp_alpha
+
+__all__ = [
+    "StatePair",
+    "SOLVERS",
+    "INVERTIBLE_SOLVERS",
+    "GAMMA_SCHEDULES",
+    "ddim",
+    "edm",
+    "bdia_ddim",
+    "bdia_edm",
+    "invert_bdia_ddim",
+    "invert_bdia_edm",
+    "bdia_combine",
+    "bdia_uncombine",
+    "gamma_schedule",
+    "predicted_roundtrip_error",
+    "sample",
+    "invert",
+]
+
+SOLVERS = ("ddim", "bdia_ddim", "edm", "bdia_edm")
+INVERTIBLE_SOLVERS = ("bdia_ddim", "bdia_edm")
+GAMMA_SCHEDULES = ("obelm",)
+BACKWARD_MAPS = ("euler", "heun")
+
+#: ``invert`` warns when the predicted relative round-trip error exceeds this.
+UNSTABLE_ROUNDTRIP_ERROR = 1e-4
+
+
+class StatePair(NamedTuple):
+    """Two consecutive BDIA states: ``x_end`` at one end of the sigma grid, ``x_inner`` one step inside it.
+
+    ``sample(..., return_pair=True)`` returns ``(x at sigmas[-1], x at sigmas[-2])``; ``invert`` returns
+    ``(x at sigmas[0], x at sigmas[1])``, which ``sample`` accepts as its starting point.
+    """
+
+    x_end: torch.Tensor
+    x_inner: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# The BDIA combinator and its inverse.
+
+
+def bdia_combine(x_prev, x_fwd, x_back, coeff):
+    """``x_next = coeff * (x_prev - x_back) + x_fwd``  (``coeff = gamma * c_k``)."""
+    return coeff * (x_prev - x_back) + x_fwd
+
+
+def bdia_uncombine(x_next, x_fwd, x_back, coeff):
+    """Exact inverse of :func:`bdia_combine`: ``x_prev = (x_next - x_fwd) / coeff + x_back``."""
+    return (x_next - x_fwd) / coeff + x_back
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by the solvers.
+
+
+class _Problem:
+    """The denoiser with its conditioning bound, the grid on the state's device, and checks."""
+
+    def __init__(self, denoiser, sigmas, x, class_labels, cond):
+        self.denoiser = denoiser
+        self.sigmas = as_sigmas(sigmas)
+        self.levels = self.sigmas.tolist()  # python floats, for branching without device syncs
+        self.sig = self.sigmas.to(device=x.device, dtype=x.dtype)  # 0-dim views of this feed the maths
+        self.num_steps = len(self.levels) - 1
+        self.class_labels = class_labels
+        self.cond = dict(cond or {})
+
+    def slope(self, x, k, sigma=None):
+        """``d = (x - D(x, sigma)) / sigma`` at level ``sigmas[k]`` (or an explicit 0-dim ``sigma``)."""
+        sigma = self.sig[k] if sigma is None else sigma
+        denoised = self.denoiser(x, sigma, self.class_labels, **self.cond).to(x.dtype)
+        return (x - denoised) / sigma
+
+    def check(self, x, k, action="step"):
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                f"non-finite values (NaN/Inf) in the solver state after {action} {k} "
+                f"(sigma {self.levels[k]:.6g} -> {self.levels[k + 1] if action == 'step' else self.levels[k - 1]:.6g})"
+            )
+
+
+def _euler(p: _Problem, x, k_from, k_to, d=None):
+    """Euler step in sigma from ``sigmas[k_from]`` to ``sigmas[k_to]``; DDIM (eta = 0) on ``z = alpha x``."""
+    d = p.slope(x, k_from) if d is None else d
+    return x + (p.sig[k_to] - p.sig[k_from]) * d, d
+
+
+def _heun(p: _Problem, x, k_from, k_to, d=None):
+    """EDM's Heun step; plain Euler when it lands on sigma = 0 (where the slope is undefined)."""
+    d = p.slope(x, k_from) if d is None else d
+    h = p.sig[k_to] - p.sig[k_from]
+    x_next = x + h * d
+    if p.levels[k_to] > 0:
+        d_next = p.slope(x_next, k_to)
+        x_next = x + h * (0.5 * d + 0.5 * d_next)
+    return x_next, d
+
+
+def _ddim_maps(p: _Problem, x, k, need_back=True):
+    x_fwd, d = _euler(p, x, k, k + 1)
+    x_back = _euler(p, x, k, k - 1, d)[0] if need_back else None
+    return x_fwd, x_back
+
+
+def _edm_maps(backward: str):
+    def maps(p: _Problem, x, k, need_back=True):
+        x_fwd, d = _heun(p, x, k, k + 1)
+        if not need_back:
+            return x_fwd, None
+        back_map = _euler if backward == "euler" else _heun
+        return x_fwd, back_map(p, x, k, k - 1, d)[0]
+
+    return maps
+
+
+def _ddim_scale(levels, k):
+    """``c_k = alpha_{k-1} / alpha_{k+1}``: the z-space BDIA-DDIM update written in x = z / alpha."""
+    return vp_alpha(levels[k - 1]) / vp_alpha(levels[k + 1])
+
+
+def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm") -> list[float]:
+    """The per-step gamma a BDIA solver uses, as a list of ``N`` floats (entry ``k`` for the step that makes
+    ``x_{k+1}``; entry 0 belongs to the first, plain base step and is 0).
+
+    ``gamma`` is a scalar in [0, 1], a sequence of ``N - 1`` values in [0, 1] (one per BDIA step, in sampling
+    order), or a named schedule:
+
+    * ``"obelm"``: ``gamma_k = (h_k / h_{k-1})**2`` with ``h_k = sigma_k - sigma_{k+1}`` in x = z / alpha
+      coordinates, which makes BDIA over Euler the O-BELM sampler (Wang et al., NeurIPS 2024), second-order
+      accurate. For ``bdia_ddim`` the value is divided by ``c_k = alpha_{k-1}/alpha_{k+1}`` so that the
+      x-space recurrence is exactly O-BELM. For ``bdia_edm`` (Heun base) it is a heuristic.
+    """
+    levels = as_sigmas(sigmas).tolist()
+    N = len(levels) - 1
+    if isinstance(gamma, str):
+        if gamma != "obelm":
+            raise ValueError(f"unknown gamma schedule {gamma!r}; named schedules: {list(GAMMA_SCHEDULES)}")
+        gammas = [0.0] + [
+            ((levels[k] - levels[k + 1]) / (levels[k - 1] - levels[k])) ** 2 for k in range(1, N)
+        ]
+        if solver == "bdia_ddim":
+            gammas = [0.0] + [gammas[k] / _ddim_scale(levels, k) for k in range(1, N)]
+        return gammas
+    if isinstance(gamma, torch.Tensor) and gamma.ndim == 0:
+        gamma = gamma.item()
+    if isinstance(gamma, (int, float)):
+        values = [float(gamma)] * (N - 1)
+    else:
+        values = [float(g) for g in gamma]
+        if len(values) != N - 1:
+            raise ValueError(
+                f"a per-step gamma needs one value per BDIA step: {N - 1} for {N} steps, got {len(values)}"
+            )
+    for g in values:
+        if not (0.0 <= g <= 1.0):  # also rejects NaN
+            raise ValueError(f"gamma must lie in [0, 1] (0 = base solver, 1 = full BDIA), got {g}")
+    return [0.0] + values
+
+
+def predicted_roundtrip_error(gammas: Sequence[float], dtype: torch.dtype) -> float:
+    """Round-off amplification model for inversion: ``eps(dtype) * prod_k 1 / gamma_k``.
+
+    Matches measurements in float64 over 20 steps: about 1e-10 at gamma 0.5 and 1e3 at gamma 0.1.
+    """
+    log_growth = sum(-math.log(g) for g in gammas[1:])
+    return torch.finfo(dtype).eps * math.exp(min(log_growth, 700.0))
+
+
+def _coefficients(p: _Problem, gammas, scale_fn):
+    return [0.0] + [gammas[k] * scale_fn(p.levels, k) for k in range(1, p.num_steps)]
+
+
+def _progress(iterable, enabled, desc):
+    return tqdm(iterable, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Base solvers.
+
+
+def ddim(denoiser, x, sigmas, class_labels=None, cond=None, progress=False) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0). On VP latents ``z = alpha x`` the DDIM update
+
+        z_{k+1} = alpha_{k+1} (z_k - sigma^z_k eps_k) / alpha_k + sigma^z_{k+1} eps_k
+
+    is exactly an Euler step of the probability-flow ODE in sigma on ``x``: ``x_{k+1} = x_k + (sigma_{k+1} - sigma_k) eps_k``.
+    One network evaluation per step.
+    """
+    p = _Problem(denoiser, sigmas, x, class_labels, cond)
+    for k in _progress(range(p.num_steps), progress, "ddim"):
+        x = _euler(p, x, k, k + 1)[0]
+        p.check(x, k)
+    return x
+
+
+def edm(
+    denoiser,
+    x,
+    sigmas,
+    class_labels=None,
+    cond=None,
+    s_churn: float = 0.0,
+    s_min: float = 0.0,
+    s_max: float = float("inf"),
+    s_noise: float = 1.0,
+    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    progress=False,
+) -> torch.Tensor:
+    """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when ``s_churn = 0``, the default).
+
+    Each step optionally raises the noise level to ``sigma_hat = sigma (1 + churn)`` with fresh noise
+    (``churn = min(s_churn / N, sqrt(2) - 1)`` for ``s_min <= sigma <= s_max``), then takes a Heun step to the
+    next level; the step onto sigma = 0 is Euler. NFE = 2N - 1 on a grid ending at 0 (18 steps: 35).
+    ``randn_like`` supplies the churn noise (pass one bound to a per-image generator for reproducibility).
+    """
+    p = _Problem(denoiser, sigmas, x, class_labels, cond)
+    N = p.num_steps
+    for k in _progress(range(N), progress, "edm"):
+        churn = min(s_churn / N, math.sqrt(2) - 1) if s_min <= p.levels[k] <= s_max else 0.0
+        if churn > 0:
+            sigma_cur = p.sig[k]
+            sigma_hat = torch.as_tensor(denoiser.round_sigma(sigma_cur + churn * sigma_cur), dtype=x.dtype, device=x.device)
+            x_hat = x + (sigma_hat**2 - sigma_cur**2).sqrt() * s_noise * randn_like(x)
+            d = p.slope(x_hat, k, sigma_hat)
+            h = p.sig[k + 1] - sigma_hat
+            x = x_hat + h * d
+            if p.levels[k + 1] > 0:
+                x = x_hat + h * (0.5 * d + 0.5 * p.slope(x, k + 1))
+        else:
+            x = _heun(p, x, k, k + 1)[0]
+        p.check(x, k)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# BDIA: sampling and exact inversion over a one-step map pair.
+
+
+def _bdia_sample(maps, scale_fn, denoiser, x_init, sigmas, gamma, solver, class_labels, cond, progress):
+    first = x_init[0] if isinstance(x_init, (tuple, list)) else x_init
+    p = _Problem(denoiser, sigmas, first, class_labels, cond)
+    coeffs = _coefficients(p, gamma_schedule(gamma, p.sigmas, solver), scale_fn)
+    if isinstance(x_init, (tuple, list)):
+        x_prev, x = x_init  # (x_0, x_1), e.g. from `invert`: continue with BDIA steps from k = 1
+    else:
+        x_prev, x = x_init, maps(p, x_init, 0, need_back=False)[0]  # the first step is a plain base step
+        p.check(x, 0)
+    for k in _progress(range(1, p.num_steps), progress, solver):
+        x_fwd, x_back = maps(p, x, k, need_back=coeffs[k] != 0)
+        x_next = x_fwd if coeffs[k] == 0 else bdia_combine(x_prev, x_fwd, x_back, coeffs[k])
+        x_prev, x = x, x_next
+        p.check(x, k)
+    return StatePair(x, x_prev)
+
+
+def _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, solver, class_labels, cond, progress):
+    first = x_last[0] if isinstance(x_last, (tuple, list)) else x_last
+    p = _Problem(denoiser, sigmas, first, class_labels, cond)
+    N = p.num_steps
+    gammas = gamma_schedule(gamma, p.sigmas, solver)
+    if min(gammas[1:]) <= 0:
+        raise ValueError("gamma = 0 is the base solver, which is not invertible; use gamma in (0, 1] (0.92-1 for editing)")
+    predicted = predicted_roundtrip_error(gammas, first.dtype)
+    if predicted > UNSTABLE_ROUNDTRIP_ERROR:
+        warnings.warn(
+            f"{solver} inversion with gamma={gamma!r}, N={N}, dtype={first.dtype} amplifies round-off by about "
+            f"prod(1/gamma): expected relative round-trip error ~{predicted:.1e}. Use gamma closer to 1, fewer "
+            f"steps, or a wider dtype (float64).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    coeffs = _coefficients(p, gammas, scale_fn)
+    if isinstance(x_last, (tuple, list)):
+        x_next, x = x_last  # (x_N, x_{N-1}) as `sample(..., return_pair=True)` returns it
+    else:
+        # One approximate DDIM-inversion step from the clean state: the noise estimate at x_N with the
+        # label of the target level sigma_{N-1} (the slope at sigma_N = 0 is undefined), as diffusers'
+        # DDIMInverseScheduler does. Everything after it is exact.
+        x_next = x_last
+        x = x_last + (p.sig[N - 1] - p.sig[N]) * p.slope(x_last, N - 1)
+        p.check(x, N, action="inversion step")
+    for k in _progress(range(N - 1, 0, -1), progress, f"invert {solver}"):
+        x_fwd, x_back = maps(p, x, k)
+        x_prev = bdia_uncombine(x_next, x_fwd, x_back, coeffs[k])
+        x_next, x = x, x_prev
+        p.check(x, k, action="inversion step")
+    return StatePair(x, x_next)
+
+
+def bdia_ddim(denoiser, x_init, sigmas, gamma=1.0, class_labels=None, cond=None, progress=False) -> StatePair:
+    """BDIA-DDIM (paper eq., z-space):
+
+        z_{i-1} = gamma z_{i+1} - gamma DDIM_{i->i+1}(z_i) + DDIM_{i->i-1}(z_i),
+        DDIM_{i->j}(z_i) = alpha_j (z_i - sigma^z_i eps_i) / alpha_i + sigma^z_j eps_i,
+
+    computed on ``x = z / alpha`` (see the module notes). One network evaluation per step, like DDIM.
+    ``x_init`` is the noise state at ``sigmas[0]`` or the pair ``(x_0, x_1)`` from :func:`invert_bdia_ddim`.
+    Returns the pair ``(x_N, x_{N-1})``.
+    """
+    return _bdia_sample(_ddim_maps, _ddim_scale, denoiser, x_init, sigmas, gamma, "bdia_ddim", class_labels, cond, progress)
+
+
+def bdia_edm(
+    denoiser, x_init, sigmas, gamma=1.0, backward="euler", class_labels=None, cond=None, progress=False
+) -> StatePair:
+    """BDIA over EDM's deterministic sampler, in EDM's x-space (s(t) = 1):
+
+        x_{k+1} = gamma (x_{k-1} - Phi_back(x_k; sigma_k -> sigma_{k-1})) + Heun(x_k; sigma_k -> sigma_{k+1})
+
+    ``backward="euler"`` (default): ``Phi_back`` is an Euler step reusing the slope Heun computes at x_k, so
+    NFE equals EDM's. ``backward="heun"``: a Heun step back (one more evaluation per BDIA step).
+    Returns the pair ``(x_N, x_{N-1})``.
+    """
+    if backward not in BACKWARD_MAPS:
+        raise ValueError(f"backward must be one of {list(BACKWARD_MAPS)}, got {backward!r}")
+    return _bdia_sample(_edm_maps(backward), lambda levels, k: 1.0, denoiser, x_init, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
+
+
+def invert_bdia_ddim(denoiser, x_last, sigmas, gamma=1.0, class_labels=None, cond=None, progress=False) -> StatePair:
+    """Exact inverse of :func:`bdia_ddim`. ``x_last`` is the pair ``(x_N, x_{N-1})`` or a single clean state
+    ``x_N`` (then ``x_{N-1}`` comes from one approximate DDIM-inversion step). Returns ``(x_0, x_1)``."""
+    return _bdia_invert(_ddim_maps, _ddim_scale, denoiser, x_last, sigmas, gamma, "bdia_ddim", class_labels, cond, progress)
+
+
+def invert_bdia_edm(
+    denoiser, x_last, sigmas, gamma=1.0, backward="euler", class_labels=None, cond=None, progress=False
+) -> StatePair:
+    """Exact inverse of :func:`bdia_edm`; arguments as :func:`invert_bdia_ddim`."""
+    if backward not in BACKWARD_MAPS:
+        raise ValueError(f"backward must be one of {list(BACKWARD_MAPS)}, got {backward!r}")
+    return _bdia_invert(_edm_maps(backward), lambda levels, k: 1.0, denoiser, x_last, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def _check_solver(solver, allowed):
+    if solver not in allowed:
+        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(allowed)}")
+
+
+def _cast(x_init, dtype):
+    if isinstance(x_init, (tuple, list)):
+        if len(x_init) != 2:
+            raise ValueError(f"a BDIA state pair has 2 tensors, got {len(x_init)}")
+        return StatePair(*(_cast(x, dtype) for x in x_init))
+    if not isinstance(x_init, torch.Tensor):
+        raise TypeError(f"expected a tensor or a StatePair, got {type(x_init).__name__}")
+    return x_init if dtype is None else x_init.to(dtype)
+
+
+def sample(
+    denoiser,
+    x_init,
+    sigmas,
+    solver: str = "bdia_edm",
+    gamma=None,
+    class_labels=None,
+    return_pair: bool = False,
+    cond: dict | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    progress: bool = False,
+    **solver_kwargs,
+):
+    """Integrate the probability-flow ODE from ``sigmas[0]`` to ``sigmas[-1]``.
+
+    ``denoiser`` follows EDM's protocol ``D(x, sigma, class_labels, **cond)``; ``sigmas`` is an EDM-convention
+    grid (:func:`bdia.karras_sigmas`, :func:`bdia.vp_sigmas`). ``x_init`` is the initial state
+    (``latents * sigmas[0]``) or, for BDIA solvers, a :class:`StatePair` from :func:`invert`.
+    ``gamma``: BDIA weight (scalar, per-step list, or ``"obelm"``); default 1 for BDIA solvers; must be left
+    unset for ``ddim`` / ``edm``. ``dtype``: the solver state's dtype (float64 by default; ``None`` keeps
+    the input's). Extra keywords go to the solver (``backward`` for ``bdia_edm``; ``s_churn`` ... for ``edm``).
+
+    Returns the final state, or with ``return_pair=True`` the :class:`StatePair` ``(x_N, x_{N-1})``.
+    """
+    _check_solver(solver, SOLVERS)
+    x_init = _cast(x_init, dtype)
+    common = dict(class_labels=class_labels, cond=cond, progress=progress)
+    if solver in INVERTIBLE_SOLVERS:
+        fn = bdia_ddim if solver == "bdia_ddim" else bdia_edm
+        pair = fn(denoiser, x_init, sigmas, gamma=1.0 if gamma is None else gamma, **common, **solver_kwargs)
+        return pair if return_pair else pair.x_end
+    if gamma is not None and not (isinstance(gamma, (int, float)) and gamma == 0):
+        raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
+    if return_pair:
+        raise ValueError(f"return_pair needs a BDIA solver ({', '.join(INVERTIBLE_SOLVERS)}), not {solver!r}")
+    if isinstance(x_init, tuple):
+        raise TypeError(f"{solver!r} starts from a single tensor; a state pair is BDIA state (use its x_end)")
+    fn = ddim if solver == "ddim" else edm
+    return fn(denoiser, x_init, sigmas, **common, **solver_kwargs)
+
+
+def invert(
+    denoiser,
+    x_last,
+    sigmas,
+    solver: str = "bdia_edm",
+    gamma=1.0,
+    class_labels=None,
+    cond: dict | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    progress: bool = False,
+    **solver_kwargs,
+) -> StatePair:
+    """Run a BDIA solver backwards from ``sigmas[-1]`` to ``sigmas[0]``; exact up to round-off.
+
+    ``x_last`` is the pair ``(x_N, x_{N-1})`` from ``sample(..., return_pair=True)`` or a single clean state
+    (an encoded real image; ``x_{N-1}`` then comes from one approximate DDIM-inversion step). Returns the pair
+    ``(x_0, x_1)``, which ``sample`` takes as ``x_init`` to regenerate ``(x_N, x_{N-1})`` exactly.
+    Warns when (gamma, N, dtype) is predicted to amplify round-off beyond 1e-4 relative.
+    """
+    if solver in SOLVERS and solver not in INVERTIBLE_SOLVERS:
+        raise ValueError(f"{solver!r} has no exact inverse; invertible solvers: {', '.join(INVERTIBLE_SOLVERS)}")
+    _check_solver(solver, INVERTIBLE_SOLVERS)
+    x_last = _cast(x_last, dtype)
+    fn = invert_bdia_ddim if solver == "bdia_ddim" else invert_bdia_edm
+    return fn(denoiser, x_last, sigmas, gamma=gamma, class_labels=class_labels, cond=cond, progress=progress, **solver_kwargs)
