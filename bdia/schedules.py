@@ -35,7 +35,8 @@ __all__ = [
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
-#: Stable Diffusion v1.x / v2.x-base scheduler settings (diffusers ``scheduler_config.json``).
+#: Stable Diffusion v1.x / v2.x-base scheduler settings: the keyword arguments of diffusers'
+#: ``DDIMScheduler`` from the checkpoints' ``scheduler_config.json`` (no x0 clipping: an ODE solver must not clip).
 SD_SCHEDULE = dict(
     beta_schedule="scaled_linear",
     beta_start=0.00085,
@@ -44,6 +45,7 @@ SD_SCHEDULE = dict(
     timestep_spacing="leading",
     steps_offset=1,
     set_alpha_to_one=False,
+    clip_sample=False,
 )
 
 #: DDPM (Ho et al. 2020) linear beta schedule.

@@ -123,10 +123,12 @@ def _euler(p: _Problem, x, k_from, k_to, d=None):
     return x + (p.sig[k_to] - p.sig[k_from]) * d, d
 
 
-def _heun(p: _Problem, x, k_from, k_to, d=None):
-    """EDM's Heun step; plain Euler when it lands on sigma = 0 (where the slope is undefined)."""
-    d = p.slope(x, k_from) if d is None else d
-    h = p.sig[k_to] - p.sig[k_from]
+def _heun(p: _Problem, x, k_from, k_to, d=None, sigma_from=None):
+    """EDM's Heun step; plain Euler when it lands on sigma = 0 (where the slope is undefined).
+    ``sigma_from`` overrides ``sigmas[k_from]`` (EDM's churned level ``sigma_hat``)."""
+    sigma_from = p.sig[k_from] if sigma_from is None else sigma_from
+    d = p.slope(x, k_from, sigma_from) if d is None else d
+    h = p.sig[k_to] - sigma_from
     x_next = x + h * d
     if p.levels[k_to] > 0:
         d_next = p.slope(x_next, k_to)
@@ -254,16 +256,14 @@ def edm(
     p = _Problem(denoiser, sigmas, x, class_labels, cond)
     N = p.num_steps
     for k in _progress(range(N), progress, "edm"):
-        churn = min(s_churn / N, math.sqrt(2) - 1) if s_min <= p.levels[k] <= s_max else 0.0
-        if churn > 0:
+        if s_churn > 0:
+            # As EDM does, noise is drawn at every step of a stochastic run (also where churn is 0), so
+            # per-image generators give EDM's stream.
+            churn = min(s_churn / N, math.sqrt(2) - 1) if s_min <= p.levels[k] <= s_max else 0.0
             sigma_cur = p.sig[k]
-            sigma_hat = torch.as_tensor(denoiser.round_sigma(sigma_cur + churn * sigma_cur), dtype=x.dtype, device=x.device)
+            sigma_hat = torch.as_tensor(denoiser.round_sigma(sigma_cur + churn * sigma_cur)).to(x)
             x_hat = x + (sigma_hat**2 - sigma_cur**2).sqrt() * s_noise * randn_like(x)
-            d = p.slope(x_hat, k, sigma_hat)
-            h = p.sig[k + 1] - sigma_hat
-            x = x_hat + h * d
-            if p.levels[k + 1] > 0:
-                x = x_hat + h * (0.5 * d + 0.5 * p.slope(x, k + 1))
+            x = _heun(p, x_hat, k, k + 1, sigma_from=sigma_hat)[0]
         else:
             x = _heun(p, x, k, k + 1)[0]
         p.check(x, k)

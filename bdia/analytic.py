@@ -1,0 +1,186 @@
+"""Analytic demo models: Gaussian mixtures whose exact denoiser stands in for a trained network.
+
+* :func:`digits_gmm`: one isotropic Gaussian per handwritten digit of scikit-learn's ``load_digits()`` (1797
+  8x8 images that ship inside the scikit-learn package, so this works offline). Its probability-flow ODE
+  carries noise onto (a slightly noisy copy of) one training digit, so samples look like digits; it is what
+  ``scripts/sample.py`` samples by default, before trained networks exist.
+* :func:`gmm_toy`: a small random mixture in any shape, for tests and solver experiments.
+
+Both return a :class:`MixtureDenoiser`, a :class:`bdia.GaussianMixtureDenoiser` with the same maths computed
+in a cheaper order (about 15x faster for a thousand components) whose output for one image does not depend
+on the other images in its batch (no batch-size dependent matrix products).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .denoisers import GaussianMixtureDenoiser, _per_row
+
+__all__ = ["MixtureDenoiser", "digits_gmm", "gmm_toy", "mixture_metrics"]
+
+
+class MixtureDenoiser(GaussianMixtureDenoiser):
+    """:class:`bdia.GaussianMixtureDenoiser` (exact ``E[x0 | x]`` of an isotropic Gaussian mixture), computed as
+
+        D(x, sigma) = x * sum_k r_k s_k + sum_k r_k (1 - s_k) mu_k,   s_k = std_k^2 / (std_k^2 + sigma^2),
+
+    with squared distances from ``torch.cdist`` (difference form, not the matrix-product expansion) and the
+    weighted sum of means as one small product per image. Avoids the ``[batch, K, dim]`` temporaries of the
+    base class; agrees with it to round-off. ``component_labels`` (optional, ``[K]`` ints) names each
+    component's class, for :func:`mixture_metrics`.
+    """
+
+    def __init__(self, means, stds, weights=None, sigma_min=0.0, sigma_max=float("inf"), component_labels=None):
+        super().__init__(means, stds, weights, sigma_min=sigma_min, sigma_max=sigma_max)
+        labels = None if component_labels is None else torch.as_tensor(component_labels, dtype=torch.long)
+        if labels is not None and labels.shape != (self.means.shape[0],):
+            raise ValueError(f"component_labels must have one label per component ({self.means.shape[0]}), got shape {tuple(labels.shape)}")
+        self.register_buffer("component_labels", labels)
+
+    def _flat_means(self, device):
+        return self.means.reshape(self.means.shape[0], -1).to(device)
+
+    def squared_distances(self, x):
+        """``[B, K]`` squared Euclidean distances from each row of ``x`` to each component mean (float64)."""
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        dist = torch.cdist(flat, self._flat_means(flat.device), compute_mode="donot_use_mm_for_euclid_dist")
+        return dist.square()
+
+    def log_prob_components(self, x, sigma):
+        """[B, K] log of ``w_k N(x; mu_k, (s_k^2 + sigma^2) I)``."""
+        dim = self.means[0].numel()
+        sq = self.squared_distances(x)
+        sigma = _per_row(sigma, sq)  # [B, 1]
+        var = self.stds**2 + sigma**2  # [B, K]
+        return self.weights.log() - 0.5 * sq / var - 0.5 * dim * (var.log() + math.log(2 * math.pi))
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        resp = self.log_prob_components(x, sigma).softmax(dim=-1)  # [B, K]
+        var0 = self.stds**2
+        shrink = var0 / (var0 + _per_row(sigma, flat) ** 2)  # [B, K]
+        keep = (resp * shrink).sum(-1, keepdim=True)  # [B, 1]
+        means = self._flat_means(flat.device)
+        coeffs = (resp * (1 - shrink)).unsqueeze(1)  # [B, 1, K]
+        # bmm against an expanded view: one [1, K] x [K, D] product per image, the same whatever the batch size.
+        pulled = torch.bmm(coeffs, means.expand(flat.shape[0], *means.shape)).squeeze(1)
+        return (keep * flat + pulled).reshape(x.shape).to(x.dtype)
+
+
+def digits_gmm(
+    image_size: int = 16,
+    std: float = 0.1,
+    num_components: int | None = None,
+    classes: Sequence[int] | None = None,
+    interpolation: str = "bilinear",
+) -> MixtureDenoiser:
+    """A Gaussian mixture on ``[1, image_size, image_size]`` images: one component per scikit-learn digit.
+
+    Each of the (first ``num_components``, optionally only ``classes``) 8x8 images of
+    ``sklearn.datasets.load_digits()`` (values 0..16, white strokes on black) is scaled to EDM's pixel range
+    ``[-1, 1]``, resized to ``image_size`` (``interpolation``: ``"bilinear"`` or ``"nearest"``; bilinear stays
+    inside ``[-1, 1]``), and becomes the mean of a component with isotropic standard deviation ``std`` and
+    equal weight. Sampling the exact denoiser then yields a training digit plus a little Gaussian grain of
+    size ``std``. The data set is in dataset order, which cycles through the classes, so any prefix is
+    roughly balanced.
+    """
+    from sklearn.datasets import load_digits
+
+    if int(image_size) != image_size or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if not std > 0:
+        raise ValueError(f"std must be positive, got {std!r}")
+    if interpolation not in ("bilinear", "nearest"):
+        raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float64)
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    if classes is not None:
+        wanted = sorted({int(c) for c in classes})
+        if not wanted or any(c not in range(10) for c in wanted):
+            raise ValueError(f"classes must be digits 0..9, got {list(classes)!r}")
+        keep = torch.isin(labels, torch.tensor(wanted))
+        images, labels = images[keep], labels[keep]
+    if num_components is not None:
+        if not 1 <= num_components <= len(images):
+            raise ValueError(f"num_components must be in [1, {len(images)}], got {num_components}")
+        images, labels = images[:num_components], labels[:num_components]
+    means = (images / 16.0 * 2.0 - 1.0).unsqueeze(1)  # [K, 1, 8, 8] in [-1, 1]
+    if image_size != means.shape[-1]:
+        kwargs = dict(align_corners=False) if interpolation == "bilinear" else {}
+        means = F.interpolate(means, size=(int(image_size), int(image_size)), mode=interpolation, **kwargs)
+    return MixtureDenoiser(means.clamp(-1.0, 1.0), std, component_labels=labels)
+
+
+def gmm_toy(
+    dim: int | Sequence[int] = 2,
+    num_components: int = 8,
+    seed: int = 0,
+    std: float = 0.1,
+    spread: float = 1.0,
+) -> MixtureDenoiser:
+    """A random mixture of ``num_components`` equal-weight isotropic Gaussians (standard deviation ``std``) with
+    means drawn uniformly from ``[-spread, spread]`` by a generator seeded with ``seed``. ``dim`` is the event
+    size or a full event shape (e.g. ``(1, 4, 4)`` for tiny images)."""
+    shape = (int(dim),) if isinstance(dim, (int, float)) else tuple(int(d) for d in dim)
+    if not shape or min(shape) < 1:
+        raise ValueError(f"dim must be a positive size or shape, got {dim!r}")
+    if num_components < 1:
+        raise ValueError(f"num_components must be >= 1, got {num_components}")
+    generator = torch.Generator().manual_seed(int(seed))
+    means = (torch.rand((num_components, *shape), dtype=torch.float64, generator=generator) * 2 - 1) * spread
+    return MixtureDenoiser(means, std)
+
+
+@torch.no_grad()
+def mixture_metrics(
+    denoiser: GaussianMixtureDenoiser, samples: torch.Tensor, reference_seed: int = 0, chunk_size: int = 4096
+) -> dict:
+    """How well ``samples`` (float, ``[B, *event_shape]``) follow the mixture ``denoiser`` describes.
+
+    * ``nearest_mean_rms``: per-pixel RMS distance from each sample to its nearest component mean, averaged;
+      exact samples give about ``std`` (slightly less);
+    * ``log_prob_per_dim``: mean log-density of the samples under the data distribution (nats per dimension),
+      beside ``log_prob_per_dim_reference``, the same for as many exact draws from the mixture;
+    * ``class_counts``: how many samples lie nearest to a component of each class (when the mixture has
+      ``component_labels``), e.g. whether all ten digits appear.
+    """
+    samples = samples.to(torch.float64).cpu()
+    den = denoiser if denoiser.means.device.type == "cpu" else copy.deepcopy(denoiser).cpu()
+    dim = samples[0].numel()
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def log_prob(x):
+        return den.log_prob_components(x, zero).logsumexp(-1)
+
+    def nearest(x):
+        if isinstance(den, MixtureDenoiser):
+            sq = den.squared_distances(x)
+        else:
+            sq = ((x.reshape(len(x), 1, -1) - den.means.reshape(1, den.means.shape[0], -1)) ** 2).sum(-1)
+        return sq.min(-1)
+
+    def chunked(fn, x):  # bounded memory for many samples: [chunk, K] at a time
+        parts = [fn(x[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+
+    nearest_sq, nearest_index = chunked(nearest, samples)
+    generator = torch.Generator().manual_seed(int(reference_seed))
+    reference = den.sample_data(len(samples), generator=generator)
+    out = {
+        "nearest_mean_rms": float((nearest_sq / dim).sqrt().mean()),
+        "component_std": float(den.stds.mean()),
+        "log_prob_per_dim": float(chunked(log_prob, samples).mean() / dim),
+        "log_prob_per_dim_reference": float(chunked(log_prob, reference).mean() / dim),
+    }
+    labels = getattr(den, "component_labels", None)
+    if labels is not None:
+        counts = torch.bincount(labels[nearest_index], minlength=int(labels.max()) + 1)
+        out["class_counts"] = {str(c): int(n) for c, n in enumerate(counts.tolist())}
+    return out
