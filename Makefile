@@ -14,7 +14,6 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24" 2>/dev/null || true
 	$(PY) -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
