@@ -197,13 +197,16 @@ class GaussianMixtureDenoiser(nn.Module):
 
     With ``x = x0 + sigma * n``: ``p(x) = sum_k w_k N(x; mu_k, (s_k^2 + sigma^2) I)`` and
 
-        E[x0 | x] = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) * (x - mu_k)),
+        E[x0 | x] = sum_k r_k(x) (mu_k + c_k (x - mu_k)) = x sum_k r_k c_k + sum_k r_k (1 - c_k) mu_k,
 
-    with responsibilities ``r_k`` the posterior component probabilities. Non-linear in ``x`` when K > 1;
-    computed in float64. ``means`` has shape ``[K, *event_shape]``; inputs have shape ``[B, *event_shape]``.
+    with ``c_k = s_k^2 / (s_k^2 + sigma^2)`` and responsibilities ``r_k`` the posterior component
+    probabilities. Non-linear in ``x`` when K > 1; computed in float64 with ``[B, K]`` temporaries only (fast
+    for thousands of components), one small product per image so a row's result does not depend on the
+    batch it is in. ``means`` has shape ``[K, *event_shape]``; inputs ``[B, *event_shape]``.
+    ``component_labels`` (optional, ``[K]`` ints) names each component's class.
     """
 
-    def __init__(self, means, stds, weights=None, sigma_min: float = 0.0, sigma_max: float = float("inf")):
+    def __init__(self, means, stds, weights=None, sigma_min: float = 0.0, sigma_max: float = float("inf"), component_labels=None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         K = means.shape[0]
@@ -213,9 +216,13 @@ class GaussianMixtureDenoiser(nn.Module):
             raise ValueError("component standard deviations must be positive")
         if weights.shape != (K,) or (weights <= 0).any():
             raise ValueError(f"weights must be {K} positive numbers")
+        labels = None if component_labels is None else torch.as_tensor(component_labels, dtype=torch.long)
+        if labels is not None and labels.shape != (K,):
+            raise ValueError(f"component_labels must have one label per component ({K}), got shape {tuple(labels.shape)}")
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("weights", weights / weights.sum())
+        self.register_buffer("component_labels", labels)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
@@ -226,24 +233,27 @@ class GaussianMixtureDenoiser(nn.Module):
     def event_shape(self):
         return tuple(self.means.shape[1:])
 
+    def squared_distances(self, x):
+        """``[B, K]`` squared distances from each row of ``x`` to each mean (difference form, float64)."""
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        means = self.means.reshape(self.means.shape[0], -1)
+        return torch.cdist(flat, means, compute_mode="donot_use_mm_for_euclid_dist").square()
+
     def log_prob_components(self, x, sigma):
         """[B, K] log of ``w_k N(x; mu_k, (s_k^2 + sigma^2) I)``."""
         dim = self.means[0].numel()
-        flat = x.to(torch.float64).reshape(x.shape[0], 1, -1)
-        sigma = _per_row(sigma, flat).reshape(-1, 1)
-        var = self.stds**2 + sigma**2  # [B, K]
-        sq = ((flat - self.means.reshape(1, self.means.shape[0], -1)) ** 2).sum(-1)
+        sq = self.squared_distances(x)
+        var = self.stds**2 + _per_row(sigma, sq) ** 2  # [B, K]
         return self.weights.log() - 0.5 * sq / var - 0.5 * dim * (var.log() + math.log(2 * math.pi))
 
     def forward(self, x, sigma, class_labels=None, **cond):
-        flat = x.to(torch.float64).reshape(x.shape[0], 1, -1)
-        sigma_row = _per_row(sigma, flat).reshape(-1, 1)
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
         resp = self.log_prob_components(x, sigma).softmax(dim=-1)  # [B, K]
-        shrink = (self.stds**2 / (self.stds**2 + sigma_row**2)).unsqueeze(-1)  # [B, K, 1]
-        mu = self.means.reshape(1, self.means.shape[0], -1)
-        per_component = mu + shrink * (flat - mu)
-        denoised = (resp.unsqueeze(-1) * per_component).sum(1)
-        return denoised.reshape(x.shape).to(x.dtype)
+        shrink = self.stds**2 / (self.stds**2 + _per_row(sigma, flat) ** 2)  # c_k, [B, K]
+        keep = (resp * shrink).sum(-1, keepdim=True)  # [B, 1]
+        means = self.means.reshape(self.means.shape[0], -1)
+        pulled = torch.bmm((resp * (1 - shrink)).unsqueeze(1), means.expand(flat.shape[0], *means.shape)).squeeze(1)
+        return (keep * flat + pulled).reshape(x.shape).to(x.dtype)
 
     def sample_data(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``num`` samples of x0 (float64)."""

@@ -95,8 +95,9 @@ def _parse_seed_spec(spec) -> list[int]:
                 continue
             match = _RANGE.match(part)
             if not match:
+                where = "" if part == spec else f" in {spec!r}"
                 raise ValueError(
-                    f"seeds: cannot parse {part!r} in {spec!r}; expected non-negative integers and "
+                    f"seeds: cannot parse {part!r}{where}; expected non-negative integers and "
                     f"ranges a-b separated by commas, e.g. 0-63 or 0,5,7-9"
                 )
             lo, hi = (_check_seed(int(v), spec) for v in match.groups())

@@ -43,6 +43,14 @@ def test_gaussian_mixture_per_row_sigma_and_dtype():
     assert gmm(x.float(), torch.tensor(1.0)).dtype == torch.float32
 
 
+def test_gaussian_mixture_rows_do_not_depend_on_their_batch():
+    gmm = bdia.GaussianMixtureDenoiser(torch.randn(50, 1, 4, 4), 0.1)
+    x = torch.randn(7, 1, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor(0.3, dtype=torch.float64)
+    whole = gmm(x, sigma)
+    assert all(torch.equal(gmm(x[i : i + 1], sigma), whole[i : i + 1]) for i in range(7))
+
+
 def test_gaussian_mixture_rejects_bad_parameters():
     with pytest.raises(ValueError, match="positive"):
         bdia.GaussianMixtureDenoiser(torch.zeros(2, 3), [0.5, 0.0])
