@@ -1,0 +1,42 @@
+"""Network architectures: our own implementation of NVIDIA EDM's U-Nets and preconditioners
+(:mod:`bdia.networks.edm`), state-dict compatible with EDM's published snapshots.
+
+The preconditioned networks (``EDMPrecond`` ...) are denoisers in the protocol of :mod:`bdia.denoisers`:
+``D(x, sigma, class_labels=None, **model_kwargs)`` with ``sigma_min``, ``sigma_max`` and ``round_sigma``.
+"""
+
+from .edm import (
+    EDM_CLASSES,
+    AttentionOp,
+    Conv2d,
+    DhariwalUNet,
+    EDMPrecond,
+    FourierEmbedding,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    SongUNet,
+    UNetBlock,
+    VEPrecond,
+    VPPrecond,
+    iDDPMPrecond,
+    weight_init,
+)
+
+__all__ = [
+    "EDM_CLASSES",
+    "AttentionOp",
+    "Conv2d",
+    "DhariwalUNet",
+    "EDMPrecond",
+    "FourierEmbedding",
+    "GroupNorm",
+    "Linear",
+    "PositionalEmbedding",
+    "SongUNet",
+    "UNetBlock",
+    "VEPrecond",
+    "VPPrecond",
+    "iDDPMPrecond",
+    "weight_init",
+]
