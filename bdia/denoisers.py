@@ -60,7 +60,8 @@ class VPEpsDenoiser(nn.Module):
     * ``denoised = x - sigma * eps`` (epsilon), or ``alpha * z - sigma_z * v`` (v-prediction).
 
     ``model`` may return a tensor or an object with a ``.sample`` attribute (diffusers' UNet outputs).
-    ``integer_timesteps=True`` rounds labels to the nearest integer instead of interpolating (for models that
+    The model runs in ``model_dtype``; by default the dtype of its floating-point parameters (the state's
+    dtype for a parameter-free callable). ``integer_timesteps=True`` rounds labels to the nearest integer instead of interpolating (for models that
     only accept integer labels); grid points are unaffected.
     """
 
@@ -86,6 +87,10 @@ class VPEpsDenoiser(nn.Module):
     def round_sigma(self, sigma):
         return sigma
 
+    def _parameter_dtype(self):
+        parameters = self.model.parameters() if isinstance(self.model, nn.Module) else ()
+        return next((p.dtype for p in parameters if p.is_floating_point()), None)
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         t = sigma_to_timestep(sigma, self.train_sigmas)
         return t.round() if self.integer_timesteps else t
@@ -95,7 +100,7 @@ class VPEpsDenoiser(nn.Module):
             cond = {"class_labels": class_labels, **cond}
         sigma = _per_row(sigma, x)
         alpha = (1 + sigma**2).rsqrt()
-        dtype = self.model_dtype or x.dtype
+        dtype = self.model_dtype or self._parameter_dtype() or x.dtype
         z = (x.to(torch.float64) * alpha).to(dtype)
         timestep = self.timestep(sigma.flatten())
         if self.integer_timesteps:

@@ -388,6 +388,7 @@ def _cast(x_init, dtype):
     return x_init if dtype is None else x_init.to(dtype)
 
 
+@torch.no_grad()
 def sample(
     denoiser,
     x_init,
@@ -411,6 +412,7 @@ def sample(
     the input's). Extra keywords go to the solver (``backward`` for ``bdia_edm``; ``s_churn`` ... for ``edm``).
 
     Returns the final state, or with ``return_pair=True`` the :class:`StatePair` ``(x_N, x_{N-1})``.
+    Runs without autograd (the per-solver functions such as :func:`bdia_edm` do not disable it).
     """
     _check_solver(solver, SOLVERS)
     x_init = _cast(x_init, dtype)
@@ -429,6 +431,7 @@ def sample(
     return fn(denoiser, x_init, sigmas, **common, **solver_kwargs)
 
 
+@torch.no_grad()
 def invert(
     denoiser,
     x_last,

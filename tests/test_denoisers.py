@@ -152,3 +152,32 @@ def test_counting_denoiser_counts_and_forwards_attributes():
     assert counted.nfe == 3 and counted.sigma_min == 0.01 and counted.sigma_max == 50.0
     counted.reset()
     assert counted.nfe == 0
+
+
+def test_vp_adapter_runs_a_float32_network_from_a_float64_state():
+    net = torch.nn.Conv2d(2, 2, 1)  # float32 parameters
+    den = bdia.VPEpsDenoiser(lambda z, t: net(z), bdia.make_alphas_cumprod())
+    wrapped = bdia.VPEpsDenoiser(net_with_t := _NetWithTimestep(net), bdia.make_alphas_cumprod())
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    assert wrapped(x, torch.tensor(1.0, dtype=torch.float64)).dtype == torch.float64
+    assert net_with_t.seen_dtype == torch.float32
+    with pytest.raises(RuntimeError):  # a bare callable has no parameters to infer from: pass model_dtype
+        den(x, torch.tensor(1.0, dtype=torch.float64))
+
+
+class _NetWithTimestep(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen_dtype = net, None
+
+    def forward(self, z, timestep):
+        self.seen_dtype = z.dtype
+        return self.net(z)
+
+
+def test_sample_does_not_build_an_autograd_graph():
+    net = torch.nn.Conv2d(2, 2, 1).double()
+    den = bdia.VPEpsDenoiser(_NetWithTimestep(net), bdia.make_alphas_cumprod())
+    sigmas = bdia.vp_sigmas(bdia.make_alphas_cumprod(), 4)
+    out = bdia.sample(den, torch.randn(1, 2, 3, 3, dtype=torch.float64) * sigmas[0], sigmas, solver="bdia_ddim", gamma=0.5)
+    assert not out.requires_grad
