@@ -7,6 +7,7 @@
     noise_pair = bdia.invert(denoiser, pair, sigmas, solver="bdia_edm", gamma=0.5)
 """
 
+from . import networks
 from .denoisers import (
     ClassifierFreeGuidance,
     CountingDenoiser,

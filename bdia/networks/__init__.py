@@ -22,8 +22,11 @@ from .edm import (
     iDDPMPrecond,
     weight_init,
 )
+from .loader import SnapshotError, load_edm
 
 __all__ = [
+    "load_edm",
+    "SnapshotError",
     "EDM_CLASSES",
     "AttentionOp",
     "Conv2d",

@@ -757,7 +757,22 @@ def _make_unet(model_type, **kwargs):
 
 
 class _Preconditioned(nn.Module):
-    """Shared input handling of the four preconditioners (not an EDM class)."""
+    """Shared set-up and input handling of the four preconditioners (not an EDM class)."""
+
+    def _add_unet(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, out_channels=None):
+        """The attributes every preconditioner has, and its inner U-Net ``self.model``."""
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.model = _make_unet(
+            model_type, img_resolution=img_resolution, in_channels=img_channels,
+            out_channels=out_channels or img_channels, label_dim=label_dim, **model_kwargs,
+        )
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
 
     def _inputs(self, x, sigma, class_labels, force_fp32):
         """float32 ``x``; ``sigma`` as ``[B or 1, 1, 1, 1]`` float32; labels as float32 ``[B, label_dim]``
@@ -811,20 +826,13 @@ class VPPrecond(_Preconditioned):
         **model_kwargs,
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
-        self.model = _make_unet(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, **model_kwargs,
-        )
+        self._add_unet(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         inputs = self._inputs(x, sigma, class_labels, force_fp32)
@@ -843,8 +851,6 @@ class VPPrecond(_Preconditioned):
         sigma = torch.as_tensor(sigma)
         return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
 
 @_records_init_kwargs
@@ -867,16 +873,9 @@ class VEPrecond(_Preconditioned):
         **model_kwargs,
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.model = _make_unet(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, **model_kwargs,
-        )
+        self._add_unet(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         inputs = self._inputs(x, sigma, class_labels, force_fp32)
@@ -884,8 +883,6 @@ class VEPrecond(_Preconditioned):
         return self._run(inputs, model_kwargs,
                          c_skip=1, c_out=sigma, c_in=1, c_noise=(0.5 * sigma).log())
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
 
 @_records_init_kwargs
@@ -914,17 +911,10 @@ class iDDPMPrecond(_Preconditioned):  # noqa: N801 -- EDM's class name
         **model_kwargs,
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        self.model = _make_unet(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels * 2,
-            label_dim=label_dim, **model_kwargs,
-        )
+        self._add_unet(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, out_channels=img_channels * 2)
         u = torch.zeros(M + 1)
         for j in range(M, 0, -1):
             ratio = (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1)
@@ -981,17 +971,10 @@ class EDMPrecond(_Preconditioned):
         **model_kwargs,
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model = _make_unet(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, **model_kwargs,
-        )
+        self._add_unet(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         inputs = self._inputs(x, sigma, class_labels, force_fp32)
@@ -1004,8 +987,6 @@ class EDMPrecond(_Preconditioned):
         return self._run(inputs, model_kwargs,
                          c_skip=c_skip, c_out=c_out, c_in=c_in, c_noise=c_noise)
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
 
 #: Every class that appears by name in EDM's pickles (module ``training.networks``) -> our class.
