@@ -13,12 +13,11 @@ other images in its batch.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from .data import digits_images
 from .denoisers import GaussianMixtureDenoiser
 
 __all__ = ["digits_gmm", "gmm_toy", "mixture_metrics"]
@@ -41,17 +40,9 @@ def digits_gmm(
     size ``std``. The data set is in dataset order, which cycles through the classes, so any prefix is
     roughly balanced.
     """
-    from sklearn.datasets import load_digits
-
-    if int(image_size) != image_size or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     if not std > 0:
         raise ValueError(f"std must be positive, got {std!r}")
-    if interpolation not in ("bilinear", "nearest"):
-        raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float64)
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    images, labels = digits_images(image_size, "all", interpolation, dtype=torch.float64)
     if classes is not None:
         wanted = sorted({int(c) for c in classes})
         if not wanted or any(c not in range(10) for c in wanted):
@@ -62,11 +53,8 @@ def digits_gmm(
         if not 1 <= num_components <= len(images):
             raise ValueError(f"num_components must be in [1, {len(images)}], got {num_components}")
         images, labels = images[:num_components], labels[:num_components]
-    means = (images / 16.0 * 2.0 - 1.0).unsqueeze(1)  # [K, 1, 8, 8] in [-1, 1]
-    if image_size != means.shape[-1]:
-        kwargs = dict(align_corners=False) if interpolation == "bilinear" else {}
-        means = F.interpolate(means, size=(int(image_size), int(image_size)), mode=interpolation, **kwargs)
-    return GaussianMixtureDenoiser(means.clamp(-1.0, 1.0), std, component_labels=labels)
+    means = images
+    return GaussianMixtureDenoiser(means, std, component_labels=labels)
 
 
 def gmm_toy(
