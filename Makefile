@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv test test-all sample accuracy bench clean
+.PHONY: help venv test test-all sample sample-torchrun sample-demo accuracy bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,13 @@ test-all: $(STAMP)  ## run every test, the slow ones included
 
 sample: $(STAMP)  ## main job: sample with BDIA-EDM and write an image grid under results/
 	$(PY) scripts/sample.py
+
+NPROC ?= 2
+sample-torchrun: $(STAMP)  ## sample on NPROC processes with torchrun (GPUs if present, else CPU/gloo; NPROC=2)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) scripts/sample.py launcher=torchrun $(ARGS)
+
+sample-demo: $(STAMP)  ## sweep the four solvers on the analytic digits model (Hydra multirun) -> results/sample/digits_demo/
+	$(PY) scripts/sample.py -m experiment=digits_demo $(ARGS)
 
 accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/solver_accuracy.{md,csv}
 	$(PY) scripts/solver_accuracy.py

@@ -1,16 +1,22 @@
-"""A sampling run as plain functions: seeds, per-image noise, quantisation, image grids, run outputs.
+"""A sampling run as plain functions: seeds, per-image noise and labels, quantisation, image grids, run outputs.
 
-``scripts/sample.py`` is a thin Hydra shell around :func:`sample_run`; tests call these functions directly.
+``scripts/sample.py`` is a thin Hydra shell around :func:`bdia.app.sample_from_config`, which calls
+:func:`sample_run`; tests call these functions directly.
 
 Conventions (EDM's ``generate.py``, ``shared/DESIGN.md`` section 4):
 
-* seeds are a list or a range spec (``"0-63"``, ``"0,5,7-9"``); image k's noise comes from its own
-  ``torch.Generator`` seeded with k, so an image does not depend on the batch size or on the other seeds;
+* seeds are a list or a range spec (``"0-63"``, ``"0,5,7-9"``); image k's noise, then its class label, come
+  from its own ``torch.Generator`` seeded with k, so an image does not depend on the batch size, on the other
+  seeds or on the number of processes (torchrun: rank r of K samples ``seeds[r::K]``);
+* networks are called on a fixed number of rows (:class:`FixedBatchDenoiser`), so their float32 rounding does
+  not change with the batch size either;
 * images are quantised as ``(x * 127.5 + 128).clip(0, 255).to(uint8)`` and saved as PNG;
 * every run folder holds ``metrics.json`` (NFE measured, not assumed), ``env.json`` and the resolved config.
 
-Files are written atomically (to a temporary name, then ``os.replace``); ``images/`` is replaced as a whole
-at the end of a run, so a folder never mixes images from two runs.
+Resume: each image is written on its own (``images/<seed>.png`` and ``records/<seed>.npz``, each atomically:
+a temporary name, then ``os.replace``), so a killed run leaves only complete files; running the same command
+again skips the seeds already there. ``settings.json`` records what determines the images (solver, grid,
+model …); a rerun with other settings into the same folder is refused instead of mixing images.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from tqdm.auto import tqdm
 
 from . import solvers as _solvers
 from .denoisers import CountingDenoiser, GaussianMixtureDenoiser
+from .distributed import DistContext, barrier, gather, resolve_device, shard
+from .models import image_shape_of, label_dim_of
 from .schedules import karras_sigmas
 
 __all__ = [
@@ -43,11 +51,14 @@ __all__ = [
     "format_seeds",
     "StackedRandomGenerator",
     "seed_noise",
+    "class_labels_for",
+    "FixedBatchDenoiser",
     "quantize",
     "image_grid",
     "save_image_grid",
     "atomic_write",
     "environment_info",
+    "seeds_done",
     "sample_run",
 ]
 
@@ -58,7 +69,6 @@ MAX_SEED = 2**32 - 1
 MAX_SEEDS = 10_000_000
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-
 
 # --------------------------------------------------------------------------------------------------
 # Seeds and noise.
@@ -161,12 +171,80 @@ class StackedRandomGenerator:
             raise ValueError(f"batch of {x.shape[0]} rows for {len(self.generators)} generators")
         return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
 
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in ``[0, high)`` per image (``[len(seeds)]``, int64), from that image's generator."""
+        return torch.stack([torch.randint(int(high), size=(), generator=g, device=self.device) for g in self.generators])
+
 
 def seed_noise(seeds: Sequence[int], shape, sigma_max, device="cpu", dtype=torch.float64) -> torch.Tensor:
     """The initial states ``sigma_max * n_k`` (``[len(seeds), *shape]``), ``n_k`` drawn by a generator seeded
     with ``seeds[k]`` alone. ``shape`` is one image's shape, e.g. ``(1, 16, 16)``."""
     noise = StackedRandomGenerator(parse_seeds(list(seeds)), device).randn(shape, dtype=dtype)
     return noise * torch.as_tensor(sigma_max, dtype=dtype, device=noise.device)
+
+
+def class_labels_for(rng: StackedRandomGenerator, label_dim: int, class_idx: int | None = None):
+    """Class labels as EDM's ``generate.py`` draws them, *after* the latents: image k's own generator picks
+    ``randint(label_dim)``, the label is that row of ``eye(label_dim)`` (float32 one-hot). ``class_idx`` fixes
+    the class for every image (the draw still happens, as in EDM, so later draws such as EDM's churn noise
+    are unchanged). Returns ``(indices [B] int64, one_hot [B, label_dim])``, or ``(None, None)`` when
+    ``label_dim`` is 0."""
+    if not label_dim:
+        return None, None
+    indices = rng.randint(label_dim)
+    if class_idx is not None:
+        indices = torch.full_like(indices, int(class_idx))
+    return indices, torch.eye(label_dim, device=indices.device)[indices]
+
+
+class FixedBatchDenoiser(torch.nn.Module):
+    """Calls ``denoiser`` on chunks of exactly ``rows`` rows, padding the last chunk with copies of its final
+    row and dropping their outputs.
+
+    Float32 convolutions and matrix products pick their kernels, and so their rounding, by the input's shape
+    (measured on the CPU: EDM's networks give other low bits for the same image in a batch of 1 and of 5).
+    With the shape fixed, row k's output depends on row k alone, so an image is bit-identical whatever the
+    batch size or number of processes. Per-row tensors among ``sigma``, ``class_labels`` and ``cond`` (first
+    dimension = batch) are chunked alongside ``x``.
+    """
+
+    def __init__(self, denoiser, rows: int):
+        super().__init__()
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"network_batch must be a positive integer or null, got {rows!r}")
+        self.denoiser = denoiser
+        self.rows = rows
+
+    @property
+    def sigma_min(self):
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self):
+        return self.denoiser.sigma_max
+
+    def round_sigma(self, sigma):
+        return self.denoiser.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        batch = x.shape[0]
+
+        def take(value, start, stop):
+            if not (isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch):
+                return value
+            part = value[start:stop]
+            missing = self.rows - part.shape[0]
+            if missing:
+                part = torch.cat([part, part[-1:].expand(missing, *part.shape[1:])])
+            return part
+
+        outputs = []
+        for start in range(0, batch, self.rows):
+            stop = min(start + self.rows, batch)
+            chunk = {k: take(v, start, stop) for k, v in cond.items()}
+            out = self.denoiser(take(x, start, stop), take(sigma, start, stop), take(class_labels, start, stop), **chunk)
+            outputs.append(out[: stop - start])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,16 +341,6 @@ def _write_json(path, obj) -> None:
         f.write("\n")
 
 
-def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move the finished ``tmp_dir`` onto ``final_dir``, removing what was there before."""
-    old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _package_version() -> str | None:
     from importlib import metadata
 
@@ -282,8 +350,9 @@ def _package_version() -> str | None:
         return None
 
 
-def environment_info(device=None) -> dict:
-    """What produced a run: git commit (and whether the tree had uncommitted changes), versions, device."""
+def environment_info(device=None, world_size: int = 1) -> dict:
+    """What produced a run: git commit (and whether the tree had uncommitted changes), versions, device,
+    number of processes."""
     repo = Path(__file__).resolve().parents[1]
 
     def git(*args):
@@ -296,7 +365,7 @@ def environment_info(device=None) -> dict:
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if sha else None
     versions = {"python": platform.python_version(), "bdia": _package_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("hydra", "omegaconf", "sklearn", "PIL"):
+    for name in ("hydra", "omegaconf", "sklearn", "PIL", "wandb"):
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "__version__"):
             versions[name] = module.__version__
@@ -309,8 +378,10 @@ def environment_info(device=None) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "world_size": int(world_size),
     }
     return info
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +389,14 @@ def environment_info(device=None) -> dict:
 
 #: Arguments of the solver functions that ``sample_run`` supplies itself (everything else is a solver option).
 _SUPPLIED = {"denoiser", "x", "x_init", "sigmas", "gamma", "class_labels", "cond", "progress", "randn_like"}
+
+IMAGES_DIR = "images"
+RECORDS_DIR = "records"
+SETTINGS_FILE = "settings.json"
+#: What ``resume=false`` removes before sampling (Hydra's ``.hydra/`` and log stay).
+_RUN_OUTPUTS = (IMAGES_DIR, RECORDS_DIR, "images.npz", "grid.png", "metrics.json", SETTINGS_FILE, "config.yaml", "env.json")
+#: What a run writes from all its images at the end (removed when a resumed run starts).
+_ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json")
 
 
 def _solver_options(solver: str) -> list[str]:
@@ -336,32 +415,165 @@ def _validate(solver, gamma, batch_size, solver_kwargs, sigmas) -> None:
         raise ValueError(
             f"solver {solver!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(allowed) or 'none'}"
         )
+    if "backward" in solver_kwargs and solver_kwargs["backward"] not in _solvers.BACKWARD_MAPS:
+        raise ValueError(f"backward must be one of {list(_solvers.BACKWARD_MAPS)}, got {solver_kwargs['backward']!r}")
+    for name in ("s_churn", "s_min", "s_max", "s_noise"):
+        value = solver_kwargs.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if solver in _solvers.INVERTIBLE_SOLVERS:
         _solvers.gamma_schedule(1.0 if gamma is None else gamma, sigmas, solver)  # raises on bad gamma
     elif gamma is not None and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma == 0):
         raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
 
 
-def _device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use device=cpu")
-    return device
+def _validate_labels(label_dim: int, class_idx) -> None:
+    if class_idx is None:
+        return
+    if isinstance(class_idx, bool) or not isinstance(class_idx, int):
+        raise ValueError(f"class_idx must be an integer class index or null, got {class_idx!r}")
+    if not label_dim:
+        raise ValueError(f"class_idx={class_idx} needs a class-conditional model; this one is unconditional")
+    if not 0 <= class_idx < label_dim:
+        raise ValueError(f"class_idx={class_idx} is outside the model's classes 0..{label_dim - 1}")
 
 
 def _jsonable(value):
     if isinstance(value, torch.Tensor):
         return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
         return str(value)
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _seed_name(seed: int) -> str:
+    return f"{seed:06d}"
+
+
+def _png_ok(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
+
+
+def _record_keys(path: Path) -> set[str] | None:
+    try:
+        with np.load(path) as data:
+            return set(data.files)
+    except Exception:
+        return None
+
+
+def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = ()) -> list[int]:
+    """The seeds among ``seeds`` whose image is complete in ``out_dir``: ``images/<seed>.png`` decodes and
+    ``records/<seed>.npz`` opens (and holds the arrays named in ``need``, e.g. ``x_end``). Files are written
+    atomically, so this only fails for files damaged afterwards (e.g. a crash before the disk caught up);
+    such seeds are simply sampled again."""
+    out_dir = Path(out_dir)
+    need = set(need) | {"nfe"}
+    done = []
+    for seed in seeds:
+        png = out_dir / IMAGES_DIR / f"{_seed_name(seed)}.png"
+        record = out_dir / RECORDS_DIR / f"{_seed_name(seed)}.npz"
+        if not (png.is_file() and record.is_file()):
+            continue
+        keys = _record_keys(record)
+        if keys is not None and need <= keys and _png_ok(png):
+            done.append(seed)
+    return done
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+    """Leftovers of killed runs: ``.<name>.tmp-<pid>`` files (see :func:`atomic_write`) and old temp folders."""
+    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / RECORDS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def _settings_mismatch(old: Mapping, new: Mapping) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [k for k in keys if old.get(k) != new.get(k)]
+    shown = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in diffs[:3])
+    return shown + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+
+
+def _prepare_out_dir(out_dir: Path, settings: dict, resume: bool, ctx: DistContext, config, device) -> None:
+    """Check that a resumed folder was sampled with the same settings (every rank), then on rank 0 remove
+    temporaries and the assembled outputs of an earlier run (with ``resume=False``: all its outputs) and write
+    ``settings.json``, ``config.yaml`` and ``env.json``; every rank waits for that before sampling."""
+    settings_path = out_dir / SETTINGS_FILE
+    if resume and settings_path.is_file():
+        try:
+            old = json.loads(settings_path.read_text())
+        except (OSError, ValueError):
+            old = None  # unreadable: treated like a folder without settings (nothing is trusted)
+        if old is not None and old != settings:
+            raise ValueError(
+                f"out_dir {out_dir} holds images sampled with other settings ({_settings_mismatch(old, settings)}); "
+                f"pass resume=false to replace them, or choose another out_dir"
+            )
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not resume or not settings_path.is_file()  # no settings record: nothing there can be trusted
+        # Assembled outputs are rewritten at the end; until then a resumed folder must not look finished.
+        for name in _RUN_OUTPUTS if fresh else _ASSEMBLED_OUTPUTS:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        _remove_temporaries(out_dir)
+        (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
+        (out_dir / RECORDS_DIR).mkdir(exist_ok=True)
+        _write_json(settings_path, settings)
+        if config is not None:
+            from omegaconf import OmegaConf
+
+            with atomic_write(out_dir / "config.yaml", "w") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config)))))
+        _write_json(out_dir / "env.json", environment_info(device, ctx.world_size))
+    barrier(ctx)
+
+
+def _write_image(out_dir: Path, seed: int, image_chw: np.ndarray, record: dict) -> None:
+    """One finished image: the PNG, then its record (NFE, class, states). Each file appears atomically; the
+    record, written last, marks the seed as done."""
+    name = _seed_name(seed)
+    with atomic_write(out_dir / IMAGES_DIR / f"{name}.png") as f:
+        f.write(_png_bytes(image_chw.transpose(1, 2, 0)))
+    with atomic_write(out_dir / RECORDS_DIR / f"{name}.npz") as f:
+        np.savez(f, **record)
+
+
+def _read_png(path: Path, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] != channels:
+        raise ValueError(f"{path}: {array.shape[2]} channels, expected {channels}")
+    return array.transpose(2, 0, 1)
 
 
 def sample_run(
@@ -377,118 +589,223 @@ def sample_run(
     rho: float = 7.0,
     image_shape: Sequence[int] | None = None,
     device="cpu",
+    class_idx: int | None = None,
+    network_batch: int | None = 64,
+    save_states: bool = False,
+    resume: bool = True,
     grid_nrow: int | None = None,
     grid_scale: int = 1,
     grid_padding: int = 0,
-    save_images: bool = True,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    dist: DistContext | None = None,
     **solver_kwargs,
-) -> dict:
+) -> dict | None:
     """Sample one image per seed with ``solver`` on EDM's Karras grid and write the run folder ``out_dir``:
 
-    * ``images/<seed:06d>.png`` (if ``save_images``) and ``images.npz`` (``images``: uint8 ``[N, C, H, W]``,
-      ``seeds``: int64 ``[N]``);
+    * ``images/<seed:06d>.png`` and ``records/<seed:06d>.npz`` (per image: ``nfe``, ``class_label`` (-1 if
+      unconditional) and, with ``save_states``, the float64 final state ``x_end`` and for BDIA solvers the
+      state one step before it, ``x_inner``), written as each batch finishes;
+    * ``images.npz``: ``images`` (uint8 ``[N, C, H, W]``), ``seeds`` (int64), ``sigmas`` (the grid), for
+      conditional models ``class_labels``, and with ``save_states`` ``x_end`` / ``x_inner`` (the pair
+      :func:`bdia.invert` takes to run the images back to noise);
     * ``grid.png``: all images tiled, ``grid_nrow`` per row, enlarged ``grid_scale`` times;
-    * ``metrics.json``: solver settings, NFE counted per batch by :class:`bdia.CountingDenoiser`, image
-      count, wall time, images/s, and for Gaussian-mixture models :func:`bdia.analytic.mixture_metrics`;
-    * ``env.json`` (:func:`environment_info`) and ``config.yaml`` (``config``, e.g. Hydra's resolved config).
+    * ``metrics.json``: settings, NFE (counted by :class:`bdia.CountingDenoiser` for every image), image
+      counts (sampled now / resumed), sampling and wall time, images/s, and for Gaussian-mixture models
+      :func:`bdia.analytic.mixture_metrics`; ``env.json``, ``config.yaml`` (``config``) and ``settings.json``.
 
-    ``gamma`` and ``solver_kwargs`` (``backward`` for bdia_edm; ``s_churn``, ``s_min``, ``s_max``, ``s_noise``
-    for edm) go to :func:`bdia.sample`; EDM's churn noise comes from the per-image generators. The grid is
-    ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)`` with ``sigma_min``/``sigma_max`` clipped to the
-    denoiser's range, as EDM's sampler does. ``image_shape`` defaults to ``denoiser.event_shape``.
-    Inputs are checked before any sampling; mistakes raise ``ValueError``. Returns the metrics dict.
+    Images: latents, then class labels (EDM's order; ``class_idx`` fixes the class) come from one generator
+    per seed; networks see exactly ``network_batch`` rows per call (:class:`FixedBatchDenoiser`; ``None``:
+    the whole batch, faster but float32 rounding then depends on the batch size; analytic mixtures are
+    row-independent and never padded). The grid is ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)``
+    with ``sigma_min``/``sigma_max`` clamped to the denoiser's range, as EDM's sampler does.
+
+    ``resume``: skip seeds whose files are already there (the folder's ``settings.json`` must match, else
+    ``ValueError``); ``False`` removes earlier outputs first. ``dist``: this process's place among several
+    (:func:`bdia.distributed.init_distributed`); rank r samples ``seeds[r::K]`` and rank 0 writes the
+    shared outputs after all ranks finish. Other options go to :func:`bdia.sample` (``backward`` for
+    bdia_edm; ``s_churn`` … for edm, whose churn noise comes from the per-image generators).
+
+    Inputs are checked before any sampling; mistakes raise ``ValueError``. Returns the metrics dict on rank 0
+    and ``None`` on other ranks.
     """
     started = time.perf_counter()
+    ctx = dist or DistContext()
     seeds = parse_seeds(seeds)
-    device = _device(device)
+    device = resolve_device(device, ctx.local_rank)
     sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
     sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))
     _validate(solver, gamma, batch_size, solver_kwargs, sigmas)
-    shape = tuple(int(s) for s in (image_shape if image_shape is not None else getattr(denoiser, "event_shape", ())))
+    shape = tuple(int(s) for s in (image_shape if image_shape is not None else (image_shape_of(denoiser) or ())))
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be [C, H, W] with C = 1 or 3 (pass image_shape=...), got {list(shape)}")
+    label_dim = label_dim_of(denoiser)
+    _validate_labels(label_dim, class_idx)
+    for name, flag in (("save_states", save_states), ("resume", resume)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be true or false, got {flag!r}")
+    is_mixture = isinstance(denoiser, GaussianMixtureDenoiser)
+    if network_batch is not None and (isinstance(network_batch, bool) or not isinstance(network_batch, int) or network_batch < 1):
+        raise ValueError(f"network_batch must be a positive integer or null, got {network_batch!r}")
+    network_batch = None if is_mixture else network_batch  # row-independent float64 maths: no padding needed
+    bdia_solver = solver in _solvers.INVERTIBLE_SOLVERS
+    keep_x = save_states or is_mixture  # mixture metrics need the float states
+    keep_inner = save_states and bdia_solver
+    need = {"x_end"} if keep_x else set()
+    need |= {"x_inner"} if keep_inner else set()
 
+    settings = _jsonable({
+        "solver": solver,
+        "gamma": gamma,
+        "num_steps": num_steps,
+        "solver_options": dict(solver_kwargs),
+        "sigmas": sigmas.tolist(),
+        "image_shape": list(shape),
+        "label_dim": label_dim,
+        "class_idx": class_idx,
+        "network_batch": network_batch,
+        "device_type": device.type,
+        "model": dict(model_info) if model_info is not None else None,
+    })
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images_tmp = out_dir / f".images.tmp-{os.getpid()}"
-    if save_images:
-        images_tmp.mkdir()
+    _prepare_out_dir(out_dir, settings, resume, ctx, config, device)
+
+    mine = shard(seeds, ctx)
+    done = set(seeds_done(out_dir, mine, need))
+    todo = [s for s in mine if s not in done]
+    if ctx.is_main and done:
+        log.info("resuming %s: %d of rank 0's %d seeds already written", out_dir, len(done), len(mine))
+
     if isinstance(denoiser, torch.nn.Module):
         denoiser = denoiser.to(device)
-    counter = CountingDenoiser(denoiser)
-    keep_states = isinstance(denoiser, GaussianMixtureDenoiser)
-
-    all_images, states, nfe_per_batch = [], [], []
+    net = denoiser if network_batch is None else FixedBatchDenoiser(denoiser, network_batch)
+    counter = CountingDenoiser(net)
+    nfe_per_batch: list[int] = []
     sampling_seconds = 0.0
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
-    try:
-        for batch_seeds in tqdm(batches, desc=f"{solver} ({len(seeds)} images)", unit="batch", disable=not progress):
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    desc = f"{solver} rank 0/{ctx.world_size}" if ctx.world_size > 1 else solver
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="img",
+              disable=not (progress and ctx.is_main)) as bar:
+        for batch_seeds in batches:
             rng = StackedRandomGenerator(batch_seeds, device)
             x_init = rng.randn(shape, dtype=torch.float64) * sigmas[0].to(device)
+            label_idx, labels = class_labels_for(rng, label_dim, class_idx)
             kwargs = dict(solver_kwargs)
             if solver == "edm":
                 kwargs["randn_like"] = rng.randn_like
             counter.reset()
             t0 = time.perf_counter()
             with torch.no_grad():
-                x = _solvers.sample(counter, x_init, sigmas, solver=solver, gamma=gamma, **kwargs)
+                out = _solvers.sample(counter, x_init, sigmas, solver=solver, gamma=gamma, class_labels=labels,
+                                      return_pair=keep_inner, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             sampling_seconds += time.perf_counter() - t0
             nfe_per_batch.append(counter.nfe)
-            images = quantize(x).cpu()
-            all_images.append(images)
-            if keep_states:
-                states.append(x.cpu())
-            if save_images:
-                for seed, image in zip(batch_seeds, images.numpy()):
-                    (images_tmp / f"{seed:06d}.png").write_bytes(_png_bytes(image.transpose(1, 2, 0)))
-        if save_images:
-            _replace_dir(images_tmp, out_dir / "images")
+            x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
+            images = quantize(x_end).cpu().numpy()
+            x_end = x_end.cpu().numpy() if keep_x else None
+            x_inner = x_inner.cpu().numpy() if keep_inner else None
+            label_idx = label_idx.cpu().numpy() if label_idx is not None else None
+            for i, seed in enumerate(batch_seeds):
+                record = {"nfe": np.int64(counter.nfe), "class_label": np.int64(-1 if label_idx is None else label_idx[i])}
+                if keep_x:
+                    record["x_end"] = x_end[i]
+                if keep_inner:
+                    record["x_inner"] = x_inner[i]
+                _write_image(out_dir, seed, images[i], record)
+            bar.update(len(batch_seeds))
+
+    barrier(ctx)
+    stats = gather(ctx, {"sampled": len(todo), "seconds": sampling_seconds, "nfe_per_batch": nfe_per_batch})
+    if not ctx.is_main:
+        barrier(ctx)  # wait for rank 0 to write the shared outputs
+        return None
+    try:
+        assembled = _assemble(out_dir, seeds, shape, label_dim, sigmas, save_states, keep_inner,
+                              denoiser if is_mixture else None, grid_nrow, grid_padding, grid_scale)
+        sampled = sum(s["sampled"] for s in stats)
+        seconds = max(s["seconds"] for s in stats)
+        metrics = {
+            "solver": solver,
+            "gamma": gamma,
+            "num_steps": num_steps,
+            "solver_options": dict(solver_kwargs),
+            "nfe": assembled["nfe"],
+            "nfe_per_batch": [n for s in stats for n in s["nfe_per_batch"]],
+            "num_images": len(seeds),
+            "num_sampled": sampled,
+            "num_resumed": len(seeds) - sampled,
+            "seeds": format_seeds(seeds),
+            "batch_size": batch_size,
+            "network_batch": network_batch,
+            "world_size": ctx.world_size,
+            "image_shape": list(shape),
+            "label_dim": label_dim,
+            "class_idx": class_idx,
+            "sigmas": {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "levels": sigmas.tolist()},
+            "device": str(device),
+            "model": dict(model_info) if model_info is not None else None,
+            "sampling_seconds": round(seconds, 4),
+            "images_per_second": round(sampled / seconds, 3) if sampled and seconds > 0 else None,
+        }
+        if "mixture" in assembled:
+            metrics["mixture"] = assembled["mixture"]
+        metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
+        metrics = _jsonable(metrics)
+        _write_json(out_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
+        log.info(
+            "%s: %d images (%d sampled now, %d resumed), NFE %s, %.2f s sampling (%s images/s) -> %s",
+            solver, len(seeds), sampled, len(seeds) - sampled, metrics["nfe"], seconds,
+            metrics["images_per_second"], out_dir,
+        )
     finally:
-        if images_tmp.exists():
-            shutil.rmtree(images_tmp)
+        barrier(ctx)
+    return metrics
 
-    images = torch.cat(all_images).numpy()
+
+def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_inner, mixture, grid_nrow, grid_padding,
+              grid_scale) -> dict:
+    """Rank 0, after every rank finished: ``images.npz`` and ``grid.png`` from the per-seed files (in seed
+    order), NFE from the records, mixture metrics from the float states."""
+    images = np.empty((len(seeds), *shape), dtype=np.uint8)
+    nfe = np.empty(len(seeds), dtype=np.int64)
+    labels = np.empty(len(seeds), dtype=np.int64)
+    keep_x = save_states or mixture is not None
+    x_end = np.empty((len(seeds), *shape), dtype=np.float64) if keep_x else None
+    x_inner = np.empty((len(seeds), *shape), dtype=np.float64) if keep_inner else None
+    missing = []
+    for i, seed in enumerate(seeds):
+        name = _seed_name(seed)
+        try:
+            images[i] = _read_png(out_dir / IMAGES_DIR / f"{name}.png", shape[0])
+            with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
+                nfe[i], labels[i] = record["nfe"], record["class_label"]
+                if keep_x:
+                    x_end[i] = record["x_end"]
+                if keep_inner:
+                    x_inner[i] = record["x_inner"]
+        except (OSError, KeyError, ValueError) as e:
+            missing.append(f"{seed} ({type(e).__name__})")
+    if missing:
+        raise RuntimeError(f"{out_dir}: {len(missing)} image(s) missing or unreadable after sampling: {', '.join(missing[:5])}")
+
+    arrays = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64), "sigmas": sigmas.numpy()}
+    if label_dim:
+        arrays["class_labels"] = labels
+    if save_states:
+        arrays["x_end"] = x_end
+        if keep_inner:
+            arrays["x_inner"] = x_inner
     with atomic_write(out_dir / "images.npz") as f:
-        np.savez_compressed(f, images=images, seeds=np.asarray(seeds, dtype=np.int64))
+        np.savez_compressed(f, **arrays)
     save_image_grid(images, out_dir / "grid.png", nrow=grid_nrow, padding=grid_padding, pad_value=128, scale=grid_scale)
-
-    num_images = len(seeds)
-    metrics = {
-        "solver": solver,
-        "gamma": gamma,
-        "num_steps": num_steps,
-        "solver_options": dict(solver_kwargs),
-        "nfe": nfe_per_batch[0] if len(set(nfe_per_batch)) == 1 else nfe_per_batch,
-        "nfe_per_batch": nfe_per_batch,
-        "num_images": num_images,
-        "seeds": format_seeds(seeds),
-        "batch_size": batch_size,
-        "image_shape": list(shape),
-        "sigmas": {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "levels": sigmas.tolist()},
-        "device": str(device),
-        "sampling_seconds": round(sampling_seconds, 4),
-        "images_per_second": round(num_images / sampling_seconds, 3) if sampling_seconds > 0 else None,
-    }
-    if keep_states:
+    distinct = sorted(set(nfe.tolist()))
+    out = {"nfe": distinct[0] if len(distinct) == 1 else distinct}
+    if mixture is not None:
         from .analytic import mixture_metrics
 
-        metrics["mixture"] = mixture_metrics(denoiser, torch.cat(states))
-    if config is not None:
-        from omegaconf import OmegaConf
-
-        with atomic_write(out_dir / "config.yaml", "w") as f:
-            f.write(OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config)))))
-    _write_json(out_dir / "env.json", environment_info(device))
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
-    metrics = _jsonable(metrics)
-    _write_json(out_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
-    log.info(
-        "%s: %d images, NFE %s, %.2f s sampling (%.1f images/s) -> %s",
-        solver, num_images, metrics["nfe"], sampling_seconds, metrics["images_per_second"] or 0.0, out_dir,
-    )
-    return metrics
+        out["mixture"] = mixture_metrics(mixture, torch.from_numpy(x_end))
+    return out

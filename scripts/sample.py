@@ -1,25 +1,28 @@
-"""Sample images with DDIM, BDIA-DDIM, EDM or BDIA-EDM; write the images, an image grid and metrics.
+"""Sample images with DDIM, BDIA-DDIM, EDM or BDIA-EDM; write PNGs, images.npz, an image grid and metrics.
 
-    python scripts/sample.py                                  # BDIA-EDM, gamma 0.5, 18 steps (NFE 35), seeds 0-63
-    python scripts/sample.py solver=ddim seeds=0-255
-    python scripts/sample.py solver=bdia_ddim solver.gamma=0.9 solver.num_steps=50
-    python scripts/sample.py solver=edm solver.s_churn=40     # stochastic EDM; churn noise per image
-    python scripts/sample.py out_dir=/tmp/run1 batch_size=16 device=cuda
+    python scripts/sample.py                                  # analytic digits (dataset=gmm), BDIA-EDM, 18 steps
+    python scripts/sample.py solver=bdia_edm dataset=cifar10  # NVIDIA's EDM network (downloaded on first use)
+    python scripts/sample.py dataset=cifar10 model.path=/data/edm-cifar10-32x32-cond-vp.pkl   # a local file
+    python scripts/sample.py solver=bdia_ddim solver.gamma=0.9 solver.num_steps=50 seeds=0-255
+    python scripts/sample.py dataset=cifar10 class_idx=3 save_states=true                     # one class; BDIA pair
+    python scripts/sample.py metrics=digits                   # + FD/KID in digits-classifier features afterwards
+    python scripts/sample.py -m experiment=digits_demo        # a sweep: one run folder per override set
+    torchrun --standalone --nproc_per_node=8 scripts/sample.py launcher=torchrun dataset=cifar10 seeds=0-49999
+    python scripts/sample.py -m experiment=table2_cifar10 launcher=slurm hydra.launcher.partition=gpu
     python scripts/sample.py --cfg job                        # print the composed config and exit
 
-Model: until trained networks exist, the default ``dataset=gmm_digits`` is analytic: a Gaussian mixture with
-one component per scikit-learn digit (``bdia.analytic.digits_gmm``), whose exact denoiser stands in for a
-network. Configs: ``configs/sample.yaml`` (keys = ``bdia.run.sample_run`` arguments), ``configs/solver/``,
-``configs/dataset/``.
+Configs: ``configs/sample.yaml`` and its groups (dataset/ model/ solver/ metrics/ logger/ launcher/ experiment/).
+The work is done by :func:`bdia.app.sample_from_config` and :func:`bdia.run.sample_run`.
 
-Output: ``out_dir``, by default ``results/sample/<solver name>`` relative to the current directory (git-ignored),
-holds ``images/<seed:06d>.png``, ``images.npz``, ``grid.png``, ``metrics.json`` (NFE measured, wall time,
-images/s, mixture quality numbers), ``env.json`` and ``config.yaml`` (resolved). Hydra's run directory is the
-same folder (``.hydra/``, ``sample.log``). A rerun into the same folder replaces its outputs.
+Output: ``out_dir`` (default ``results/sample/<experiment_name>/<overrides>``) holds ``images/<seed:06d>.png``,
+``records/<seed:06d>.npz``, ``images.npz``, ``grid.png``, ``metrics.json`` (NFE measured, wall time,
+images/s), ``env.json``, ``config.yaml`` (resolved) and ``settings.json``; Hydra's ``.hydra/`` and
+``sample.log`` too. Rerunning the same command resumes: seeds already written are skipped (``resume=false``
+starts afresh).
 
-Mistakes in the inputs (malformed seeds, gamma outside [0, 1], an option the solver does not have, bad dataset
-arguments) end with one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the
-traceback instead.
+Mistakes (an unknown config name, malformed seeds, gamma outside [0, 1], a missing ``model.path``, a
+checkpoint that cannot be downloaded) end with one line ``error: ...`` on stderr and exit status 1;
+``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -28,30 +31,33 @@ import os
 import sys
 
 import hydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-from bdia.run import sample_run
+from bdia.app import USER_ERRORS, one_line, preflight, sample_from_config
 
 
-def _one_line(error: BaseException) -> str:
-    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+def _full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-        settings = {key: value for key, value in config.items() if key not in ("solver", "dataset")}
-        solver = dict(config["solver"])
-        denoiser = instantiate(cfg.dataset.denoiser)
-        return sample_run(denoiser, solver=solver.pop("name"), **solver, **settings, config=config)
-    except (ValueError, InstantiationException) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return sample_from_config(cfg, choices=dict(HydraConfig.get().runtime.choices))
+    except USER_ERRORS as e:
+        if _full_errors():
             raise
-        sys.exit(f"error: {_one_line(e)}")
+        sys.exit(f"error: {one_line(e)}")
+
+
+def cli() -> None:
+    """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
+    problem = None if _full_errors() else preflight(sys.argv[1:])
+    if problem:
+        sys.exit(f"error: {problem}")
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -39,10 +39,12 @@ def run(denoiser, out_dir, **kwargs):
 def test_sample_run_writes_the_run_folder(digits, tmp_path):
     metrics = run(digits, tmp_path / "run", grid_scale=3, grid_padding=1, config={"note": "hi"})
     out = tmp_path / "run"
-    for name in ("grid.png", "images.npz", "metrics.json", "env.json", "config.yaml"):
+    for name in ("grid.png", "images.npz", "metrics.json", "env.json", "config.yaml", "settings.json"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{s:06d}.png" for s in range(4)]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert sorted(p.name for p in (out / "records").iterdir()) == [f"{s:06d}.npz" for s in range(4)]
+    for folder in (out, out / "images", out / "records"):
+        assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
     with Image.open(out / "grid.png") as grid:
         grid.load()
@@ -51,6 +53,8 @@ def test_sample_run_writes_the_run_folder(digits, tmp_path):
     data = np.load(out / "images.npz")
     assert data["images"].dtype == np.uint8 and data["images"].shape == (4, 1, 8, 8)
     assert data["seeds"].tolist() == [0, 1, 2, 3]
+    assert "class_labels" not in data and "x_end" not in data  # unconditional model; save_states off
+    assert np.array_equal(data["sigmas"], bdia.karras_sigmas(4).numpy())
     with Image.open(out / "images" / "000002.png") as png:
         assert np.array_equal(np.asarray(png), data["images"][2, 0])
 
@@ -58,17 +62,34 @@ def test_sample_run_writes_the_run_folder(digits, tmp_path):
     assert on_disk == metrics
     assert metrics["solver"] == "bdia_edm" and metrics["gamma"] == 0.5 and metrics["num_steps"] == 4
     assert metrics["num_images"] == 4 and metrics["seeds"] == "0-3"
+    assert metrics["num_sampled"] == 4 and metrics["num_resumed"] == 0 and metrics["world_size"] == 1
     assert metrics["nfe_per_batch"] == [7, 7] and metrics["nfe"] == 7
     assert metrics["sampling_seconds"] > 0 and metrics["images_per_second"] > 0 and metrics["wall_seconds"] > 0
     assert set(metrics["mixture"]) >= {"nearest_mean_rms", "log_prob_per_dim", "class_counts"}
     assert json.loads((out / "env.json").read_text())["versions"]["torch"] == torch.__version__
 
 
-def test_rerun_replaces_the_images(digits, tmp_path):
+def test_rerun_resumes_and_outputs_follow_the_seeds_asked_for(digits, tmp_path):
     run(digits, tmp_path, seeds="0-3", num_steps=2)
-    run(digits, tmp_path, seeds=[7], num_steps=2)
+    again = run(digits, tmp_path, seeds="2-5", num_steps=2)
+    assert again["num_resumed"] == 2 and again["num_sampled"] == 2
+    assert np.load(tmp_path / "images.npz")["seeds"].tolist() == [2, 3, 4, 5]
+    assert len(list((tmp_path / "images").iterdir())) == 6  # earlier seeds stay; images.npz names this run's
+
+
+def test_rerun_with_resume_false_starts_afresh(digits, tmp_path):
+    run(digits, tmp_path, seeds="0-3", num_steps=2)
+    metrics = run(digits, tmp_path, seeds=[7], num_steps=2, resume=False)
+    assert metrics["num_sampled"] == 1
     assert [p.name for p in (tmp_path / "images").iterdir()] == ["000007.png"]
     assert np.load(tmp_path / "images.npz")["seeds"].tolist() == [7]
+
+
+def test_resume_refuses_a_folder_sampled_with_other_settings(digits, tmp_path):
+    run(digits, tmp_path, seeds="0-1", num_steps=2)
+    with pytest.raises(ValueError, match=r"other settings \(num_steps: 2 there, 3 now.*resume=false"):
+        run(digits, tmp_path, seeds="0-1", num_steps=3)
+    assert run(digits, tmp_path, seeds="0-1", num_steps=3, resume=False)["num_sampled"] == 2
 
 
 @pytest.mark.parametrize(
@@ -83,14 +104,14 @@ def test_rerun_replaces_the_images(digits, tmp_path):
 )
 def test_nfe_is_measured_per_batch(digits, tmp_path, solver, options, expected):
     gamma = 0.5 if solver.startswith("bdia") else None
-    metrics = run(digits, tmp_path, solver=solver, gamma=gamma, num_steps=5, seeds="0-2", batch_size=2, save_images=False, **options)
+    metrics = run(digits, tmp_path, solver=solver, gamma=gamma, num_steps=5, seeds="0-2", batch_size=2, **options)
     assert metrics["nfe_per_batch"] == [expected(5)] * 2
 
 
 @pytest.mark.parametrize("solver", ["bdia_edm", "ddim"])
 def test_images_do_not_depend_on_the_batch_size(digits, tmp_path, solver):
     gamma = 0.5 if solver == "bdia_edm" else None
-    kwargs = dict(solver=solver, gamma=gamma, seeds="3-7", save_images=False)
+    kwargs = dict(solver=solver, gamma=gamma, seeds="3-7")
     run(digits, tmp_path / "b1", batch_size=1, **kwargs)
     run(digits, tmp_path / "b3", batch_size=3, **kwargs)
     a, b = (np.load(tmp_path / d / "images.npz") for d in ("b1", "b3"))
@@ -106,7 +127,7 @@ def test_float_states_are_bit_identical_across_batches(digits):
 
 
 def test_stochastic_edm_is_per_image_reproducible(digits, tmp_path):
-    kwargs = dict(solver="edm", gamma=None, seeds="0-3", s_churn=40.0, save_images=False)
+    kwargs = dict(solver="edm", gamma=None, seeds="0-3", s_churn=40.0)
     a = run(digits, tmp_path / "a", batch_size=1, **kwargs)
     b = run(digits, tmp_path / "b", batch_size=4, **kwargs)
     assert a["nfe"] == b["nfe"] == 7
@@ -124,12 +145,15 @@ def test_stochastic_edm_is_per_image_reproducible(digits, tmp_path):
         (dict(solver="ddim", gamma=None, backward="euler"), "has no option"),
         (dict(batch_size=0), "batch_size"),
         (dict(num_steps=1), "num_steps >= 2"),
+        (dict(class_idx=3), "needs a class-conditional model"),
+        (dict(network_batch=0), "network_batch"),
+        (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "device"),
     ],
 )
 def test_user_mistakes_raise_before_sampling(digits, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(digits, tmp_path, **kwargs)
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "images").exists()
 
 
 def test_non_image_model_is_refused(tmp_path):
@@ -254,7 +278,7 @@ def test_mixture_metrics_on_exact_samples():
 # scripts/sample.py (Hydra shell).
 
 TINY = ["seeds=0-3", "solver.num_steps=3", "batch_size=2", "progress=false",
-        "dataset.denoiser.image_size=8", "dataset.denoiser.num_components=40"]  # fmt: skip
+        "model.image_size=8", "model.num_components=40"]  # fmt: skip
 
 
 def run_script(tmp_path, *overrides):

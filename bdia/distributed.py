@@ -1,0 +1,165 @@
+"""Process groups for sampling on several processes, started by an existing engine (no home-made launcher).
+
+* ``torchrun --standalone --nproc_per_node=K scripts/sample.py ...`` sets ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``) for each of its K processes;
+* a SLURM job array task started by Hydra's submitit launcher with ``tasks_per_node > 1`` gets the same
+  variables from :class:`submitit.helpers.TorchDistributedEnvironment` (exported here).
+
+:func:`init_distributed` reads them and joins the process group once per process (NCCL for CUDA devices,
+gloo on the CPU); without them a run is one process (rank 0 of 1). A sampling run then shards its seeds
+with :func:`shard` (rank r takes ``seeds[r::K]``), meets at :func:`barrier`, and rank 0 writes what needs
+every rank's results (:func:`gather`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["DistContext", "context_from_env", "init_distributed", "barrier", "gather", "shard", "resolve_device"]
+
+MODES = ("auto", "required", "off")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # "nccl" / "gloo" once a process group is joined, else None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes the run's shared outputs, logs, and draws progress bars."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when a process group with more than one process is in use."""
+        return self.backend is not None and self.world_size > 1
+
+
+def _int_env(env, key):
+    value = env.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def _export_slurm_env(env) -> None:
+    """Inside a multi-task SLURM job (submitit launcher, tasks_per_node > 1), export torch.distributed's
+    variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) as submitit computes them."""
+    if "RANK" in env or _int_env(env, "SLURM_NTASKS") in (None, 1) or "SLURM_JOB_ID" not in env:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except Exception:  # not a submitit job: leave the environment alone, run as one process
+        return
+
+
+def context_from_env(env=None) -> DistContext:
+    """The rank layout the environment describes (torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), without
+    joining any process group. Missing variables mean a single process."""
+    env = os.environ if env is None else env
+    world_size = _int_env(env, "WORLD_SIZE") or 1
+    rank = _int_env(env, "RANK") or 0
+    local_rank = _int_env(env, "LOCAL_RANK")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"inconsistent RANK={rank} / WORLD_SIZE={world_size} in the environment")
+    return DistContext(rank=rank, world_size=world_size, local_rank=rank if local_rank is None else local_rank)
+
+
+def resolve_device(device, local_rank: int = 0) -> torch.device:
+    """``"auto"``: CUDA if available, else CPU. A CUDA device without an index becomes ``cuda:<local_rank>``
+    (one GPU per process under torchrun). Raises ``ValueError`` for unknown or unavailable devices."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def init_distributed(device="auto", mode: str = "auto") -> tuple[DistContext, torch.device]:
+    """Join the process group that torchrun (or a multi-task SLURM job) describes, once per process.
+
+    ``mode``: ``"auto"`` joins when the environment names more than one process; ``"required"`` raises
+    ``ValueError`` when it does not (``launcher=torchrun`` started without torchrun); ``"off"`` ignores it.
+    Returns the context and the device this process samples on (``cuda:<local_rank>`` for CUDA).
+    The backend is NCCL for CUDA devices and gloo otherwise. The group is destroyed at interpreter exit.
+    """
+    if mode not in MODES:
+        raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off":
+        return DistContext(), resolve_device(device)
+    _export_slurm_env(os.environ)
+    ctx = context_from_env()
+    if mode == "required" and ctx.world_size == 1 and "RANK" not in os.environ:
+        raise ValueError(
+            "distributed=required (launcher=torchrun) but this process was not started by torchrun; run "
+            "`torchrun --standalone --nproc_per_node=K scripts/sample.py ...` or drop launcher=torchrun"
+        )
+    device = resolve_device(device, ctx.local_rank)
+    if ctx.world_size == 1:
+        return ctx, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size)
+        atexit.register(_destroy)
+    return DistContext(ctx.rank, ctx.world_size, ctx.local_rank, dist.get_backend()), device
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (a no-op for a single process)."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if ctx.backend == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def gather(ctx: DistContext, obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for a single process."""
+    if not ctx.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(seeds: Sequence[int], ctx: DistContext) -> list[int]:
+    """The seeds rank ``r`` of ``K`` samples: ``seeds[r::K]``. (EDM's ``generate.py`` deals out whole batches
+    round-robin instead.) Which rank draws an image does not change it: every image has its own generator."""
+    return list(seeds[ctx.rank :: ctx.world_size])

@@ -1,0 +1,106 @@
+"""Denoisers from model configs (``configs/model/``): plain functions that Hydra's ``_target_`` points at.
+
+* :func:`edm_network` — one of NVIDIA's published EDM networks (:mod:`bdia.networks.registry`) by name,
+  downloaded into the cache on first use, or a local snapshot (``model.path=/data/edm.pkl``);
+* :func:`digits_network` — the embedded digits model (EDM-style, trained by ``scripts/train.py``); its
+  weights are not shipped yet, so without ``model.path`` it fails with one clear message;
+* the analytic digits mixture is :func:`bdia.analytic.digits_gmm` itself (``configs/model/gmm-digits.yaml``).
+
+:func:`load_model` instantiates a model config and re-raises the loader's own exception (Hydra wraps it),
+so callers can report missing checkpoints in one line. :func:`image_shape_of` and :func:`label_dim_of` read
+what a sampling run needs to know about a denoiser.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from .download import AssetUnavailableError
+
+__all__ = ["edm_network", "digits_network", "load_model", "image_shape_of", "label_dim_of", "ModelNotShippedError"]
+
+
+class ModelNotShippedError(ValueError):
+    """A model config whose weights this version of the package does not contain."""
+
+
+def _local_file(path, config_key: str) -> Path:
+    local = Path(str(path)).expanduser()
+    if not local.is_file():
+        reason = "it is a directory, not a file" if local.exists() else "no such file"
+        raise AssetUnavailableError(None, local, config_key, reason=reason, what=f"{config_key}={path}")
+    return local
+
+
+def edm_network(name: str | None = None, path: str | None = None):
+    """An EDM network (``EDMPrecond``, ``VPPrecond`` …, eval mode, CPU) read by :func:`bdia.networks.load_edm`,
+    which never executes code from the pickle.
+
+    ``path``: a local snapshot (``.pkl``) or a URL; when set it wins over ``name``. ``name``: a registry name
+    such as ``"edm-cifar10-32x32-cond-vp"``, downloaded into :func:`bdia.download.cache_dir` on first use.
+    Raises :class:`bdia.download.AssetUnavailableError` (URL, cache path and ``model.path``) when the file
+    is neither there nor downloadable, e.g. offline.
+    """
+    from .networks import load_edm
+
+    if path is not None and str(path).strip():
+        text = str(path).strip()
+        source = text if "://" in text else _local_file(text, "model.path")
+        return load_edm(source, config_key="model.path")
+    if name is None or not str(name).strip():
+        raise ValueError("model: give a registry name (model.name=...) or a local snapshot (model.path=...)")
+    return load_edm(str(name).strip(), config_key="model.path")
+
+
+def digits_network(path: str | None = None):
+    """The embedded digits model: an EDM-style network trained on scikit-learn's digits (``scripts/train.py``
+    writes ``results/train/digits/final.safetensors``). Its trained weights are not shipped with this version,
+    so ``path`` must name such a file; without it this raises :class:`ModelNotShippedError`."""
+    if path is None or not str(path).strip():
+        raise ModelNotShippedError(
+            "model=digits: the embedded digits model's weights are not shipped yet (a later release trains and "
+            "ships them); train one with `python scripts/train.py` and pass "
+            "model.path=results/train/digits/final.safetensors, or sample the analytic digits mixture with dataset=gmm"
+        )
+    from .train import load_network
+
+    local = _local_file(path, "model.path")
+    try:
+        return load_network(local)
+    except Exception as e:  # safetensors / metadata problems: say which file
+        raise ValueError(f"model.path={path}: not a network written by scripts/train.py ({type(e).__name__}: {e})") from None
+
+
+def load_model(model_cfg: Mapping[str, Any] | Any):
+    """Instantiate a model config (a mapping with ``_target_``) and return the denoiser.
+
+    Hydra wraps exceptions raised by the target in ``InstantiationException``; this re-raises the original
+    one (``AssetUnavailableError``, ``ValueError`` …) so its message reaches the user unchanged.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if model_cfg is None or "_target_" not in model_cfg:
+        raise ValueError("model: the config has no _target_ (choose one with model=<name>)")
+    try:
+        return instantiate(model_cfg, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+def image_shape_of(denoiser) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of the images a denoiser models: EDM networks' ``img_channels``/``img_resolution``,
+    analytic models' ``event_shape``; ``None`` if it does not say."""
+    if hasattr(denoiser, "img_resolution") and hasattr(denoiser, "img_channels"):
+        return (int(denoiser.img_channels), int(denoiser.img_resolution), int(denoiser.img_resolution))
+    shape = getattr(denoiser, "event_shape", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def label_dim_of(denoiser) -> int:
+    """Number of classes of a class-conditional denoiser (EDM's ``label_dim``), 0 if unconditional."""
+    return int(getattr(denoiser, "label_dim", 0) or 0)

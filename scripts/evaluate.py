@@ -1,0 +1,82 @@
+"""Evaluate a run folder, or every run folder of a sweep: FID, FD/KID in digits-classifier features, CLIP score,
+reconstruction errors. The numbers are merged into each run's ``metrics.json`` (under ``"evaluation"``) and
+logged through the ``logger`` group.
+
+    python scripts/evaluate.py run_dir=results/sample/default                      # metrics=digits
+    python scripts/evaluate.py run_dir=results/sample/table2_cifar10 metrics=fid    # a sweep: every run below it
+    python scripts/evaluate.py run_dir=... metrics=fid metrics.fid.backend=clean_fid metrics.fid.weights=/data/inception.pt
+    python scripts/evaluate.py run_dir=... 'metrics=[fid,clip]' logger=wandb
+    torchrun --standalone --nproc_per_node=2 scripts/evaluate.py run_dir=... metrics=fid   # sharded over ranks
+    python scripts/evaluate.py --cfg job                                             # print the config
+
+Configs: ``configs/evaluate.yaml``; ``configs/metrics/*.yaml`` map metric names to ``_target_`` classes whose
+arguments are the YAML keys (``bdia.metrics.FID``, ``DigitsFD``, ``CLIPScore``, ``Reconstruction``).
+
+Bad input (no such folder, no runs in it, an unknown option, a missing asset offline) ends with one line
+``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Under torchrun
+every rank computes its shard; rank 0 writes ``metrics.json``, logs and prints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bdia.download import AssetUnavailableError  # noqa: E402
+from bdia.metrics.distributed import init_distributed, is_main_process  # noqa: E402
+from bdia.metrics.evaluate import evaluate_runs, find_runs  # noqa: E402
+
+
+def _one_line(error: BaseException) -> str:
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__  # the metric's own message, not Hydra's wrapper
+    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _summary(results: dict) -> str:
+    lines = []
+    for run, metrics in results.items():
+        for name, values in metrics.items():
+            numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in ("seconds",)}
+            shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+            lines.append(f"{run} [{name}] {values.get('label', '')}: {shown}")
+    return "\n".join(lines)
+
+
+def evaluate_from_config(cfg: DictConfig) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    find_runs(cfg.run_dir)  # fail on a bad folder before building any metric
+    metrics_cfg = cfg.get("metrics") or {}
+    if not metrics_cfg:
+        raise ValueError("no metrics selected (metrics=none); choose e.g. metrics=digits or metrics=fid")
+    metrics = {name: instantiate(spec) for name, spec in metrics_cfg.items()}
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    return evaluate_runs(cfg.run_dir, metrics, logger=logger, config=config, name=cfg.get("name"),
+                         group=cfg.get("group"), write=bool(cfg.get("write", True)))
+
+
+@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    try:
+        init_distributed()
+        results = evaluate_from_config(cfg)
+    except (ValueError, InstantiationException, AssetUnavailableError, OSError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"error: {_one_line(e)}")
+    if is_main_process():
+        print(_summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
