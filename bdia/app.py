@@ -169,6 +169,9 @@ def _build_metrics(cfg) -> dict:
         except InstantiationException as e:
             cause = e.__cause__
             raise (cause if isinstance(cause, Exception) else e) from None
+        # Fetch feature-network weights now (FID's Inception): offline, a missing file then fails before
+        # any image is drawn instead of after the whole sampling run.
+        getattr(built[name], "extractor", None)
     return built
 
 

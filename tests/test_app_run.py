@@ -255,3 +255,12 @@ def test_preflight_and_one_line():
     assert preflight(["seeds=[1,"]).startswith("cannot parse the command line")
     assert one_line("a\n  b    c\n\n d") == "a | b c | d"
     assert (REPO / "configs" / "metrics" / "none.yaml").is_file()
+
+
+def test_offline_fid_weights_fail_before_any_image_is_drawn(tmp_path):
+    """metrics=fid fetches the Inception weights when the metric is built, so offline it stops at once."""
+    result = run_script(tmp_path, "dataset=gmm", "seeds=0-3", "solver.num_steps=3", "metrics=fid",
+                        f"out_dir={tmp_path / 'run'}", env=subprocess_env(BDIA_CACHE=str(tmp_path / "cache")))
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.stderr.strip().startswith("error:") and "metrics.fid.weights" in result.stderr
+    assert not list(tmp_path.rglob("*.png"))
