@@ -22,6 +22,7 @@ from .schedules import sigma_to_timestep, sigmas_from_alphas_cumprod
 __all__ = [
     "Denoiser",
     "VPEpsDenoiser",
+    "DenoiserWrapper",
     "ClassifierFreeGuidance",
     "CountingDenoiser",
     "GaussianMixtureDenoiser",
@@ -115,20 +116,12 @@ class VPEpsDenoiser(nn.Module):
         return denoised.to(x.dtype)
 
 
-class ClassifierFreeGuidance(nn.Module):
-    """``D_cfg = D(x | uncond) + scale * (D(x | cond) - D(x | uncond))``, both halves in one batched call.
+class DenoiserWrapper(nn.Module):
+    """Base for wrappers around a denoiser: forwards ``sigma_min``, ``sigma_max`` and ``round_sigma``."""
 
-    ``uncond`` maps each conditioning keyword to its unconditional value (e.g. the empty-prompt embedding,
-    or class labels of zeros); tensors of batch size 1 are broadcast to the batch. ``guidance_scale = 1``
-    is plain conditional sampling. Guidance on ``denoised`` equals guidance on eps for any fixed (x, sigma),
-    since ``eps = (x - denoised) / sigma`` is affine in ``denoised``.
-    """
-
-    def __init__(self, denoiser, guidance_scale: float, uncond: Mapping[str, torch.Tensor]):
+    def __init__(self, denoiser):
         super().__init__()
         self.denoiser = denoiser
-        self.guidance_scale = float(guidance_scale)
-        self.uncond = dict(uncond)
 
     @property
     def sigma_min(self):
@@ -140,6 +133,21 @@ class ClassifierFreeGuidance(nn.Module):
 
     def round_sigma(self, sigma):
         return self.denoiser.round_sigma(sigma)
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
+    """``D_cfg = D(x | uncond) + scale * (D(x | cond) - D(x | uncond))``, both halves in one batched call.
+
+    ``uncond`` maps each conditioning keyword to its unconditional value (e.g. the empty-prompt embedding,
+    or class labels of zeros); tensors of batch size 1 are broadcast to the batch. ``guidance_scale = 1``
+    is plain conditional sampling. Guidance on ``denoised`` equals guidance on eps for any fixed (x, sigma),
+    since ``eps = (x - denoised) / sigma`` is affine in ``denoised``.
+    """
+
+    def __init__(self, denoiser, guidance_scale: float, uncond: Mapping[str, torch.Tensor]):
+        super().__init__(denoiser)
+        self.guidance_scale = float(guidance_scale)
+        self.uncond = dict(uncond)
 
     def forward(self, x, sigma, class_labels=None, **cond):
         if class_labels is not None:
@@ -166,7 +174,7 @@ class ClassifierFreeGuidance(nn.Module):
         return uncond_out + self.guidance_scale * (cond_out - uncond_out)
 
 
-class CountingDenoiser(nn.Module):
+class CountingDenoiser(DenoiserWrapper):
     """Counts network evaluations (NFE), so solvers' costs are measured rather than assumed.
 
     One call counts as one evaluation whatever the batch size (a classifier-free-guidance call, which runs
@@ -174,20 +182,8 @@ class CountingDenoiser(nn.Module):
     """
 
     def __init__(self, denoiser):
-        super().__init__()
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.nfe = 0
-
-    @property
-    def sigma_min(self):
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self):
-        return self.denoiser.sigma_max
-
-    def round_sigma(self, sigma):
-        return self.denoiser.round_sigma(sigma)
 
     def reset(self) -> None:
         self.nfe = 0

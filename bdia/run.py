@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import solvers as _solvers
-from .denoisers import CountingDenoiser, GaussianMixtureDenoiser
+from .denoisers import CountingDenoiser, DenoiserWrapper, GaussianMixtureDenoiser
 from .distributed import DistContext, barrier, gather, resolve_device, shard
 from .models import image_shape_of, label_dim_of
 from .schedules import karras_sigmas
@@ -197,7 +197,7 @@ def class_labels_for(rng: StackedRandomGenerator, label_dim: int, class_idx: int
     return indices, torch.eye(label_dim, device=indices.device)[indices]
 
 
-class FixedBatchDenoiser(torch.nn.Module):
+class FixedBatchDenoiser(DenoiserWrapper):
     """Calls ``denoiser`` on chunks of exactly ``rows`` rows, padding the last chunk with copies of its final
     row and dropping their outputs.
 
@@ -209,22 +209,10 @@ class FixedBatchDenoiser(torch.nn.Module):
     """
 
     def __init__(self, denoiser, rows: int):
-        super().__init__()
+        super().__init__(denoiser)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"network_batch must be a positive integer or null, got {rows!r}")
-        self.denoiser = denoiser
         self.rows = rows
-
-    @property
-    def sigma_min(self):
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self):
-        return self.denoiser.sigma_max
-
-    def round_sigma(self, sigma):
-        return self.denoiser.round_sigma(sigma)
 
     def forward(self, x, sigma, class_labels=None, **cond):
         batch = x.shape[0]
