@@ -25,8 +25,8 @@ test: $(STAMP)  ## run the test suite (CPU, offline)
 test-all: $(STAMP)  ## run every test, the slow ones included
 	$(PY) -m pytest -q
 
-sample: $(STAMP)  ## main job: sample with BDIA-EDM and write an image grid under results/
-	$(PY) scripts/sample.py
+sample: $(STAMP)  ## main job: BDIA-EDM on the embedded digits model + FD/KID -> results/sample/default/
+	$(PY) scripts/sample.py solver=bdia_edm dataset=digits metrics=digits $(ARGS)
 
 NPROC ?= 2
 sample-torchrun: $(STAMP)  ## sample on NPROC processes with torchrun (GPUs if present, else CPU/gloo; NPROC=2)

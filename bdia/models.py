@@ -2,8 +2,8 @@
 
 * :func:`edm_network` — one of NVIDIA's published EDM networks (:mod:`bdia.networks.registry`) by name,
   downloaded into the cache on first use, or a local snapshot (``model.path=/data/edm.pkl``);
-* :func:`digits_network` — the embedded digits model (EDM-style, trained by ``scripts/train.py``); its
-  weights are not shipped yet, so without ``model.path`` it fails with one clear message;
+* :func:`digits_network` — the embedded digits model (EDM-style, trained by ``scripts/train.py``, weights
+  shipped in ``bdia/assets/``);
 * the analytic digits mixture is :func:`bdia.analytic.digits_gmm` itself (``configs/model/gmm-digits.yaml``).
 
 :func:`load_model` instantiates a model config and re-raises the loader's own exception (Hydra wraps it),
@@ -53,19 +53,25 @@ def edm_network(name: str | None = None, path: str | None = None):
     return load_edm(str(name).strip(), config_key="model.path")
 
 
+#: The shipped embedded model (trained by ``scripts/train.py``; its card and training log sit beside it).
+DIGITS_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits_edm.safetensors"
+
+
 def digits_network(path: str | None = None):
-    """The embedded digits model: an EDM-style network trained on scikit-learn's digits (``scripts/train.py``
-    writes ``results/train/digits/final.safetensors``). Its trained weights are not shipped with this version,
-    so ``path`` must name such a file; without it this raises :class:`ModelNotShippedError`."""
-    if path is None or not str(path).strip():
-        raise ModelNotShippedError(
-            "model=digits: the embedded digits model's weights are not shipped yet (a later release trains and "
-            "ships them); train one with `python scripts/train.py` and pass "
-            "model.path=results/train/digits/final.safetensors, or sample the analytic digits mixture with dataset=gmm"
-        )
+    """The embedded digits model: an EDM-style network (``EDMPrecond`` + ``SongUNet``) trained on the training
+    split of scikit-learn's digits at 16x16 by ``scripts/train.py``. ``path`` (``model.path=``) takes another
+    network written by that script; by default the weights shipped in ``bdia/assets/`` are used."""
     from .train import load_network
 
-    local = _local_file(path, "model.path")
+    if path is None or not str(path).strip():
+        if not DIGITS_WEIGHTS.is_file():
+            raise ModelNotShippedError(
+                f"model=digits: the embedded model's weights are missing from this installation ({DIGITS_WEIGHTS}); "
+                "train one with `python scripts/train.py` and pass model.path=results/train/digits/final.safetensors"
+            )
+        local = DIGITS_WEIGHTS
+    else:
+        local = _local_file(path, "model.path")
     try:
         return load_network(local)
     except Exception as e:  # safetensors / metadata problems: say which file

@@ -99,7 +99,16 @@ def test_default_config_is_the_analytic_digits_mixture_and_digits_is_the_embedde
         cfg = compose()
         assert cfg.model._target_ == "bdia.analytic.digits_gmm" and cfg.dataset.name == "gmm"
         assert compose("dataset=digits").model._target_ == "bdia.models.digits_network"
-        with pytest.raises(ModelNotShippedError, match="not shipped yet.*model.path=.*dataset=gmm"):
+        net = load_model(compose("dataset=digits").model)  # the shipped embedded model
+        assert type(net).__name__ == "EDMPrecond" and net.img_resolution == 16 and net.img_channels == 1
+
+
+def test_missing_embedded_weights_say_how_to_train_them(monkeypatch, tmp_path):
+    import bdia.models
+
+    monkeypatch.setattr(bdia.models, "DIGITS_WEIGHTS", tmp_path / "gone.safetensors")
+    with hydra_configs():
+        with pytest.raises(ModelNotShippedError, match="missing from this installation.*scripts/train.py.*model.path="):
             load_model(compose("dataset=digits").model)
 
 

@@ -208,7 +208,7 @@ def test_saved_states_hold_the_bdia_pair_that_inverts_the_run(tmp_path):
         (["seeds=0-x"], "error: seeds: cannot parse '0-x'"),
         (["solver.gamma=1.5"], "error: gamma must lie in [0, 1]"),
         (["dataset=cifar10", "model.path=/no/such/edm.pkl"], "error: model.path=/no/such/edm.pkl is not available: no such file."),
-        (["dataset=digits"], "error: model=digits: the embedded digits model's weights are not shipped yet"),
+        (["dataset=digits", "model.path=/no/such.safetensors"], "error: model.path=/no/such.safetensors is not available: no such file."),
         (["class_idx=3"], "error: class_idx=3 needs a class-conditional model"),
         (["launcher=torchrun"], "error: distributed=required (launcher=torchrun) but this process was not started by torchrun"),
         (["model.stdd=0.1"], "error: Could not override 'model.stdd'"),
