@@ -197,6 +197,13 @@ def class_labels_for(rng: StackedRandomGenerator, label_dim: int, class_idx: int
     return indices, torch.eye(label_dim, device=indices.device)[indices]
 
 
+def _check_network_batch(rows, allow_none: bool = True) -> None:
+    if rows is None and allow_none:
+        return
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"network_batch must be a positive integer or null, got {rows!r}")
+
+
 class FixedBatchDenoiser(DenoiserWrapper):
     """Calls ``denoiser`` on chunks of exactly ``rows`` rows, padding the last chunk with copies of its final
     row and dropping their outputs.
@@ -210,8 +217,7 @@ class FixedBatchDenoiser(DenoiserWrapper):
 
     def __init__(self, denoiser, rows: int):
         super().__init__(denoiser)
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"network_batch must be a positive integer or null, got {rows!r}")
+        _check_network_batch(rows, allow_none=False)
         self.rows = rows
 
     def forward(self, x, sigma, class_labels=None, **cond):
@@ -635,8 +641,7 @@ def sample_run(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be true or false, got {flag!r}")
     is_mixture = isinstance(denoiser, GaussianMixtureDenoiser)
-    if network_batch is not None and (isinstance(network_batch, bool) or not isinstance(network_batch, int) or network_batch < 1):
-        raise ValueError(f"network_batch must be a positive integer or null, got {network_batch!r}")
+    _check_network_batch(network_batch)
     network_batch = None if is_mixture else network_batch  # row-independent float64 maths: no padding needed
     bdia_solver = solver in _solvers.INVERTIBLE_SOLVERS
     keep_x = save_states or is_mixture  # mixture metrics need the float states
