@@ -1,0 +1,440 @@
+"""Text-to-image sampling with Stable Diffusion and our DDIM / BDIA-DDIM solvers, as plain functions.
+
+``scripts/text2image.py`` is a thin Hydra shell around :func:`text2image_from_config`, which loads the model
+(:func:`bdia.networks.sd.load_sd`) and the prompts (:func:`bdia.prompts.load_prompts`), calls
+:func:`text_to_image` and then the metrics. Tests call these functions directly.
+
+Conventions:
+
+* one image per (prompt, seed): images are numbered prompt-major, ``p<prompt index:05d>_s<seed:06d>.png``;
+* image ``(p, s)``'s initial latent is a unit normal in z-space (diffusers' ``init_noise_sigma = 1``) drawn in
+  float32 by its own ``torch.Generator`` seeded with ``s`` (EDM's per-image scheme, :class:`bdia.run.StackedRandomGenerator`),
+  so images do not depend on the batch size and the images of one seed share their noise across prompts, as
+  a diffusers pipeline called with ``generator=torch.Generator().manual_seed(s)`` does (and equals: tested).
+  ``noise_per_prompt=True`` seeds image ``(p, s)``'s generator with ``s * num_prompts + p`` instead, so that
+  every image has its own noise (caption sets for FID with ``seeds=0``);
+* the solver state is ``x = z / alpha`` in float64 on :meth:`StableDiffusion.sigmas`; the networks run in the
+  model's dtype; classifier-free guidance ``D_u + w (D_c - D_u)`` with the unconditional half on
+  ``negative_prompt`` (default the empty prompt, as diffusers);
+* NFE is counted by :class:`bdia.CountingDenoiser` (a guided call, which runs the UNet on a doubled batch, counts
+  once), never assumed;
+* images are quantised as ``(x * 127.5 + 128).clip(0, 255).to(uint8)``.
+
+Run folder: ``images/*.png`` and ``records/*.npz`` (per image: ``nfe``, ``prompt_index``, ``seed`` and, with
+``save_states``, the float64 final latent ``z_end`` and for BDIA the one before it, ``z_inner``), written
+atomically as each batch finishes; at the end ``images.npz`` (``images``, ``prompts``, ``prompt_index``,
+``seeds``; skipped with ``save_npz=False``), ``prompts.json`` (one prompt per image, in image order: what
+:class:`bdia.metrics.CLIPScore` reads), ``prompts.txt`` (the distinct prompts, one per line: a
+``prompt_file``), ``grid.png`` (one row per prompt), ``metrics.json`` (written last), ``settings.json``,
+``config.yaml`` and ``env.json``. Resume: rerunning the same command skips the images already written;
+a folder written with other settings is refused (``resume=False`` starts afresh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import solvers as _solvers
+from .denoisers import CountingDenoiser
+from .distributed import resolve_device
+from .run import (
+    FixedBatchDenoiser,
+    StackedRandomGenerator,
+    _check_network_batch,
+    _jsonable,
+    _png_bytes,
+    _png_ok,
+    _settings_mismatch,
+    _write_json,
+    atomic_write,
+    environment_info,
+    format_seeds,
+    parse_seeds,
+    quantize,
+    save_image_grid,
+)
+
+__all__ = ["TEXT2IMAGE_SOLVERS", "RECOMMENDED_GAMMA", "text_to_image", "text2image_from_config", "image_name"]
+
+log = logging.getLogger(__name__)
+
+TEXT2IMAGE_SOLVERS = ("ddim", "bdia_ddim")
+#: The authors' recommendation for text-to-image with SD (their README / paper): gamma by number of steps.
+RECOMMENDED_GAMMA = {10: 0.5, 40: 1.0}
+
+IMAGES_DIR = "images"
+RECORDS_DIR = "records"
+SETTINGS_FILE = "settings.json"
+_RUN_OUTPUTS = (IMAGES_DIR, RECORDS_DIR, "images.npz", "grid.png", "metrics.json", "prompts.json", "prompts.txt",
+                SETTINGS_FILE, "config.yaml", "env.json")
+_ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json", "prompts.json", "prompts.txt")
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    """File stem of image ``(prompt_index, seed)``: ``p00003_s000042``; sorts in image order."""
+    return f"p{prompt_index:05d}_s{seed:06d}"
+
+
+def _noise_seed(prompt_index: int, seed: int, num_prompts: int, noise_per_prompt: bool) -> int:
+    return seed * num_prompts + prompt_index if noise_per_prompt else seed
+
+
+def _prompts_digest(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
+
+
+def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch):
+    if solver not in TEXT2IMAGE_SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    _check_network_batch(network_batch)
+
+
+def _done(out_dir: Path, names: Sequence[str], need: set[str]) -> set[str]:
+    done = set()
+    for name in names:
+        png, record = out_dir / IMAGES_DIR / f"{name}.png", out_dir / RECORDS_DIR / f"{name}.npz"
+        if not (png.is_file() and record.is_file()):
+            continue
+        try:
+            with np.load(record) as data:
+                keys = set(data.files)
+        except Exception:
+            continue
+        if need <= keys and _png_ok(png):
+            done.add(name)
+    return done
+
+
+def _prepare(out_dir: Path, settings: dict, resume: bool, config, device) -> None:
+    settings_path = out_dir / SETTINGS_FILE
+    if resume and settings_path.is_file():
+        try:
+            old = json.loads(settings_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old != settings:
+            raise ValueError(f"out_dir {out_dir} holds images made with other settings "
+                             f"({_settings_mismatch(old, settings)}); pass resume=false to replace them, or choose another out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not resume or not settings_path.is_file()
+    for name in _RUN_OUTPUTS if fresh else _ASSEMBLED_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / RECORDS_DIR):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name.startswith(".") and ".tmp-" in path.name and path.is_file():
+                    path.unlink(missing_ok=True)
+    (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
+    (out_dir / RECORDS_DIR).mkdir(exist_ok=True)
+    _write_json(settings_path, settings)
+    if config is not None:
+        from omegaconf import OmegaConf
+
+        with atomic_write(out_dir / "config.yaml", "w") as f:
+            f.write(OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config)))))
+    _write_json(out_dir / "env.json", environment_info(device))
+
+
+def text_to_image(
+    sd,
+    prompts: Sequence[str],
+    seeds="0-3",
+    solver: str = "bdia_ddim",
+    gamma=0.5,
+    num_steps: int = 10,
+    guidance_scale: float = 7.5,
+    negative_prompt: str = "",
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    network_batch: int | None = None,
+    noise_per_prompt: bool = False,
+    out_dir="results/text2image/run",
+    save_states: bool = False,
+    save_npz: bool = True,
+    resume: bool = True,
+    grid_nrow: int | None = None,
+    grid_padding: int = 2,
+    progress: bool = True,
+    config: Mapping[str, Any] | None = None,
+    prompt_source: Mapping[str, Any] | None = None,
+) -> dict:
+    """Sample one image per (prompt, seed) with Stable Diffusion ``sd`` (:class:`bdia.networks.sd.StableDiffusion`)
+    and write the run folder ``out_dir`` (see the module notes). Returns the ``metrics.json`` dict.
+
+    Args:
+        prompts: the prompts (:func:`bdia.prompts.load_prompts`); seeds: a spec (``"0-3"``) or list.
+        solver: ``ddim`` or ``bdia_ddim``; ``gamma`` in [0, 1] (BDIA only; ignored and recorded as ``null``
+            for ddim, so ``-m solver=ddim,bdia_ddim gamma=...`` sweeps work). Authors' recommendation
+            (:data:`RECOMMENDED_GAMMA`): 0.5 at 10 steps, 1.0 at 40.
+        num_steps: solver steps (NFE = num_steps, measured); guidance_scale: classifier-free guidance weight
+            (1: none); negative_prompt: the unconditional prompt.
+        height, width: image size in pixels (default the model's native size).
+        batch_size: images per solver call; network_batch: the networks see exactly this many rows per call
+            (:class:`bdia.run.FixedBatchDenoiser`), making float32 results independent of ``batch_size``;
+            ``None``: the whole batch.
+        noise_per_prompt: image ``(p, s)``'s noise from seed ``s * len(prompts) + p`` instead of ``s``.
+        save_states: keep the float64 final latents (``z_end``; BDIA also ``z_inner``) in the records and
+            ``images.npz``; save_npz: write ``images.npz`` (large for big runs; metrics read ``images/`` too).
+        resume: skip images already written; ``False`` removes earlier outputs first.
+        config, prompt_source: recorded in the run folder.
+    """
+    started = time.perf_counter()
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts")
+    seeds = parse_seeds(seeds)
+    _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch)
+    sigmas = sd.sigmas(num_steps)
+    bdia_solver = solver == "bdia_ddim"
+    if bdia_solver:
+        gamma = 1.0 if gamma is None else gamma
+        _solvers.gamma_schedule(gamma, sigmas, solver)  # raises on a bad gamma
+    else:
+        if gamma not in (None, 0, 0.0):
+            log.info("solver=ddim: gamma=%s ignored (DDIM is gamma = 0)", gamma)
+        gamma = None
+    for name, flag in (("save_states", save_states), ("save_npz", save_npz), ("resume", resume),
+                       ("noise_per_prompt", noise_per_prompt)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be true or false, got {flag!r}")
+    latent_shape = sd.latent_shape(height, width)
+    device = sd.device
+
+    settings = _jsonable({
+        "solver": solver,
+        "gamma": gamma,
+        "num_steps": num_steps,
+        "guidance_scale": float(guidance_scale),
+        "negative_prompt": negative_prompt,
+        "sigmas": sigmas.tolist(),
+        "latent_shape": list(latent_shape),
+        "num_prompts": len(prompts),
+        "prompts_sha256": _prompts_digest(prompts),
+        "noise_per_prompt": noise_per_prompt,
+        "network_batch": network_batch,
+        "device_type": device.type,
+        "model": sd.describe(),
+    })
+    out_dir = Path(out_dir)
+    _prepare(out_dir, settings, resume, config, device)
+
+    items = [(p, s) for p in range(len(prompts)) for s in seeds]
+    names = [image_name(p, s) for p, s in items]
+    keep_inner = save_states and bdia_solver
+    need = {"nfe"} | ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
+    done = _done(out_dir, names, need)
+    todo = [item for item, name in zip(items, names) if name not in done]
+    if done:
+        log.info("resuming %s: %d of %d images already written", out_dir, len(done), len(items))
+
+    uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
+    net = sd.denoiser(guidance_scale, uncond)
+    net = net if network_batch is None else FixedBatchDenoiser(net, network_batch)
+    counter = CountingDenoiser(net)
+    alpha_first = (1 + sigmas[0] ** 2).rsqrt().item()
+    alpha_last = (1 + sigmas[-1] ** 2).rsqrt().item()
+    sampling_seconds = decode_seconds = 0.0
+    nfe_per_batch = []
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{solver} text2image", unit="img",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            noise_seeds = [_noise_seed(p, s, len(prompts), noise_per_prompt) for p, s in batch]
+            z_init = StackedRandomGenerator(noise_seeds, device).randn(latent_shape, dtype=torch.float64)
+            x_init = z_init / alpha_first
+            embeds = sd.encode_prompts([prompts[p] for p, _ in batch])
+            counter.reset()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = _solvers.sample(counter, x_init, sigmas, solver=solver, gamma=gamma,
+                                      cond={"encoder_hidden_states": embeds}, return_pair=keep_inner)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
+            z_end = x_end * alpha_last
+            images = quantize(sd.decode_latents(z_end)).cpu().numpy()
+            t2 = time.perf_counter()
+            sampling_seconds += t1 - t0
+            decode_seconds += t2 - t1
+            nfe_per_batch.append(counter.nfe)
+            z_inner = None
+            if keep_inner:
+                z_inner = (x_inner * (1 + sigmas[-2] ** 2).rsqrt().item()).cpu().numpy()
+            z_end_np = z_end.cpu().numpy() if save_states else None
+            for i, (p, s) in enumerate(batch):
+                name = image_name(p, s)
+                record = {"nfe": np.int64(counter.nfe), "prompt_index": np.int64(p), "seed": np.int64(s)}
+                if save_states:
+                    record["z_end"] = z_end_np[i]
+                if keep_inner:
+                    record["z_inner"] = z_inner[i]
+                with atomic_write(out_dir / IMAGES_DIR / f"{name}.png") as f:
+                    f.write(_png_bytes(images[i].transpose(1, 2, 0)))
+                with atomic_write(out_dir / RECORDS_DIR / f"{name}.npz") as f:
+                    np.savez(f, **record)
+            bar.update(len(batch))
+
+    assembled = _assemble(out_dir, prompts, items, names, save_states, keep_inner, save_npz,
+                          grid_nrow or len(seeds), grid_padding)
+    sampled = len(todo)
+    metrics = {
+        "solver": solver,
+        "gamma": gamma,
+        "num_steps": num_steps,
+        "guidance_scale": float(guidance_scale),
+        "negative_prompt": negative_prompt,
+        "nfe": assembled["nfe"],
+        "nfe_note": "network evaluations per image, counted; one guided call (UNet on [uncond, cond]) counts once",
+        "nfe_per_batch": nfe_per_batch,
+        "num_images": len(items),
+        "num_sampled": sampled,
+        "num_resumed": len(items) - sampled,
+        "num_prompts": len(prompts),
+        "prompt_source": dict(prompt_source) if prompt_source is not None else {"source": "list"},
+        "seeds": format_seeds(seeds),
+        "noise_per_prompt": noise_per_prompt,
+        "image_size": [latent_shape[1] * sd.vae_scale_factor, latent_shape[2] * sd.vae_scale_factor],
+        "latent_shape": list(latent_shape),
+        "batch_size": batch_size,
+        "network_batch": network_batch,
+        "sigmas": {"levels": sigmas.tolist(), "timestep_spacing": sd.schedule["timestep_spacing"],
+                   "steps_offset": sd.schedule["steps_offset"], "set_alpha_to_one": sd.schedule["set_alpha_to_one"]},
+        "initial_noise": "z ~ N(0, I) in VP latent space (diffusers' convention), x_init = z / alpha(sigmas[0])",
+        "state_dtype": "float64",
+        "model": sd.describe(),
+        "device": str(device),
+        "sampling_seconds": round(sampling_seconds, 4),
+        "decode_seconds": round(decode_seconds, 4),
+        "images_per_second": round(sampled / (sampling_seconds + decode_seconds), 3) if sampled and sampling_seconds > 0 else None,
+    }
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
+    metrics = _jsonable(metrics)
+    _write_json(out_dir / "metrics.json", metrics)
+    log.info("%s: %d images (%d sampled now), NFE %s, %.2f s sampling -> %s", solver, len(items), sampled,
+             metrics["nfe"], sampling_seconds, out_dir)
+    return metrics
+
+
+def _assemble(out_dir: Path, prompts, items, names, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
+    from .run import _read_png
+
+    images, nfe, z_end, z_inner, missing = [], [], [], [], []
+    for name in names:
+        try:
+            images.append(_read_png(out_dir / IMAGES_DIR / f"{name}.png", 3))
+            with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
+                nfe.append(int(record["nfe"]))
+                if save_states:
+                    z_end.append(record["z_end"])
+                if keep_inner:
+                    z_inner.append(record["z_inner"])
+        except (OSError, KeyError, ValueError) as e:
+            missing.append(f"{name} ({type(e).__name__})")
+    if missing:
+        raise RuntimeError(f"{out_dir}: {len(missing)} image(s) missing or unreadable: {', '.join(missing[:5])}")
+    images = np.stack(images)
+    per_image_prompts = [prompts[p] for p, _ in items]
+    if save_npz:
+        arrays = {"images": images, "prompts": np.asarray(per_image_prompts),
+                  "prompt_index": np.asarray([p for p, _ in items], dtype=np.int64),
+                  "seeds": np.asarray([s for _, s in items], dtype=np.int64)}
+        if save_states:
+            arrays["z_end"] = np.stack(z_end)
+            if keep_inner:
+                arrays["z_inner"] = np.stack(z_inner)
+        with atomic_write(out_dir / "images.npz") as f:
+            np.savez_compressed(f, **arrays)
+    _write_json(out_dir / "prompts.json", per_image_prompts)
+    with atomic_write(out_dir / "prompts.txt", "w") as f:
+        f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
+    save_image_grid(images, out_dir / "grid.png", nrow=grid_nrow, padding=grid_padding, pad_value=255)
+    distinct = sorted(set(nfe))
+    return {"nfe": distinct[0] if len(distinct) == 1 else distinct}
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hydra app.
+
+#: Top-level keys of ``configs/text2image.yaml`` that are :func:`text_to_image` arguments.
+_RUN_KEYS = ("seeds", "solver", "gamma", "num_steps", "guidance_scale", "negative_prompt", "height", "width",
+             "batch_size", "network_batch", "noise_per_prompt", "out_dir", "save_states", "save_npz", "resume",
+             "grid_nrow", "grid_padding", "progress")
+_PROMPT_KEYS = ("prompts", "prompt_file", "coco_captions", "num_prompts", "prompt_seed")
+
+
+def _instantiate(spec, **kwargs):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(spec, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, TypeError):
+            raise ValueError(f"model: {cause}") from None
+        raise (cause if isinstance(cause, Exception) else e) from None
+
+
+def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
+    """Load CLIP weights before sampling, so a missing model fails at once rather than after the run."""
+    from .metrics.clip_score import CLIPScore, load_clip
+
+    for metric in evaluators.values():
+        if isinstance(metric, CLIPScore) and getattr(metric, "_loaded", None) is None:
+            metric._loaded = load_clip(metric.path, metric.device, metric.dtype)
+
+
+def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict:
+    """Run ``scripts/text2image.py`` for a composed ``configs/text2image.yaml`` config: load the model
+    (``model`` group, :func:`bdia.networks.sd.load_sd`), the prompts and the metrics (``metrics`` group, built
+    and their weights loaded before sampling), sample (:func:`text_to_image`), evaluate the run folder
+    (:func:`bdia.metrics.evaluate.evaluate_run`, merged into ``metrics.json`` under ``evaluation``).
+    Returns the metrics dict."""
+    from omegaconf import OmegaConf
+
+    from .app import _build_metrics
+    from .prompts import describe_prompt_source, load_prompts
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
+    device = resolve_device(config.get("device", "auto"))
+    prompt_args = {k: config.get(k) for k in _PROMPT_KEYS}
+    prompt_args["prompt_seed"] = prompt_args["prompt_seed"] or 0
+    prompts = load_prompts(**prompt_args)
+    evaluators = _build_metrics(cfg)
+    _preload_metric_models(evaluators)
+    model_cfg = config.get("model")
+    if not model_cfg or "_target_" not in model_cfg:
+        raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
+    sd = _instantiate(model_cfg, device=str(device))
+    settings = {k: config[k] for k in _RUN_KEYS if k in config}
+    metrics = text_to_image(sd, prompts, **settings, config={**config, "choices": choices},
+                            prompt_source=describe_prompt_source(**prompt_args))
+    if evaluators:
+        from .metrics.evaluate import evaluate_run
+
+        metrics["evaluation"] = evaluate_run(settings.get("out_dir", "."), evaluators, write=True)
+    return metrics

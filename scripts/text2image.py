@@ -1,0 +1,61 @@
+"""Text-to-image with Stable Diffusion and DDIM / BDIA-DDIM (our solver loop, diffusers' networks).
+
+    python scripts/text2image.py                                    # sd15, BDIA-DDIM gamma 0.5, 10 steps, 2 prompts x 4 seeds
+    python scripts/text2image.py model=tiny-sd device=cpu           # offline: the tiny folder from scripts/make_tiny_sd.py
+    python scripts/text2image.py model.path=/models/stable-diffusion-v1-5 'prompts=["a red fox in snow"]' seeds=0-7
+    python scripts/text2image.py prompt_file=prompts.txt prompts=null solver=ddim num_steps=50 model.dtype=float16
+    python scripts/text2image.py coco_captions=/data/annotations/captions_val2014.json prompts=null num_prompts=1000 \
+        seeds=0 noise_per_prompt=true metrics=clip
+    python scripts/text2image.py -m solver=ddim,bdia_ddim num_steps=10,20,40 gamma=0.5,1.0   # a sweep
+    python scripts/text2image.py --cfg job                          # print the composed config and exit
+
+Config: ``configs/text2image.yaml`` (groups ``model/``, ``metrics/``, ``experiment/``). The work is done by
+:func:`bdia.text2image.text2image_from_config` and :func:`bdia.text2image.text_to_image`.
+
+Output: ``out_dir`` (default ``results/text2image/<experiment_name>/<overrides>``) holds ``images/*.png``,
+``records/*.npz``, ``images.npz``, ``grid.png`` (one row per prompt), ``prompts.json``, ``prompts.txt``,
+``metrics.json`` (NFE measured, wall time, settings), ``env.json``, ``config.yaml`` and ``settings.json``.
+Rerunning the same command resumes.
+
+Mistakes (an unknown config name, a missing prompt file, gamma outside [0, 1], a model that is neither cached
+nor downloadable — offline it fails at once) end with one line ``error: ...`` and exit status 1;
+``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bdia.app import USER_ERRORS, one_line, preflight
+from bdia.text2image import text2image_from_config
+
+
+def _full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@hydra.main(config_path="../configs", config_name="text2image", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    try:
+        return text2image_from_config(cfg, choices=dict(HydraConfig.get().runtime.choices))
+    except USER_ERRORS as e:
+        if _full_errors():
+            raise
+        sys.exit(f"error: {one_line(e)}")
+
+
+def cli() -> None:
+    """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
+    problem = None if _full_errors() else preflight(sys.argv[1:], config_name="text2image")
+    if problem:
+        sys.exit(f"error: {problem}")
+    main()
+
+
+if __name__ == "__main__":
+    cli()
