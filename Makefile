@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv test test-all sample sample-torchrun sample-demo accuracy bench clean
+.PHONY: help venv test test-all sample sample-torchrun sample-demo accuracy bench clean tables \
+	reproduce-table2 reproduce-table2-mini
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -40,6 +41,22 @@ accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> re
 
 bench: $(STAMP)  ## wall time of BDIA solvers relative to their base solvers -> results/bench/
 	$(PY) benchmarks/bench_solvers.py
+
+# Paper tables (configs/tables/*.yaml): Hydra multiruns that resume when re-run, then the table is rebuilt from
+# the run folders' metrics.json. NGPU=8: torchrun with 8 ranks per run; LAUNCHER=slurm: Hydra's submitit
+# launcher; DRY_RUN=1: print every job (overrides, seeds, rank layout) and run nothing; ARGS: extra overrides.
+NGPU ?= 1
+LAUNCHER ?= local
+REPRODUCE = $(PY) scripts/reproduce.py --ngpu $(NGPU) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run)
+
+reproduce-table2: $(STAMP)  ## Table 2: EDM vs BDIA-EDM FID on the 4 EDM networks (GPUs; NGPU=8, LAUNCHER=slurm, DRY_RUN=1)
+	$(REPRODUCE) table2 $(ARGS)
+
+reproduce-table2-mini: $(STAMP)  ## Table 2's twin on the embedded digits model, CPU -> results/embedded/table2.{md,csv,png}
+	$(REPRODUCE) table2_mini $(ARGS)
+
+tables:  ## rebuild every table from the run folders present (scripts/make_tables.py --all)
+	$(PY) scripts/make_tables.py --all
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

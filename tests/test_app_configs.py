@@ -161,13 +161,16 @@ def test_experiment_runs_end_to_end_on_a_tiny_model(experiment, tmp_path, tiny_e
         base = compose(f"experiment={experiment}")
         if base.model._target_ == "bdia.analytic.digits_gmm":
             tiny = ["model.num_components=40", *FAST_DIGITS_METRIC]  # 16x16: what the digits metric reads
+        elif base.model._target_ == "bdia.models.digits_network":  # the embedded model's loader, tiny weights
+            tiny = [f"model.path={write_tiny_digits_network(tmp_path / 'net.safetensors')}", *FAST_DIGITS_METRIC]
         else:  # an EDM network config: the same loader, reading a tiny snapshot in NVIDIA's format
             conditional = base.dataset.get("num_classes", 0) > 0
             tiny = [f"model.path={tiny_edm['cond' if conditional else 'uncond']}"]
             assert "fid" in base.metrics
             tiny.append("metrics=none")  # FID needs Inception weights and reference statistics: not offline
-        cfg = compose(f"experiment={experiment}", *tiny, *FAST, "batch_size=1", f"out_dir={tmp_path}")
+        cfg = compose(f"experiment={experiment}", *tiny, *FAST, "batch_size=1", f"out_dir={tmp_path / 'run'}")
     metrics = sample_from_config(cfg)
+    tmp_path = tmp_path / "run"
     if "digits" in cfg.metrics:
         evaluation = json.loads((tmp_path / "metrics.json").read_text())["evaluation"]["digits"]
         assert evaluation["num_images"] == 2 and evaluation["fd"] > 0 and metrics["evaluation"]["digits"]["fd"] == evaluation["fd"]

@@ -1,0 +1,238 @@
+"""Reproduce a paper table: run its Hydra multiruns (on 1..N GPUs, locally or on SLURM), then build the table.
+
+A table is a spec in ``configs/tables/<name>.yaml`` (see :mod:`bdia.tables` for the display keys):
+
+    name: table2_mini
+    script: scripts/sample.py          # the Hydra app every sweep runs
+    config: sample                     # its config name (for the dry run's composition)
+    runs_root: results/sample          # where that app's sweeps put run folders: <runs_root>/<experiment_name>/
+    output: results/embedded/table2    # .md / .csv / .png
+    sweeps:                            # one Hydra multirun each: the cartesian product of its comma lists
+      - [experiment=table2_digits, solver=edm, "solver.num_steps=3,5,8,13,18"]
+    smoke: [seeds=0-7]                 # --smoke (tests): these overrides, and every comma list cut to
+    smoke_values: 2                    #   its first smoke_values entries
+
+Each sweep runs as ``python <script> -m <overrides>``; with ``ngpu > 1`` under ``torchrun --nproc_per_node=ngpu``
+(``launcher=torchrun``: every run's seeds are split over the ranks, rank r sampling ``seeds[r::ngpu]``), with
+``launcher="slurm"`` through Hydra's submitit launcher (one array task per job, ``ngpu`` tasks per node).
+Runs resume, so rerunning a target only samples what is missing and rebuilds the table. ``dry_run`` prints
+every job (its composed overrides, seeds and rank layout) and runs nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import OmegaConf
+
+__all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
+           "sweep_commands", "plan_jobs", "dry_run_text", "reproduce"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPEC_DIR = REPO_ROOT / "configs" / "tables"
+LAUNCHERS = ("local", "slurm")
+_REQUIRED = ("name", "title", "script", "config", "runs_root", "output", "sweeps", "section", "lines", "column", "metrics")
+
+
+def spec_names() -> list[str]:
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+
+
+def load_spec(name: str) -> dict:
+    """The table spec ``configs/tables/<name>.yaml`` as a plain dict (``-`` in the name is read as ``_``)."""
+    name = str(name).replace("-", "_")
+    path = SPEC_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown table {name!r}; tables: {', '.join(spec_names())}")
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    missing = [k for k in _REQUIRED if k not in spec]
+    if missing:
+        raise ValueError(f"table spec {path} lacks {missing}")
+    return spec
+
+
+def split_values(value: str) -> list[str]:
+    """Split a Hydra sweep value ``a,b,[1,2],'x,y'`` at its top-level commas."""
+    parts, depth, quote, current = [], 0, None, ""
+    for char in value:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    parts.append(current)
+    return parts
+
+
+def _key_value(override: str) -> tuple[str, str]:
+    key, sep, value = override.partition("=")
+    if not sep:
+        raise ValueError(f"an override is key=value, got {override!r}")
+    return key, value
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs of one multirun: the cartesian product of its comma-separated values, in Hydra's order."""
+    choices = []
+    for override in overrides:
+        key, value = _key_value(override)
+        choices.append([f"{key}={v}" for v in split_values(value)])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def _merge(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """``base`` with ``extra`` appended; an extra key replaces the same key in ``base``."""
+    keys = {_key_value(o)[0] for o in extra}
+    return [o for o in base if _key_value(o)[0] not in keys] + list(extra)
+
+
+def plan_sweeps(spec: Mapping[str, Any], extra: Sequence[str] = (), smoke: bool = False) -> list[list[str]]:
+    """The override list of every multirun: the spec's sweep, the smoke cut (``smoke=True``), then ``extra``."""
+    sweeps = []
+    for sweep in spec["sweeps"]:
+        overrides = [str(o) for o in sweep]
+        if smoke:
+            keep = int(spec.get("smoke_values", 1))
+            overrides = [f"{k}={','.join(split_values(v)[:keep])}" for k, v in map(_key_value, overrides)]
+            overrides = _merge(overrides, [str(o) for o in spec.get("smoke") or []])
+        sweeps.append(_merge(overrides, extra))
+    return sweeps
+
+
+def _experiments(sweeps: Sequence[Sequence[str]]) -> list[str]:
+    names = []
+    for sweep in sweeps:
+        for override in sweep:
+            key, value = _key_value(override)
+            if key == "experiment":
+                names += [v for v in split_values(value) if v not in names]
+    return names
+
+
+def run_roots(spec: Mapping[str, Any], runs_root: str | Path | None = None) -> list[Path]:
+    """Folders whose sub-folders are this table's runs: ``<runs_root>/<experiment>`` per experiment named."""
+    root = Path(runs_root or spec["runs_root"])
+    return [root / name for name in _experiments(spec["sweeps"])]
+
+
+def sweep_commands(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu: int = 1, launcher: str = "local",
+                   runs_root: str | Path | None = None, python: str = sys.executable) -> list[list[str]]:
+    """One command line per multirun."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
+    if int(ngpu) < 1:
+        raise ValueError(f"ngpu must be >= 1, got {ngpu}")
+    commands = []
+    for sweep in sweeps:
+        overrides = list(sweep)
+        if runs_root is not None:
+            overrides.append(f"hydra.sweep.dir={Path(runs_root)}/${{experiment_name}}")
+        if launcher == "slurm":
+            overrides += ["launcher=slurm", f"hydra.launcher.gpus_per_node={ngpu}", f"hydra.launcher.tasks_per_node={ngpu}"]
+            commands.append([python, spec["script"], "-m", *overrides])
+        elif ngpu > 1:
+            commands.append([python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ngpu}",
+                             spec["script"], "-m", "launcher=torchrun", *overrides])
+        else:
+            commands.append([python, spec["script"], "-m", *overrides])
+    return commands
+
+
+def plan_jobs(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], compose: bool = True) -> list[dict]:
+    """Every job of every multirun: its overrides and, composed with Hydra (which also validates them), its
+    seeds and the settings that identify the table cell."""
+    jobs = []
+    for index, sweep in enumerate(sweeps):
+        for overrides in expand_sweep(sweep):
+            job = {"sweep": index, "overrides": overrides}
+            if compose:
+                cfg = _compose(spec["config"], overrides)
+                job["seeds"] = str(cfg.get("seeds"))
+                job["config"] = cfg
+            jobs.append(job)
+    return jobs
+
+
+def _compose(config_name: str, overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs")):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def _rank_layout(seeds: str, ngpu: int, launcher: str) -> str:
+    from .run import parse_seeds
+
+    count = len(parse_seeds(seeds))
+    where = "one SLURM array task" if launcher == "slurm" else ("torchrun" if ngpu > 1 else "one process")
+    if ngpu == 1:
+        return f"{count} images, {where}"
+    per = f"{count // ngpu}" if count % ngpu == 0 else f"{count // ngpu}-{math.ceil(count / ngpu)}"
+    return f"{count} images, {where}: {ngpu} ranks, rank r samples seeds[r::{ngpu}] ({per} each)"
+
+
+def dry_run_text(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu: int = 1, launcher: str = "local",
+                 runs_root: str | Path | None = None) -> str:
+    """What :func:`reproduce` would run: the commands, then every job with its seeds and rank layout."""
+    lines = [f"# {spec['name']}: {spec['title']}", f"# dry run: {len(sweeps)} multirun(s), nothing is executed"]
+    commands = sweep_commands(spec, sweeps, ngpu, launcher, runs_root, python="python")
+    jobs = plan_jobs(spec, sweeps)
+    for index, command in enumerate(commands):
+        lines.append(f"multirun {index}: {shlex.join(command)}")
+        for job in (j for j in jobs if j["sweep"] == index):
+            lines.append(f"  job: {' '.join(job['overrides'])} | seeds {job['seeds']} | "
+                         f"{_rank_layout(job['seeds'], ngpu, launcher)}")
+    lines.append(f"then: python scripts/make_tables.py {spec['name']} -> {spec['output']}.{{md,csv,png}}")
+    lines.append(f"total: {len(jobs)} jobs")
+    return "\n".join(lines)
+
+
+def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool = False, smoke: bool = False,
+              extra: Sequence[str] = (), runs_root: str | Path | None = None, output: str | Path | None = None,
+              wandb: bool = False, python: str = sys.executable) -> dict:
+    """Run every multirun of table ``name`` (resuming), then write its table. Returns what was done."""
+    from .tables import collect_runs, log_table_to_logger, table_rows, write_table
+
+    spec = load_spec(name)
+    extra = list(extra) + (["logger=wandb", f"logger.group={spec['name']}"] if wandb else [])
+    sweeps = plan_sweeps(spec, extra, smoke=smoke)
+    if dry_run:
+        text = dry_run_text(spec, sweeps, ngpu, launcher, runs_root)
+        print(text)
+        return {"dry_run": text}
+    for command in sweep_commands(spec, sweeps, ngpu, launcher, runs_root, python=python):
+        print("+", shlex.join(command), flush=True)
+        result = subprocess.run(command, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"{shlex.join(command)} exited with status {result.returncode}; rerun to resume")
+    if launcher == "slurm":
+        print("jobs submitted to SLURM; when they finish: python scripts/make_tables.py " + spec["name"])
+        return {"submitted": len(sweeps)}
+    label = f"make reproduce-{spec['name'].replace('_', '-')}"
+    paths = write_table(spec, runs_root or spec["runs_root"], output, command=label)
+    if wandb:
+        from .logger import WandbLogger
+
+        logger = WandbLogger(job_type="table", group=spec["name"])
+        logger.start({"table": spec["name"]}, run_dir=Path(paths["md"]).parent, name=f"{spec['name']}-summary")
+        log_table_to_logger(logger, spec, table_rows(spec, collect_runs(run_roots(spec, runs_root))))
+        logger.finish()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return {"paths": paths}

@@ -1,0 +1,192 @@
+"""The reproduction suite: table specs expand into the right jobs, the full table's dry run covers every cell,
+the mini twin runs end to end at its smallest size, and tables are built from metrics.json correctly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bdia.reproduce import (
+    REPO_ROOT,
+    dry_run_text,
+    expand_sweep,
+    load_spec,
+    plan_jobs,
+    plan_sweeps,
+    spec_names,
+    split_values,
+    sweep_commands,
+)
+from bdia.tables import render_markdown, table_rows
+
+TABLE2_MODELS = {
+    "table2_cifar10": "edm-cifar10-32x32-cond-vp",
+    "table2_ffhq": "edm-ffhq-64x64-uncond-vp",
+    "table2_afhqv2": "edm-afhqv2-64x64-uncond-vp",
+    "table2_imagenet64": "edm-imagenet-64x64-cond-adm",
+}
+
+
+def test_split_values_respects_brackets_and_quotes():
+    assert split_values("3,5,8") == ["3", "5", "8"]
+    assert split_values("[1,2],obelm,'a,b'") == ["[1,2]", "obelm", "'a,b'"]
+    assert split_values("18") == ["18"]
+
+
+def test_expand_sweep_is_the_cartesian_product_in_hydra_order():
+    jobs = expand_sweep(["solver=edm,bdia_edm", "solver.num_steps=3,5", "seeds=0-7"])
+    assert jobs == [
+        ["solver=edm", "solver.num_steps=3", "seeds=0-7"],
+        ["solver=edm", "solver.num_steps=5", "seeds=0-7"],
+        ["solver=bdia_edm", "solver.num_steps=3", "seeds=0-7"],
+        ["solver=bdia_edm", "solver.num_steps=5", "seeds=0-7"],
+    ]
+    with pytest.raises(ValueError, match="key=value"):
+        expand_sweep(["solver"])
+
+
+def test_smoke_cut_and_extra_overrides_replace_keys():
+    spec = load_spec("table2_mini")
+    sweeps = plan_sweeps(spec, extra=["seeds=0-3"], smoke=True)
+    bdia_edm = next(s for s in sweeps if "solver=bdia_edm" in s)
+    assert "solver.num_steps=3,5" in bdia_edm and "solver.gamma=0.5,1.0" in bdia_edm
+    assert [o for o in bdia_edm if o.startswith("seeds=")] == ["seeds=0-3"]  # the extra one wins over smoke's
+
+
+def test_unknown_table_names_the_valid_ones():
+    with pytest.raises(ValueError, match="table2_mini"):
+        load_spec("table9")
+    assert load_spec("table2-mini")["name"] == "table2_mini"  # make-target spelling
+
+
+def test_commands_for_torchrun_and_slurm():
+    spec = load_spec("table2")
+    sweeps = plan_sweeps(spec)
+    torchrun = sweep_commands(spec, sweeps, ngpu=8, python="python")
+    assert all(c[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"] for c in torchrun)
+    assert all("launcher=torchrun" in c and "-m" in c[5:] for c in torchrun)
+    slurm = sweep_commands(spec, sweeps, ngpu=4, launcher="slurm", python="python")
+    assert all("launcher=slurm" in c and "hydra.launcher.gpus_per_node=4" in c for c in slurm)
+    with pytest.raises(ValueError, match="launcher"):
+        sweep_commands(spec, sweeps, launcher="kubernetes")
+
+
+def _sweeper_params(experiment):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs")):
+        cfg = compose("sample", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    return cfg.hydra.sweeper.params
+
+
+def test_table2_dry_run_covers_every_model_nfe_solver_cell():
+    spec = load_spec("table2")
+    sweeps = plan_sweeps(spec)
+    jobs = plan_jobs(spec, sweeps)
+    planned = {(j["config"].model.name, j["config"].solver.name, int(j["config"].solver.num_steps)) for j in jobs}
+    expected = set()
+    for experiment, model in TABLE2_MODELS.items():
+        params = _sweeper_params(experiment)
+        for solver in split_values(str(params["solver"])):
+            for steps in split_values(str(params["solver.num_steps"])):
+                expected.add((model, solver, int(steps)))
+    assert {"edm", "bdia_edm"} == {s for _, s, _ in expected}
+    assert planned == expected
+    assert len(jobs) == len(expected)  # no cell twice
+    for job in jobs:  # EDM's FID protocol in every job
+        cfg = job["config"]
+        assert cfg.seeds == "0-149999" and cfg.metrics.fid.protocol == "edm" and cfg.metrics.fid.backend == "clean_fid"
+    text = dry_run_text(spec, sweeps, ngpu=8)
+    job_lines = [line for line in text.splitlines() if line.startswith("  job: ")]
+    assert len(job_lines) == len(expected)
+    assert all("8 ranks, rank r samples seeds[r::8] (18750 each)" in line for line in job_lines)
+    for model, solver, steps in expected:
+        experiment = next(e for e, m in TABLE2_MODELS.items() if m == model)
+        assert any(f"experiment={experiment} " in line and f"solver={solver} " in line
+                   and f"solver.num_steps={steps} " in line for line in job_lines), (model, solver, steps)
+
+
+def test_every_table_spec_composes_its_jobs():
+    for name in spec_names():
+        spec = load_spec(name)
+        if spec["config"] != "sample":
+            continue  # other apps' specs are checked by their own tests
+        jobs = plan_jobs(spec, plan_sweeps(spec, smoke=True))
+        assert jobs and all(j["seeds"] for j in jobs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables from metrics.json.
+
+
+def _record(tmp_path, name, solver, gamma, nfe, fd, num_images=100, floor=0.08):
+    run = tmp_path / name
+    run.mkdir()
+    record = {"solver": solver, "gamma": gamma, "nfe": nfe, "num_steps": nfe, "num_images": num_images,
+              "model": {"config": "digits"},
+              "evaluation": {"digits": {"fd": fd, "floor_halves_fd": floor}}}
+    (run / "metrics.json").write_text(json.dumps(record))
+    return {**record, "run_dir": str(run)}
+
+
+SPEC = {"name": "t", "title": "T", "section": "model.config", "lines": ["solver", "gamma"], "column": "nfe",
+        "metrics": [{"key": "evaluation.digits.fd", "label": "FD", "format": ".3f"}],
+        "floors": [{"key": "evaluation.digits.floor_halves_fd", "label": "halves"}]}
+
+
+def test_table_rows_keep_the_largest_run_and_skip_unfinished(tmp_path):
+    runs = [
+        _record(tmp_path, "a", "ddim", None, 5, 2.0, num_images=16),
+        _record(tmp_path, "b", "ddim", None, 5, 1.5, num_images=1000),
+        _record(tmp_path, "c", "bdia_ddim", 0.5, 5, 1.0),
+        {**_record(tmp_path, "d", "bdia_ddim", 0.5, 9, 3.0), "evaluation": {}},  # not evaluated yet
+    ]
+    rows = [r for r in table_rows(SPEC, runs) if r["metric"] == "FD"]
+    assert {(r["line"], r["column"], r["value"]) for r in rows} == {("ddim", 5, 1.5), ("bdia_ddim γ=0.5", 5, 1.0)}
+
+
+def test_markdown_marks_the_best_value_and_counts_bdia_wins(tmp_path):
+    runs = [
+        _record(tmp_path, "a", "ddim", None, 5, 2.0), _record(tmp_path, "b", "ddim", None, 9, 1.0),
+        _record(tmp_path, "c", "bdia_ddim", 0.5, 5, 1.0), _record(tmp_path, "d", "bdia_ddim", 0.5, 9, 1.2),
+    ]
+    text = render_markdown(SPEC, table_rows(SPEC, runs), "make x", ["runs"])
+    assert "| ddim | 2.000 | **1.000** |" in text
+    assert "| bdia_ddim γ=0.5 | **1.000** | 1.200 |" in text
+    assert "bdia_ddim γ=0.5: better than ddim at 1 of 2 (5); ratio to ddim 0.50–1.20" in text
+    assert "halves: 0.08" in text
+    assert "`make x`" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# The mini twin end to end (subprocesses, as `make reproduce-table2-mini` runs it).
+
+
+def test_table2_mini_smoke_runs_end_to_end_and_writes_its_table(tmp_path):
+    out = tmp_path / "table2"
+    result = subprocess.run(
+        [sys.executable, "scripts/reproduce.py", "table2_mini", "--smoke", "--runs-root", str(tmp_path / "runs"),
+         "--output", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.with_suffix(".md").read_text()
+    for line in ("| edm |", "| ddim |", "| bdia_edm γ=0.5 |", "| bdia_ddim γ=0.5 |"):
+        assert line in text, line
+    assert "NFE 5 | NFE 9" in text
+    assert "two disjoint real halves" in text
+    with out.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    fd_rows = [r for r in rows if r["metric"].startswith("FD") and r["column"]]
+    assert len(fd_rows) == 8  # 4 solver lines x 2 NFE values
+    assert all(int(r["num_images"]) == 16 and float(r["value"]) > 0 for r in fd_rows)
+    assert out.with_suffix(".png").stat().st_size > 1000
+    nfe = {(r["solver"], int(r["num_steps"])): int(r["column"]) for r in fd_rows}
+    assert nfe[("edm", 3)] == 5 and nfe[("edm", 5)] == 9 and nfe[("ddim", 5)] == 5 and nfe[("bdia_edm", 3)] == 5
