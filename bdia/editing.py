@@ -1,0 +1,620 @@
+"""Real-image inversion and editing: BDIA-DDIM beside DDIM inversion, EDICT and null-text inversion.
+
+Every method maps an encoded image to a representation in noise space under a *source* prompt, regenerates
+the image from it (the reconstruction), and regenerates it under an *edit* prompt (the edit):
+
+* ``"bdia"`` -- BDIA-DDIM (Zhang et al., arXiv 2307.10829): :func:`bdia.invert` to the noise-side pair,
+  :func:`bdia.sample` from the pair. Exact up to round-off; NFE N (inversion) + N - 1 (regeneration).
+* ``"ddim"`` -- the standard approximate DDIM inversion (:func:`ddim_invert`) and DDIM regeneration. Not exact.
+* ``"edict"`` -- EDICT (Wallace et al., CVPR 2023): coupled chains with mixing weight ``p``
+  (:func:`edict_invert`, :func:`edict_sample`). Exact; 2 network calls per step.
+* ``"null_text"`` -- null-text inversion (Mokady et al., CVPR 2023): a DDIM-inversion pivot at guidance 1, then
+  per-step Adam optimisation of the unconditional embedding so that guided DDIM lands on the pivot
+  (:func:`null_text_invert`, :func:`null_text_sample`). Approximate; many calls plus backward passes.
+
+Conventions (they bite here)
+----------------------------
+* ``sigmas`` is a descending EDM-convention grid (``bdia.vp_sigmas`` with the model's settings, e.g.
+  ``StableDiffusion.sigmas(N)``); for SD it ends at ``sigma_N ~ 0.0292``, not 0. The state ``x`` is EDM's,
+  ``x = z / alpha`` with ``alpha = 1 / sqrt(1 + sigma**2)``; ``z`` is the VP latent the network sees.
+* **The encoded image is the VP latent z at the last level** (diffusers' convention: DDIM with
+  ``set_alpha_to_one=False`` ends on ``alpha-bar_0`` and the pipeline decodes that ``z`` as it is; null-text's and
+  EDICT's code start their inversions from the encoded latent at ``alpha-bar_0`` too). So the clean state is
+  ``x_clean = z0 / alpha_N`` (:func:`latent_to_state`) and a result is decoded from ``z = alpha_N x``
+  (:func:`state_to_latent`); ``alpha_N = 0.99957`` for SD. All four methods use this one mapping.
+* ``base`` is the *unguided* conditional denoiser ``D(x, sigma, encoder_hidden_states=e)`` (EDM protocol, e.g.
+  ``VPEpsDenoiser(unet, alphas_cumprod)``). Classifier-free guidance is built on it here
+  (:class:`bdia.ClassifierFreeGuidance`: one batched call on the unconditional and conditional rows).
+* DDIM inversion, EDICT and null-text are written in the papers' VP coordinates ``z`` with the noise estimate
+  :func:`vp_eps` ``eps(z, sigma) = (x - D(x, sigma)) / sigma`` at ``x = z / alpha(sigma)``, i.e. the network sees
+  exactly the latent ``z`` with the label of ``sigma``, as in the papers' code. The DDIM step from level
+  ``sigma_from`` to ``sigma_to`` is ``z_to = a z_from + b eps`` with EDICT's coefficients
+
+      a = sqrt(abar_to / abar_from) = alpha_to / alpha_from,
+      b = sqrt(1 - abar_to) - a sqrt(1 - abar_from) = alpha_to (sigma_to - sigma_from),
+
+  which in ``x = z / alpha`` is the Euler step ``x_to = x_from + (sigma_to - sigma_from) eps`` (:func:`ddim_z`).
+
+NFE is measured with :class:`CountingDenoiser` around ``base`` (one guided call, batched over both halves,
+counts once; an unguided call also counts once); ``network_rows`` counts the batch rows the network ran
+(a guided call on one image = 2 rows). Backward passes (null-text) are counted separately; each costs
+roughly two forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .denoisers import ClassifierFreeGuidance, CountingDenoiser
+from .schedules import as_sigmas, vp_alpha
+from .solvers import invert, sample
+
+__all__ = [
+    "METHODS",
+    "EDICTPair",
+    "NullTextInversion",
+    "MethodResult",
+    "RowCountingDenoiser",
+    "latent_to_state",
+    "state_to_latent",
+    "tail_sigmas",
+    "vp_eps",
+    "ddim_z",
+    "ddim_invert",
+    "edict_sample",
+    "edict_invert",
+    "null_text_invert",
+    "null_text_sample",
+    "guided",
+    "invert_and_edit",
+    "SAMPLE_IMAGES",
+    "load_image",
+    "edit_run",
+]
+
+METHODS = ("bdia", "ddim", "edict", "null_text")
+
+
+# --------------------------------------------------------------------------------------------------
+# Coordinates and the DDIM step in z.
+
+
+def latent_to_state(z0: torch.Tensor, sigmas) -> torch.Tensor:
+    """The encoded latent ``z0`` taken as the VP latent at the last level: ``x = z0 / alpha(sigmas[-1])``."""
+    return z0 / vp_alpha(float(as_sigmas(sigmas)[-1]))
+
+
+def state_to_latent(x: torch.Tensor, sigmas) -> torch.Tensor:
+    """The VP latent to decode from a clean state: ``z = alpha(sigmas[-1]) x`` (inverse of :func:`latent_to_state`)."""
+    return x * vp_alpha(float(as_sigmas(sigmas)[-1]))
+
+
+def tail_sigmas(sigmas, strength: float) -> torch.Tensor:
+    """The last ``ceil(strength * N)`` steps of the grid (the clean end): what an edit of that strength inverts
+    and regenerates. At least 2 steps (BDIA needs a pair); ``strength = 1`` is the whole grid."""
+    sigmas = as_sigmas(sigmas)
+    N = len(sigmas) - 1
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength is the fraction of steps to invert, in (0, 1]; got {strength}")
+    steps = max(2, math.ceil(strength * N - 1e-9))
+    if steps > N:
+        raise ValueError(f"strength {strength} of {N} steps leaves fewer than 2 steps; use more steps")
+    return sigmas[N - steps :]
+
+
+def vp_eps(denoiser, z: torch.Tensor, sigma: float, cond: dict | None = None) -> torch.Tensor:
+    """The noise estimate for the VP latent ``z`` with the label of level ``sigma``: the network sees ``z`` itself
+    (``x = z / alpha(sigma)``, ``eps = (x - D(x, sigma)) / sigma``). Differentiable (no ``no_grad`` here)."""
+    sigma_t = torch.tensor(float(sigma), dtype=torch.float64, device=z.device)
+    x = z / vp_alpha(float(sigma))
+    denoised = denoiser(x, sigma_t, None, **(cond or {})).to(z.dtype)
+    return (x - denoised) / float(sigma)
+
+
+def ddim_z(z: torch.Tensor, eps: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+    """DDIM (eta = 0) on VP latents: ``z_to = a z + b eps``, ``a = alpha_to / alpha_from``,
+    ``b = alpha_to (sigma_to - sigma_from)`` (EDICT's ``a_t``, ``b_t``; the Euler step in ``x = z / alpha``)."""
+    alpha_from, alpha_to = vp_alpha(float(sigma_from)), vp_alpha(float(sigma_to))
+    return (alpha_to / alpha_from) * z + alpha_to * (float(sigma_to) - float(sigma_from)) * eps
+
+
+def _inverse_ddim_z(z_to: torch.Tensor, eps: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+    """Solve ``z_to = a z + b eps`` for ``z`` (EDICT's noising step)."""
+    alpha_from, alpha_to = vp_alpha(float(sigma_from)), vp_alpha(float(sigma_to))
+    return (z_to - alpha_to * (float(sigma_to) - float(sigma_from)) * eps) / (alpha_to / alpha_from)
+
+
+# --------------------------------------------------------------------------------------------------
+# DDIM inversion (approximate).
+
+
+@torch.no_grad()
+def ddim_invert(denoiser, x_clean: torch.Tensor, sigmas, cond: dict | None = None, return_trajectory: bool = False):
+    """The standard approximate DDIM inversion (Song et al. 2021; Dhariwal & Nichol 2021; as in null-text's
+    ``ddim_loop`` and diffusers' ``DDIMInverseScheduler``): step up in noise from ``sigmas[-1]`` to ``sigmas[0]``
+    with the DDIM map, using the noise estimated at the *current* latent with the label of the *target* level,
+
+        z_{k-1} = DDIM_{k -> k-1}(z_k; eps(z_k, sigma_{k-1})),
+
+    the approximation ``eps(z_{k-1}) ~ eps(z_k)`` that makes it inexact. One call per step (N in all).
+
+    Returns ``x`` at ``sigmas[0]`` (regenerate with ``bdia.sample(..., solver="ddim")``), or with
+    ``return_trajectory=True`` the list ``[x at sigmas[0], ..., x at sigmas[-1]]`` (indexed like the grid).
+    """
+    levels = as_sigmas(sigmas).tolist()
+    N = len(levels) - 1
+    z = x_clean * vp_alpha(levels[N])
+    trajectory = [z]
+    for k in range(N, 0, -1):
+        eps = vp_eps(denoiser, z, levels[k - 1], cond)
+        z = ddim_z(z, eps, levels[k], levels[k - 1])
+        trajectory.append(z)
+    xs = [zk / vp_alpha(levels[N - i]) for i, zk in enumerate(trajectory)][::-1]
+    return xs if return_trajectory else xs[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# EDICT (exact, two coupled chains).
+
+
+class EDICTPair(NamedTuple):
+    """EDICT's two coupled states ``(x, y)`` at one level (EDM-convention ``x = z / alpha``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _edict_order(k: int, leapfrog: bool) -> bool:
+    """Whether step ``k`` (sampling order on the given grid) updates ``y`` first: EDICT's code alternates the
+    order of the two chains every step ("leapfrog") by default."""
+    return leapfrog and k % 2 == 1
+
+
+@torch.no_grad()
+def edict_sample(denoiser, pair, sigmas, cond: dict | None = None, p: float = 0.93, leapfrog: bool = True) -> EDICTPair:
+    """EDICT's denoising process (Wallace et al. 2023, eqs. 12-15), in VP latents with ``a``, ``b`` of
+    :func:`ddim_z` for the step from ``sigma_k`` to ``sigma_{k+1}``:
+
+        x_inter = a x_k + b eps(y_k, sigma_k)
+        y_inter = a y_k + b eps(x_inter, sigma_k)
+        x_{k+1} = p x_inter + (1 - p) y_inter
+        y_{k+1} = p y_inter + (1 - p) x_{k+1}
+
+    (with ``leapfrog`` the roles of x and y swap on odd steps). Note ``x_inter`` already lives at
+    ``sigma_{k+1}`` but is given to the network with the label of ``sigma_k``, as in the paper. Two calls per step.
+    ``pair``: :class:`EDICTPair` at ``sigmas[0]`` (e.g. from :func:`edict_invert`) or one tensor for ``x = y``.
+    Returns the pair at ``sigmas[-1]``; the paper decodes ``x``.
+    """
+    levels = as_sigmas(sigmas).tolist()
+    x, y = (pair, pair) if isinstance(pair, torch.Tensor) else pair
+    x, y = x * vp_alpha(levels[0]), y * vp_alpha(levels[0])
+    for k in range(len(levels) - 1):
+        s_from, s_to = levels[k], levels[k + 1]
+        first, second = (y, x) if _edict_order(k, leapfrog) else (x, y)
+        first = ddim_z(first, vp_eps(denoiser, second, s_from, cond), s_from, s_to)
+        second = ddim_z(second, vp_eps(denoiser, first, s_from, cond), s_from, s_to)
+        x, y = (second, first) if _edict_order(k, leapfrog) else (first, second)
+        x = p * x + (1 - p) * y
+        y = p * y + (1 - p) * x
+    alpha = vp_alpha(levels[-1])
+    return EDICTPair(x / alpha, y / alpha)
+
+
+@torch.no_grad()
+def edict_invert(denoiser, x_clean, sigmas, cond: dict | None = None, p: float = 0.93, leapfrog: bool = True) -> EDICTPair:
+    """Exact inverse of :func:`edict_sample` (EDICT's noising process), each line undone in reverse order:
+
+        y_inter = (y_{k+1} - (1 - p) x_{k+1}) / p
+        x_inter = (x_{k+1} - (1 - p) y_inter) / p
+        y_k = (y_inter - b eps(x_inter, sigma_k)) / a
+        x_k = (x_inter - b eps(y_k, sigma_k)) / a
+
+    ``x_clean``: one clean state (both chains start at the encoded image, as in the paper) or an
+    :class:`EDICTPair`. Returns the pair at ``sigmas[0]``. Two calls per step.
+    """
+    levels = as_sigmas(sigmas).tolist()
+    x, y = (x_clean, x_clean) if isinstance(x_clean, torch.Tensor) else x_clean
+    x, y = x * vp_alpha(levels[-1]), y * vp_alpha(levels[-1])
+    for k in range(len(levels) - 2, -1, -1):
+        s_from, s_to = levels[k], levels[k + 1]
+        y = (y - (1 - p) * x) / p
+        x = (x - (1 - p) * y) / p
+        first, second = (y, x) if _edict_order(k, leapfrog) else (x, y)
+        second = _inverse_ddim_z(second, vp_eps(denoiser, first, s_from, cond), s_from, s_to)
+        first = _inverse_ddim_z(first, vp_eps(denoiser, second, s_from, cond), s_from, s_to)
+        x, y = (second, first) if _edict_order(k, leapfrog) else (first, second)
+    alpha = vp_alpha(levels[0])
+    return EDICTPair(x / alpha, y / alpha)
+
+
+# --------------------------------------------------------------------------------------------------
+# Null-text inversion (approximate, optimised).
+
+
+def guided(base, guidance_scale: float, uncond_embeds: torch.Tensor):
+    """Classifier-free guidance on the unguided denoiser ``base`` with unconditional text embedding
+    ``uncond_embeds`` (one batched call on both halves); ``guidance_scale = 1`` is ``base`` itself (the
+    conditional denoiser, one half-size call), as :meth:`bdia.networks.sd.StableDiffusion.denoiser` does."""
+    if float(guidance_scale) == 1.0:
+        return base
+    return ClassifierFreeGuidance(base, guidance_scale, {"encoder_hidden_states": uncond_embeds})
+
+
+@dataclass
+class NullTextInversion:
+    """What null-text inversion represents an image by: the pivot's noise state ``x_noise`` at ``sigmas[0]`` and
+    one optimised unconditional embedding per step (``uncond_embeds[k]`` for the step ``sigma_k -> sigma_{k+1}``).
+    ``inner_steps[k]``: Adam iterations used at step k (early stopping); ``final_losses[k]``: the last loss."""
+
+    x_noise: torch.Tensor
+    uncond_embeds: list
+    inner_steps: list = field(default_factory=list)
+    final_losses: list = field(default_factory=list)
+
+    @property
+    def backward_passes(self) -> int:
+        return int(sum(self.inner_steps))
+
+
+def null_text_invert(
+    base,
+    x_clean: torch.Tensor,
+    sigmas,
+    cond_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    guidance_scale: float = 7.5,
+    num_inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    early_stop_growth: float = 2e-5,
+    lr_decay: float = 0.01,
+) -> NullTextInversion:
+    """Null-text inversion (Mokady et al. 2023, Algorithm 1, with the settings of the authors' code).
+
+    1. Pivot: DDIM inversion at guidance 1 (the plain conditional denoiser), ``z*_0 ... z*_N`` (N calls).
+    2. From ``zbar = z*_0`` and ``e = uncond_embeds``, for each step ``k`` (sigma_k -> sigma_{k+1}): optimise ``e``
+       with Adam (learning rate ``lr * (1 - lr_decay * k)``) to minimise ``mse(DDIM_z(zbar, eps_w(zbar; e)), z*_{k+1})``
+       with ``eps_w = eps_u(e) + w (eps_c - eps_u(e))``, at most ``num_inner_steps`` iterations, stopping once the
+       loss (in VP latents) falls below ``early_stop + early_stop_growth * k``; keep ``e_k``; advance ``zbar`` with
+       the guided step using ``e_k``; start step k+1 from ``e_k``.
+
+    Calls per step: 1 conditional (no grad) + one unconditional forward per Adam iteration (each followed by a
+    backward pass) + 1 guided call to advance ``zbar``. Returns :class:`NullTextInversion`;
+    regenerate with :func:`null_text_sample`.
+    """
+    levels = as_sigmas(sigmas).tolist()
+    N = len(levels) - 1
+    cond = {"encoder_hidden_states": cond_embeds}
+    pivot = ddim_invert(base, x_clean, levels, cond, return_trajectory=True)
+    pivot_z = [x * vp_alpha(levels[k]) for k, x in enumerate(pivot)]
+    z = pivot_z[0]
+    e = uncond_embeds.detach().clone()
+    embeds, inner_steps, losses = [], [], []
+    for k in range(N):
+        s_from, s_to = levels[k], levels[k + 1]
+        e = e.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([e], lr=lr * (1.0 - lr_decay * k))
+        with torch.no_grad():
+            eps_c = vp_eps(base, z, s_from, cond)
+        used, loss_value = 0, float("nan")
+        for _ in range(num_inner_steps):
+            eps_u = vp_eps(base, z, s_from, {"encoder_hidden_states": e})
+            z_next = ddim_z(z, eps_u + guidance_scale * (eps_c - eps_u), s_from, s_to)
+            loss = torch.nn.functional.mse_loss(z_next, pivot_z[k + 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            used, loss_value = used + 1, loss.item()
+            if loss_value < early_stop + early_stop_growth * k:
+                break
+        e = e.detach()
+        embeds.append(e)
+        inner_steps.append(used)
+        losses.append(loss_value)
+        with torch.no_grad():
+            z = ddim_z(z, vp_eps(guided(base, guidance_scale, e), z, s_from, cond), s_from, s_to)
+    return NullTextInversion(pivot[0], embeds, inner_steps, losses)
+
+
+@torch.no_grad()
+def null_text_sample(base, x_noise, sigmas, cond_embeds, uncond_embeds: Sequence[torch.Tensor], guidance_scale: float = 7.5):
+    """Guided DDIM from ``sigmas[0]`` with a per-step unconditional embedding ``uncond_embeds[k]`` (one guided
+    call per step). With the source prompt's ``cond_embeds`` this is null-text's reconstruction; with an edit
+    prompt's, a plain (no prompt-to-prompt) edit. Returns ``x`` at ``sigmas[-1]``."""
+    levels = as_sigmas(sigmas).tolist()
+    if len(uncond_embeds) != len(levels) - 1:
+        raise ValueError(f"need one unconditional embedding per step: {len(levels) - 1}, got {len(uncond_embeds)}")
+    cond = {"encoder_hidden_states": cond_embeds}
+    z = x_noise * vp_alpha(levels[0])
+    for k, e in enumerate(uncond_embeds):
+        z = ddim_z(z, vp_eps(guided(base, guidance_scale, e), z, levels[k], cond), levels[k], levels[k + 1])
+    return z / vp_alpha(levels[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# One method, end to end, with measured cost.
+
+
+class RowCountingDenoiser(CountingDenoiser):
+    """:class:`CountingDenoiser` that also counts the batch rows the network evaluates (``network_rows``): a
+    guided call on B images runs 2B rows, an unguided one B."""
+
+    def __init__(self, denoiser):
+        super().__init__(denoiser)
+        self.network_rows = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.network_rows = 0
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        self.network_rows += int(x.shape[0])
+        return super().forward(x, sigma, class_labels, **cond)
+
+
+@dataclass
+class MethodResult:
+    """One method's round trip and edit of a batch of clean states (EDM convention, at ``sigmas[-1]``).
+
+    ``representation``: what the image inverts to (tensors; see :func:`invert_and_edit`). ``cost``: per phase
+    (``inversion``, ``reconstruction``, ``edit``) the measured ``nfe``, ``network_rows``, ``backward_passes`` and
+    ``seconds``. ``settings``: the method's parameters (gamma, p, guidance, steps, dtype ...)."""
+
+    method: str
+    reconstruction: torch.Tensor
+    edit: torch.Tensor | None
+    representation: dict
+    cost: dict
+    settings: dict
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def invert_and_edit(
+    method: str,
+    base,
+    x_clean: torch.Tensor,
+    sigmas,
+    source_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    edit_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 7.5,
+    gamma: float = 0.96,
+    strength: float = 1.0,
+    p: float = 0.93,
+    leapfrog: bool = True,
+    num_inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    ddim_inversion_guidance: float | None = None,
+) -> MethodResult:
+    """Invert ``x_clean`` under the source prompt, reconstruct it, and (with ``edit_embeds``) edit it.
+
+    ``base``: the unguided denoiser (``D(x, sigma, encoder_hidden_states=e)``); ``x_clean``: clean states at
+    ``sigmas[-1]`` (:func:`latent_to_state` of the encoded images), batch B; embeddings ``[B or 1, L, D]``.
+    ``strength``: the fraction of steps inverted and regenerated (:func:`tail_sigmas`). Guidance ``guidance_scale``
+    for every guided call (null-text's pivot is at guidance 1 by construction). ``ddim_inversion_guidance``: the
+    guidance of the DDIM inversion (default ``guidance_scale``; 1 gives null-text's pivot, the baseline its paper
+    shows failing at ``guidance_scale > 1``); DDIM regenerates at ``guidance_scale``.
+
+    Representations: ``bdia`` -- ``x_end``, ``x_inner`` (the pair at the top of the grid); ``ddim`` -- ``x_noise``;
+    ``edict`` -- ``x``, ``y``; ``null_text`` -- ``x_noise`` and ``uncond_embeds`` (stacked ``[N, ...]``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown editing method {method!r}; choose from {', '.join(METHODS)}")
+    grid = tail_sigmas(sigmas, strength)
+    counted = RowCountingDenoiser(base)
+    source = {"encoder_hidden_states": source_embeds}
+    edit = None if edit_embeds is None else {"encoder_hidden_states": edit_embeds}
+    cfg = guided(counted, guidance_scale, uncond_embeds)
+    state = {}
+
+    def phase(fn):
+        counted.reset()
+        _synchronize(x_clean.device)
+        start = time.perf_counter()
+        out = fn()
+        _synchronize(x_clean.device)
+        seconds = time.perf_counter() - start
+        backward = state.pop("backward", 0)
+        return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward, "seconds": seconds}
+
+    settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
+                "dtype": str(x_clean.dtype).replace("torch.", "")}
+    if method == "bdia":
+        settings["gamma"] = gamma
+        pair, c_inv = phase(lambda: invert(cfg, x_clean, grid, solver="bdia_ddim", gamma=gamma, cond=source, dtype=None))
+        regen = lambda cond: sample(cfg, pair, grid, solver="bdia_ddim", gamma=gamma, cond=cond, dtype=None)  # noqa: E731
+        representation = {"x_end": pair.x_end, "x_inner": pair.x_inner}
+    elif method == "ddim":
+        w_inv = guidance_scale if ddim_inversion_guidance is None else float(ddim_inversion_guidance)
+        settings["inversion_guidance"] = w_inv
+        x_noise, c_inv = phase(lambda: ddim_invert(guided(counted, w_inv, uncond_embeds), x_clean, grid, source))
+        regen = lambda cond: sample(cfg, x_noise, grid, solver="ddim", cond=cond, dtype=None)  # noqa: E731
+        representation = {"x_noise": x_noise}
+    elif method == "edict":
+        settings.update(p=p, leapfrog=leapfrog)
+        pair, c_inv = phase(lambda: edict_invert(cfg, x_clean, grid, source, p=p, leapfrog=leapfrog))
+        regen = lambda cond: edict_sample(cfg, pair, grid, cond, p=p, leapfrog=leapfrog).x  # noqa: E731
+        representation = {"x": pair.x, "y": pair.y}
+    else:
+        settings.update(num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop)
+
+        def run():
+            out = null_text_invert(counted, x_clean, grid, source_embeds, uncond_embeds, guidance_scale,
+                                   num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop)
+            state["backward"] = out.backward_passes
+            return out
+
+        inv, c_inv = phase(run)
+        settings["inner_steps"] = inv.inner_steps
+        regen = lambda cond: null_text_sample(counted, inv.x_noise, grid, cond["encoder_hidden_states"],  # noqa: E731
+                                              inv.uncond_embeds, guidance_scale)
+        representation = {"x_noise": inv.x_noise, "uncond_embeds": torch.stack(inv.uncond_embeds)}
+
+    reconstruction, c_rec = phase(lambda: regen(source))
+    edited, c_edit = (None, None) if edit is None else phase(lambda: regen(edit))
+    cost = {"inversion": c_inv, "reconstruction": c_rec}
+    if c_edit is not None:
+        cost["edit"] = c_edit
+    return MethodResult(method, reconstruction, edited, representation, cost, settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# The edit run behind scripts/edit.py: an image, a Stable Diffusion, every method, one folder.
+
+#: Photos that ship offline inside scikit-learn (``sklearn.datasets.load_sample_image``).
+SAMPLE_IMAGES = ("china.jpg", "flower.jpg")
+
+
+def load_image(image: str | None, size: int) -> torch.Tensor:
+    """An RGB image as uint8 ``[1, 3, size, size]``: the largest centred square, resized (bicubic) to ``size``.
+    ``image``: a file path, or ``china.jpg`` / ``flower.jpg`` (scikit-learn's sample photos; ``None`` = china)."""
+    import numpy as np
+    from PIL import Image
+
+    name = "china.jpg" if image is None or not str(image).strip() else str(image).strip()
+    if name in SAMPLE_IMAGES:
+        from sklearn.datasets import load_sample_image
+
+        picture = Image.fromarray(load_sample_image(name))
+    else:
+        from pathlib import Path
+
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"image={image}: no such file (give a path or one of {', '.join(SAMPLE_IMAGES)})")
+        try:
+            with Image.open(path) as opened:
+                picture = opened.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"image={image}: not an image PIL can read ({e})") from None
+    w, h = picture.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    picture = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def edit_run(
+    sd,
+    out_dir,
+    image: str | None = "china.jpg",
+    source_prompt: str = "a photo of a chinese temple",
+    edit_prompt: str = "a watercolor painting of a chinese temple",
+    methods: Sequence[str] = METHODS,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    gamma: float = 0.96,
+    strength: float = 1.0,
+    p: float = 0.93,
+    leapfrog: bool = True,
+    num_inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    ddim_inversion_guidance: float | None = None,
+    image_size: int | None = None,
+    grid_scale: int = 1,
+    config: dict | None = None,
+    model_info: dict | None = None,
+) -> dict:
+    """Encode ``image`` with ``sd`` (:class:`bdia.networks.sd.StableDiffusion`), invert it under
+    ``source_prompt`` with each method, reconstruct it, edit it with ``edit_prompt``; write into ``out_dir``:
+
+    * ``<method>.png``: original | reconstruction | edit, side by side; ``edit_grid.png``: one row per method;
+    * ``bdia_pair.npz``: BDIA's noise pair (``x_end`` at ``sigmas[0]``, ``x_inner`` at ``sigmas[1]``, EDM convention
+      ``x = z / alpha``; ``sigmas`` is the inverted grid, ``gamma``) -- ``bdia.sample(sd.denoiser(w), (x_end, x_inner),
+      sigmas, solver="bdia_ddim", gamma=gamma, return_pair=True)`` regenerates the image; other methods'
+      representations in ``<method>_inversion.npz``;
+    * ``metrics.json``: per method the latent round-trip errors (``relative_error``, ``max_abs_error``, ``mse`` of
+      ``z``), image errors against the original (``psnr``, ``mse``) and against the VAE's own reconstruction
+      (``image_vs_vae``), the measured cost per phase (NFE, network rows, backward passes, seconds) and settings
+      (gamma, N, dtype ...); ``env.json``; ``config.yaml`` when ``config`` is given.
+
+    Image-space numbers include the VAE: ``vae`` in metrics.json is the encode/decode error alone.
+    Returns the metrics.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .metrics.reconstruction import latent_metrics, pixel_metrics
+    from .run import atomic_write, environment_info, quantize, save_image_grid
+
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"methods: unknown {unknown} (choose from {', '.join(METHODS)})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = int(image_size or sd.image_size)
+    original = load_image(image, size)
+    pixels = original.to(torch.float32) / 127.5 - 1
+    z0 = sd.encode_images(pixels)
+    sigmas = sd.sigmas(num_steps)
+    x_clean = latent_to_state(z0, sigmas)
+    source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
+    uncond = sd.encode_prompts([""])
+    vae_images = sd.decode_latents(z0)
+    metrics = {
+        "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
+        "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
+        "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
+        "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention": "z0 = alpha(sigma_min) x"},
+        "vae": _scalars(pixel_metrics(pixels, vae_images, per_image=False)),
+        "methods": {},
+    }
+    rows = []
+    for method in methods:
+        result = invert_and_edit(method, sd.eps_denoiser(), x_clean, sigmas, source, uncond, edit, guidance_scale,
+                                 gamma=gamma, strength=strength, p=p, leapfrog=leapfrog, num_inner_steps=num_inner_steps,
+                                 lr=lr, early_stop=early_stop, ddim_inversion_guidance=ddim_inversion_guidance)
+        grid = tail_sigmas(sigmas, strength)
+        z_rec = state_to_latent(result.reconstruction, grid)
+        recon_images = sd.decode_latents(z_rec)
+        edit_images = sd.decode_latents(state_to_latent(result.edit, grid))
+        cost = result.cost
+        metrics["methods"][method] = {
+            "latent": _scalars(latent_metrics(z0, z_rec, per_image=False)),
+            "image": _scalars(pixel_metrics(pixels, recon_images, per_image=False)),
+            "image_vs_vae": _scalars(pixel_metrics(vae_images, recon_images, per_image=False)),
+            "edit_vs_reconstruction": _scalars(pixel_metrics(recon_images, edit_images, per_image=False)),
+            "nfe_inversion_and_reconstruction": cost["inversion"]["nfe"] + cost["reconstruction"]["nfe"],
+            "seconds_inversion_and_reconstruction": cost["inversion"]["seconds"] + cost["reconstruction"]["seconds"],
+            "cost": cost,
+            "settings": {**result.settings, "sigma_top": float(grid[0])},
+        }
+        tiles = torch.cat([original, quantize(recon_images), quantize(edit_images)])
+        rows.append(tiles)
+        save_image_grid(tiles, out_dir / f"{method}.png", nrow=3, padding=1, scale=grid_scale)
+        arrays = {k: v.detach().cpu().numpy() for k, v in result.representation.items()}
+        arrays.update(sigmas=grid.numpy(), method=np.array(method))
+        if method == "bdia":
+            arrays["gamma"] = np.array(float(gamma))
+        with atomic_write(out_dir / ("bdia_pair.npz" if method == "bdia" else f"{method}_inversion.npz")) as f:
+            np.savez(f, **arrays)
+    save_image_grid(torch.cat(rows), out_dir / "edit_grid.png", nrow=3, padding=1, scale=grid_scale)
+    with atomic_write(out_dir / "env.json", "w") as f:
+        json.dump(environment_info(sd.device), f, indent=2)
+    if config is not None:
+        from omegaconf import OmegaConf
+
+        with atomic_write(out_dir / "config.yaml", "w") as f:
+            f.write(OmegaConf.to_yaml(OmegaConf.create(config)))
+    with atomic_write(out_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+    return metrics
+
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

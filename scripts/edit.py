@@ -1,0 +1,78 @@
+"""Invert a real image and edit it with Stable Diffusion: BDIA-DDIM (exact) beside DDIM inversion, EDICT and
+null-text inversion.
+
+    python scripts/edit.py                                        # SD v1.5, scikit-learn's china.jpg, all methods
+    python scripts/edit.py model=sd14 methods=[bdia,edict] gamma=0.92 num_steps=50
+    python scripts/edit.py image=/data/cat.png source_prompt="a photo of a cat" edit_prompt="a photo of a tiger"
+    python scripts/edit.py model.path=/models/stable-diffusion-v1-5 model.dtype=float64   # a local folder, fp64
+    python scripts/make_tiny_sd.py && python scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4   # offline demo
+
+Config: ``configs/edit.yaml`` (keys = :func:`bdia.editing.edit_run`'s arguments) and the ``model`` group
+(``sd15`` default, ``sd14``, ``sd21_base``, ``tiny-sd``; ``model.path`` takes any local diffusers folder).
+
+Output (``out_dir``, default ``results/edit/<overrides>``): ``<method>.png`` (original | reconstruction | edit),
+``edit_grid.png`` (one row per method), ``bdia_pair.npz`` (the noise pair BDIA inverts the image to) and
+``<method>_inversion.npz``, ``metrics.json`` (round-trip errors in latents and pixels, NFE, backward passes and
+wall time per phase, gamma, N, dtypes), ``env.json``, ``config.yaml``.
+
+Mistakes and missing models (``model=sd15`` offline and not cached, a missing ``model.path`` or image) end with
+one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from bdia.app import USER_ERRORS, one_line, preflight
+
+
+def edit_from_config(cfg, choices=None) -> dict:
+    """Load the model of ``cfg.model`` and run :func:`bdia.editing.edit_run` with the top-level keys."""
+    import inspect
+
+    from bdia.editing import edit_run
+    from bdia.models import load_model
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    model_cfg = config.pop("model", None)
+    try:
+        sd = load_model(model_cfg)
+    except TypeError as e:  # model.foo=1: an argument the loader does not have
+        raise ValueError(f"model: {e}") from None
+    keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
+    model_info = {"config": (choices or {}).get("model"), **sd.describe()}
+    return edit_run(sd, config=OmegaConf.to_container(cfg, resolve=True), model_info=model_info, **config)
+
+
+def _full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@hydra.main(config_path="../configs", config_name="edit", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    try:
+        return edit_from_config(cfg, choices=dict(HydraConfig.get().runtime.choices))
+    except USER_ERRORS as e:
+        if _full_errors():
+            raise
+        sys.exit(f"error: {one_line(e)}")
+
+
+def cli() -> None:
+    """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
+    problem = None if _full_errors() else preflight(sys.argv[1:], config_name="edit")
+    if problem:
+        sys.exit(f"error: {problem}")
+    main()
+
+
+if __name__ == "__main__":
+    cli()
