@@ -39,8 +39,9 @@ sample-demo: $(STAMP)  ## sweep the four solvers on the analytic digits model (H
 accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/solver_accuracy.{md,csv}
 	$(PY) scripts/solver_accuracy.py
 
-bench: $(STAMP)  ## wall time of BDIA solvers relative to their base solvers -> results/bench/
+bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost -> results/bench/
 	$(PY) benchmarks/bench_solvers.py
+	$(PY) benchmarks/bench_roundtrip.py
 
 # Paper tables (configs/tables/*.yaml): Hydra multiruns that resume when re-run, then the table is rebuilt from
 # the run folders' metrics.json. NGPU=8: torchrun with 8 ranks per run; LAUNCHER=slurm: Hydra's submitit

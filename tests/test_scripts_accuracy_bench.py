@@ -104,3 +104,18 @@ def test_bench_outputs_at_tiny_size(tmp_path, one_torch_thread):
     assert saved["pairs"][0]["ratio_median"] == report["pairs"][0]["ratio_median"]
     text = (tmp_path / "solver_overhead.md").read_text()
     assert "bdia_ddim (0.5)" in text and "bdia_edm (0.5)" in text and "torch" in text
+
+
+def test_roundtrip_bench_at_tiny_size(tmp_path, one_torch_thread):
+    bench = _load("benchmarks/bench_roundtrip.py")
+    report = bench.run(batch=1, steps=[4], gammas=[0.5, 1.0], out_dir=tmp_path)
+    rows = json.loads((tmp_path / "roundtrip.json").read_text())["rows"]
+    assert len(rows) == 3 * 2 * 2 and rows == report["rows"]  # 3 set-ups x 2 solvers x 2 gammas
+    for row in rows:
+        if row["setup"] == "analytic GMM" and row["dtype"] == "float64":
+            assert row["inversion_error"] < 1e-12 and row["regeneration_error"] < 1e-12
+        if row["dtype"] == "float32":  # the state's rounding shows, but the round trip still holds to ~1e-5
+            assert 1e-9 < row["inversion_error"] < 1e-3
+        assert row["predicted"] > 0
+    text = (tmp_path / "roundtrip.md").read_text()
+    assert "| analytic GMM | float32 | bdia_edm | 4 | 1.0 |" in text and (tmp_path / "roundtrip.png").is_file()
