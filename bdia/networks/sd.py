@@ -30,6 +30,7 @@ and offline demos (``scripts/make_tiny_sd.py``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -286,8 +287,10 @@ def _load_components(source, dtype, local_files_only: bool):
 
     kwargs = dict(local_files_only=local_files_only)
     scheduler_config = _read_scheduler_config(source, local_files_only)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+    # diffusers' low-memory loading needs `accelerate`; say so explicitly instead of a warning per model
+    low_memory = dict(low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **low_memory, **kwargs)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **low_memory, **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
     return unet, vae, text_encoder, tokenizer, scheduler_config
