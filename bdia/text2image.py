@@ -379,7 +379,7 @@ def _assemble(out_dir: Path, prompts, items, names, save_states, keep_inner, sav
 # The Hydra app.
 
 #: Top-level keys of ``configs/text2image.yaml`` that are :func:`text_to_image` arguments.
-_RUN_KEYS = ("seeds", "solver", "gamma", "num_steps", "guidance_scale", "negative_prompt", "height", "width",
+_RUN_KEYS = ("seeds", "guidance_scale", "negative_prompt", "height", "width",
              "batch_size", "network_batch", "noise_per_prompt", "out_dir", "save_states", "save_npz", "resume",
              "grid_nrow", "grid_padding", "progress")
 _PROMPT_KEYS = ("prompts", "prompt_file", "coco_captions", "num_prompts", "prompt_seed")
@@ -420,6 +420,11 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
 
     config = OmegaConf.to_container(cfg, resolve=True)
     choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
+    spec = config.get("solver")
+    spec = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    solver = {"solver": spec.get("name"), "gamma": spec.get("gamma"), "num_steps": spec.get("num_steps")}
+    if solver["solver"] not in TEXT2IMAGE_SOLVERS:
+        raise ValueError(f"unknown solver {solver['solver']!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
     device = resolve_device(config.get("device", "auto"))
     prompt_args = {k: config.get(k) for k in _PROMPT_KEYS}
     prompt_args["prompt_seed"] = prompt_args["prompt_seed"] or 0
@@ -431,7 +436,7 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
         raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
     sd = _instantiate(model_cfg, device=str(device))
     settings = {k: config[k] for k in _RUN_KEYS if k in config}
-    metrics = text_to_image(sd, prompts, **settings, config={**config, "choices": choices},
+    metrics = text_to_image(sd, prompts, **solver, **settings, config={**config, "choices": choices},
                             prompt_source=describe_prompt_source(**prompt_args))
     if evaluators:
         from .metrics.evaluate import evaluate_run
