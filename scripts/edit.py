@@ -31,19 +31,36 @@ from omegaconf import DictConfig, OmegaConf
 from bdia.app import USER_ERRORS, one_line, preflight
 
 
+def load_sd_config(model_cfg: dict):
+    """Instantiate the ``model`` group (``_target_: bdia.networks.sd.load_sd``), re-raising the loader's own
+    error (Hydra wraps it) so that a missing checkpoint reaches the user as its one clear message."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if not model_cfg or "_target_" not in model_cfg:
+        raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
+    try:
+        sd = instantiate(model_cfg, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, TypeError):  # model.foo=1: an argument the loader does not have
+            raise ValueError(f"model: {cause}") from None
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+    if not all(hasattr(sd, name) for name in ("encode_images", "decode_latents", "encode_prompts", "eps_denoiser")):
+        raise ValueError(f"model: {model_cfg['_target_']} is not a Stable Diffusion loader (use model=sd15 ...)")
+    return sd
+
+
 def edit_from_config(cfg, choices=None) -> dict:
     """Load the model of ``cfg.model`` and run :func:`bdia.editing.edit_run` with the top-level keys."""
     import inspect
 
     from bdia.editing import edit_run
-    from bdia.models import load_model
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    model_cfg = config.pop("model", None)
-    try:
-        sd = load_model(model_cfg)
-    except TypeError as e:  # model.foo=1: an argument the loader does not have
-        raise ValueError(f"model: {e}") from None
+    sd = load_sd_config(config.pop("model", None))
     keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
     unknown = sorted(set(config) - set(keys))
     if unknown:

@@ -244,9 +244,13 @@ def test_null_text_without_iterations_is_ddim_inversion_at_guidance_one(setup64)
     assert pivot.cost["inversion"]["network_rows"] == N  # guidance 1: one conditional half-size call per step
 
 
-def test_null_text_reduces_ddim_inversion_error(setup64):
-    s = setup64
-    null_text = run("null_text", s, num_inner_steps=10)
+@pytest.fixture(scope="module")
+def null_text_result(setup64):
+    return run("null_text", setup64, num_inner_steps=10)
+
+
+def test_null_text_reduces_ddim_inversion_error(setup64, null_text_result):
+    s, null_text = setup64, null_text_result
     pivot = run("ddim", s, ddim_inversion_guidance=1.0)  # the DDIM inversion null-text starts from
     ddim_w = run("ddim", s)  # DDIM inversion at the reconstruction's guidance
     err_nt, err_pivot, err_w = (rel(r.reconstruction, s["x"]) for r in (null_text, pivot, ddim_w))
@@ -264,7 +268,7 @@ def test_null_text_reduces_ddim_inversion_error(setup64):
     assert null_text.representation["uncond_embeds"].shape == (N, *s["uncond"].shape)
 
 
-def test_null_text_early_stop_and_loss_target(setup64):
+def test_null_text_early_stop_and_loss_target(setup64, null_text_result):
     s = setup64
     cond = s["source"]
     stopped = null_text_invert(s["base"], s["x"], s["sigmas"], cond, s["uncond"], W, num_inner_steps=5, early_stop=1e9)
@@ -275,12 +279,11 @@ def test_null_text_early_stop_and_loss_target(setup64):
     levels = s["sigmas"].tolist()
     pivot = ddim_invert(s["base"], s["x"], levels, {"encoder_hidden_states": cond}, return_trajectory=True)
     z0, z1 = pivot[0] * bdia.vp_alpha(levels[0]), pivot[1] * bdia.vp_alpha(levels[1])
-    tuned = null_text_invert(s["base"], s["x"], s["sigmas"], cond, s["uncond"], W, num_inner_steps=10)
+    tuned = null_text_result.representation["uncond_embeds"][0]
     with torch.no_grad():
         miss = [float((ddim_z(z0, vp_eps(guided(s["base"], W, e), z0, levels[0], {"encoder_hidden_states": cond}),
-                              levels[0], levels[1]) - z1).pow(2).mean()) for e in (s["uncond"], tuned.uncond_embeds[0])]
+                              levels[0], levels[1]) - z1).pow(2).mean()) for e in (s["uncond"], tuned)]
     assert miss[1] < 0.9 * miss[0]
-    assert tuned.final_losses[0] < miss[0]
 
 
 def test_unknown_method_is_a_value_error(setup64):

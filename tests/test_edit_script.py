@@ -1,0 +1,114 @@
+"""scripts/edit.py and bdia.editing.edit_run end to end on scikit-learn's china.jpg with the tiny local SD folder;
+model=sd15 offline fails at once with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sd_helpers import tiny_sd, tiny_sd_dir  # noqa: F401  (session fixtures)
+
+import bdia
+from bdia.editing import METHODS, edit_run, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "edit.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
+
+
+def test_load_image_centre_crops_the_shipped_photo():
+    from sklearn.datasets import load_sample_image
+
+    image = load_image("china.jpg", 32)
+    assert image.dtype == torch.uint8 and image.shape == (1, 3, 32, 32)
+    full = load_sample_image("china.jpg")  # 427 x 640: the centred 427 x 427 square, shrunk 13x
+    mean_full_square = full[:, 106:533].mean(axis=(0, 1))
+    assert np.abs(image[0].float().mean(dim=(1, 2)).numpy() - mean_full_square).max() < 3  # same region, same colours
+    with pytest.raises(ValueError, match="no such file"):
+        load_image("/nonexistent/cat.png", 32)
+
+
+def test_edit_run_writes_images_pair_and_metrics(tiny_sd, tmp_path):  # noqa: F811
+    out = tmp_path / "edit"
+    metrics = edit_run(tiny_sd, out, image="china.jpg", num_steps=4, guidance_scale=3.0, gamma=0.96,
+                       num_inner_steps=2, grid_scale=1)
+    for method in METHODS:
+        with Image.open(out / f"{method}.png") as png:
+            assert png.size == (3 * 33 + 1, 33 + 1)  # original | reconstruction | edit, 32 px tiles, 1 px padding
+            tiles = np.asarray(png.convert("RGB"))
+        assert np.array_equal(tiles[1:33, 1:33], load_image("china.jpg", 32)[0].permute(1, 2, 0).numpy())
+        m = metrics["methods"][method]
+        assert m["settings"]["num_steps"] == 4 and m["cost"]["inversion"]["nfe"] > 0 and m["cost"]["inversion"]["seconds"] > 0
+        assert set(m) >= {"latent", "image", "image_vs_vae", "cost", "settings"}
+    with Image.open(out / "edit_grid.png") as grid:
+        assert grid.size == (3 * 33 + 1, len(METHODS) * 33 + 1)
+    assert json.loads((out / "metrics.json").read_text())["methods"].keys() == set(METHODS)
+    assert metrics["methods"]["bdia"]["settings"]["gamma"] == 0.96
+    assert metrics["methods"]["bdia"]["latent"]["relative_error"] < 1e-10  # float32 UNet, float64 state
+    assert metrics["methods"]["edict"]["latent"]["relative_error"] < 1e-10
+    assert metrics["methods"]["ddim"]["latent"]["relative_error"] > 1e-6
+    assert metrics["methods"]["bdia"]["nfe_inversion_and_reconstruction"] == 4 + 3
+    assert metrics["methods"]["edict"]["nfe_inversion_and_reconstruction"] == 2 * (4 + 4)
+    assert (out / "env.json").is_file() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    # The saved pair is the image: regenerating from it with the source prompt gives back the encoded latent.
+    pair = np.load(out / "bdia_pair.npz")
+    assert float(pair["gamma"]) == 0.96 and pair["x_end"].dtype == np.float64
+    sigmas = torch.from_numpy(pair["sigmas"])
+    embeds = tiny_sd.encode_prompts(["a photo of a chinese temple"])
+    x = bdia.sample(tiny_sd.denoiser(3.0), (torch.from_numpy(pair["x_end"]), torch.from_numpy(pair["x_inner"])), sigmas,
+                    solver="bdia_ddim", gamma=0.96, cond={"encoder_hidden_states": embeds})
+    z0 = tiny_sd.encode_images(load_image("china.jpg", 32).float() / 127.5 - 1)
+    z = x * bdia.vp_alpha(sigmas[-1])
+    assert float((z - z0).norm() / z0.norm()) < 1e-10
+
+
+def test_edit_run_rejects_unknown_methods(tiny_sd, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="unknown"):
+        edit_run(tiny_sd, tmp_path, methods=["bdia", "p2p"], num_steps=4)
+
+
+def test_script_config_runs_end_to_end_on_the_tiny_folder(tiny_sd_dir, tmp_path):  # noqa: F811
+    """The Hydra shell's function on configs/edit.yaml composed with model=tiny-sd (the command line
+    ``python scripts/edit.py model=tiny-sd model.path=... num_steps=3 ...``), in process to keep the test fast."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    spec = importlib.util.spec_from_file_location("edit_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "run"
+    overrides = ["model=tiny-sd", f"model.path={tiny_sd_dir}", "num_steps=3", "methods=[bdia,edict]",
+                 "guidance_scale=2", "gamma=0.92", f"out_dir={out}"]
+    assert script.preflight(overrides, config_name="edit") is None
+    assert "unknown model" in script.preflight(["model=sd99"], config_name="edit")
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("edit", overrides=overrides)
+    metrics = script.edit_from_config(cfg, choices={"model": "tiny-sd"})
+    assert sorted(metrics["methods"]) == ["bdia", "edict"]
+    assert metrics["model"]["config"] == "tiny-sd" and metrics["methods"]["bdia"]["settings"]["gamma"] == 0.92
+    assert json.loads((out / "metrics.json").read_text())["num_steps"] == 3
+    assert (out / "bdia_pair.npz").is_file() and (out / "bdia.png").is_file() and (out / "config.yaml").is_file()
+
+
+def test_script_with_sd15_offline_fails_at_once_with_one_line(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(SCRIPT), f"out_dir={tmp_path / 'x'}"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5" in lines[0] and "model.path" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 60  # imports only: no download retries (measured ~10 s on 2 busy cores)
+    assert not (tmp_path / "x" / "metrics.json").exists()
