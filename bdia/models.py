@@ -89,6 +89,8 @@ def load_model(model_cfg: Mapping[str, Any] | Any):
 
     if model_cfg is None or "_target_" not in model_cfg:
         raise ValueError("model: the config has no _target_ (choose one with model=<name>)")
+    if model_cfg["_target_"] == "bdia.networks.sd.load_sd":
+        raise ValueError("model: Stable Diffusion is a text-to-image model; use scripts/text2image.py (or scripts/edit.py), not scripts/sample.py")
     try:
         return instantiate(model_cfg, _convert_="all")
     except InstantiationException as e:

@@ -234,3 +234,10 @@ def test_bad_names_and_paths_give_one_clear_error(tmp_path):
 def test_container_holds_no_solver_state(tiny_sd):
     assert isinstance(tiny_sd, StableDiffusion)
     assert not any(isinstance(v, torch.Tensor) and v.ndim == 4 for v in vars(tiny_sd).values())
+
+
+def test_sample_app_points_stable_diffusion_models_to_text2image():
+    from bdia.models import load_model
+
+    with pytest.raises(ValueError, match="scripts/text2image.py"):
+        load_model({"_target_": "bdia.networks.sd.load_sd", "name": "sd15", "path": None, "dtype": "float32"})
