@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
-           "sweep_commands", "plan_jobs", "dry_run_text", "reproduce"]
+           "sweep_commands", "plan_jobs", "planned_nfe", "dry_run_text", "reproduce"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = REPO_ROOT / "configs" / "tables"
@@ -187,19 +187,41 @@ def _rank_layout(seeds: str, ngpu: int, launcher: str) -> str:
     return f"{count} images, {where}: {ngpu} ranks, rank r samples seeds[r::{ngpu}] ({per} each)"
 
 
+def planned_nfe(cfg) -> int | None:
+    """Network evaluations per image a job will make (the runs measure it; this is for planning): N for the DDIM
+    family, 2N - 1 for the EDM family (Heun, Euler onto sigma = 0), plus N - 1 with BDIA-EDM's Heun backward map (one per BDIA step)."""
+    solver = cfg.get("solver") if hasattr(cfg, "get") else None
+    if solver is None or solver.get("num_steps") is None:
+        return None
+    steps = int(solver.num_steps)
+    if solver.name in ("ddim", "bdia_ddim"):
+        return steps
+    extra = steps - 1 if solver.get("backward") == "heun" else 0
+    return 2 * steps - 1 + extra
+
+
 def dry_run_text(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu: int = 1, launcher: str = "local",
                  runs_root: str | Path | None = None) -> str:
     """What :func:`reproduce` would run: the commands, then every job with its seeds and rank layout."""
     lines = [f"# {spec['name']}: {spec['title']}", f"# dry run: {len(sweeps)} multirun(s), nothing is executed"]
     commands = sweep_commands(spec, sweeps, ngpu, launcher, runs_root, python="python")
     jobs = plan_jobs(spec, sweeps)
+    from .run import parse_seeds
+
+    evaluations = 0
     for index, command in enumerate(commands):
         lines.append(f"multirun {index}: {shlex.join(command)}")
         for job in (j for j in jobs if j["sweep"] == index):
+            nfe = planned_nfe(job["config"])
+            cost = "" if nfe is None else f" | NFE {nfe}"
+            evaluations += (nfe or 0) * len(parse_seeds(job["seeds"]))
             lines.append(f"  job: {' '.join(job['overrides'])} | seeds {job['seeds']} | "
-                         f"{_rank_layout(job['seeds'], ngpu, launcher)}")
+                         f"{_rank_layout(job['seeds'], ngpu, launcher)}{cost}")
     lines.append(f"then: python scripts/make_tables.py {spec['name']} -> {spec['output']}.{{md,csv,png}}")
-    lines.append(f"total: {len(jobs)} jobs")
+    total = f"total: {len(jobs)} jobs"
+    if evaluations:
+        total += f", {evaluations:,} network evaluations (images x NFE; guidance doubles each one's batch)"
+    lines.append(total)
     return "\n".join(lines)
 
 

@@ -190,3 +190,46 @@ def test_table2_mini_smoke_runs_end_to_end_and_writes_its_table(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
     nfe = {(r["solver"], int(r["num_steps"])): int(r["column"]) for r in fd_rows}
     assert nfe[("edm", 3)] == 5 and nfe[("edm", 5)] == 9 and nfe[("ddim", 5)] == 5 and nfe[("bdia_edm", 3)] == 5
+
+
+def test_planned_nfe_matches_the_solvers_measured_counts():
+    """The dry run's NFE column against NFE measured with CountingDenoiser on the same grids."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import bdia
+    from bdia.denoisers import CountingDenoiser
+    from bdia.reproduce import planned_nfe
+
+    means = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    for name, backward in (("ddim", None), ("bdia_ddim", None), ("edm", None), ("bdia_edm", "euler"), ("bdia_edm", "heun")):
+        for steps in (3, 6):
+            counting = CountingDenoiser(bdia.GaussianMixtureDenoiser(means, stds=[0.3, 0.3]))
+            kwargs = {} if backward is None else {"backward": backward}
+            gamma = 0.5 if name.startswith("bdia") else None
+            bdia.sample(counting, torch.ones(1, 1, 2, 2) * 80, bdia.karras_sigmas(steps), solver=name, gamma=gamma, **kwargs)
+            cfg = OmegaConf.create({"solver": {"name": name, "num_steps": steps, **kwargs}})
+            assert planned_nfe(cfg) == counting.nfe, (name, backward, steps)
+
+
+def test_wandb_flag_groups_every_run_of_a_table_and_logs_one_summary(tmp_path, capsys):
+    from bdia.reproduce import reproduce
+    from bdia.tables import log_table_to_logger
+
+    text = reproduce("table2_mini", dry_run=True, smoke=True, wandb=True)["dry_run"]
+    job_lines = [line for line in text.splitlines() if line.startswith("  job: ")]
+    assert job_lines and all("logger=wandb logger.group=table2_mini" in line for line in job_lines)
+
+    class Recorder:
+        def __init__(self):
+            self.tables = []
+
+        def log_table(self, key, columns, rows):
+            self.tables.append((key, columns, list(rows)))
+
+    recorder = Recorder()
+    runs = [_record(tmp_path, "a", "ddim", None, 5, 2.0), _record(tmp_path, "b", "bdia_ddim", 0.5, 5, 1.0)]
+    log_table_to_logger(recorder, SPEC, table_rows(SPEC, runs))
+    (key, columns, rows), = recorder.tables
+    assert key == "t/summary" and "value" in columns
+    assert {(r[1], r[4]) for r in rows if r[3] == "FD"} == {("ddim", 2.0), ("bdia_ddim γ=0.5", 1.0)}
