@@ -399,12 +399,19 @@ def _instantiate(spec, **kwargs):
 
 
 def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
-    """Load CLIP weights before sampling, so a missing model fails at once rather than after the run."""
+    """Load CLIP weights and FID reference statistics before sampling, so a missing model, reference folder or
+    statistics file fails at once rather than after the run."""
     from .metrics.clip_score import CLIPScore, load_clip
+    from .metrics.fid import FID
 
     for metric in evaluators.values():
         if isinstance(metric, CLIPScore) and getattr(metric, "_loaded", None) is None:
             metric._loaded = load_clip(metric.path, metric.device, metric.dtype)
+        if isinstance(metric, FID):
+            if str(metric.ref_spec) == "auto":
+                raise ValueError("text-to-image FID needs a reference: metrics.fid.ref=<folder of real images (e.g. "
+                                 "COCO val2014 resized to the model's size), or a statistics .npz from scripts/fid_ref.py>")
+            metric.reference_for(metric.ref_spec)  # cached; computed once from a folder
 
 
 def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict:

@@ -254,3 +254,16 @@ def test_offline_hub_model_and_clip_model_fail_at_once_with_one_line(monkeypatch
     message = cli(monkeypatch, tmp_path, "model=tiny-sd", "model.path=nowhere", "device=cpu", f"out_dir={tmp_path / 'x'}")
     assert message.startswith("error: model.path=nowhere is not available: no such folder")
     assert cli(monkeypatch, tmp_path, "model=sd3") .startswith("error: unknown model 'sd3'")
+
+
+def test_make_tiny_sd_script_writes_a_loadable_folder(tmp_path, capsys):
+    import runpy as _runpy
+
+    main = _runpy.run_path(str(REPO / "scripts" / "make_tiny_sd.py"))["main"]
+    assert main([str(tmp_path / "tiny"), "--seed", "2"]) == 0
+    assert "model.path=" in capsys.readouterr().out
+    from bdia.networks.sd import load_sd
+
+    assert load_sd(path=tmp_path / "tiny").latent_shape() == (4, 8, 8)
+    assert main([str(tmp_path / "bad"), "--sample-size", "30"]) == 1
+    assert "multiple of 8" in capsys.readouterr().err
