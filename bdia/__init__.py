@@ -5,9 +5,13 @@
     x0 = bdia.sample(denoiser, latents * sigmas[0], sigmas, solver="bdia_edm", gamma=0.5)
     pair = bdia.sample(denoiser, latents * sigmas[0], sigmas, solver="bdia_edm", gamma=0.5, return_pair=True)
     noise_pair = bdia.invert(denoiser, pair, sigmas, solver="bdia_edm", gamma=0.5)
+
+Stable Diffusion (diffusers components, our solver loop): ``bdia.load_sd("sd15")`` or ``load_sd(path=...)``;
+the drop-in diffusers scheduler is ``bdia.schedulers.BDIADDIMScheduler`` (not imported here: it loads diffusers).
 """
 
 from . import networks
+from .networks.sd import SD_MODELS, StableDiffusion, load_sd, x_to_z, z_to_x
 from .denoisers import (
     ClassifierFreeGuidance,
     CountingDenoiser,
