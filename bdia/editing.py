@@ -362,8 +362,8 @@ class MethodResult:
     """One method's round trip and edit of a batch of clean states (EDM convention, at ``sigmas[-1]``).
 
     ``representation``: what the image inverts to (tensors; see :func:`invert_and_edit`). ``cost``: per phase
-    (``inversion``, ``reconstruction``, ``edit``) the measured ``nfe``, ``network_rows``, ``backward_passes`` and
-    ``seconds``. ``settings``: the method's parameters (gamma, p, guidance, steps, dtype ...)."""
+    (``inversion``, ``reconstruction``, ``edit``) the measured ``nfe``, ``network_rows``, ``backward_passes``,
+    ``seconds`` (wall) and ``cpu_seconds`` (this process's CPU time: steadier than wall time on a shared machine). ``settings``: the method's parameters (gamma, p, guidance, steps, dtype ...)."""
 
     method: str
     reconstruction: torch.Tensor
@@ -420,12 +420,13 @@ def invert_and_edit(
     def phase(fn):
         counted.reset()
         _synchronize(x_clean.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn()
         _synchronize(x_clean.device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         backward = state.pop("backward", 0)
-        return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward, "seconds": seconds}
+        return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward,
+                     "seconds": seconds, "cpu_seconds": cpu_seconds}
 
     settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
                 "dtype": str(x_clean.dtype).replace("torch.", "")}
