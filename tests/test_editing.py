@@ -134,6 +134,15 @@ def test_bdia_strength_inverts_the_tail_of_the_grid(setup64):
     assert result.cost["inversion"]["nfe"] == 5 and result.cost["edit"]["nfe"] == 4
 
 
+@pytest.mark.parametrize("method, calls_per_step", [("ddim", 1), ("edict", 2)])
+def test_strength_applies_to_every_method(setup64, method, calls_per_step):
+    result = run(method, setup64, strength=0.3)  # ceil(0.3 * 10) = 3 steps at the clean end
+    assert result.settings["num_steps"] == 3
+    assert result.cost["inversion"]["nfe"] == 3 * calls_per_step == result.cost["edit"]["nfe"]
+    if method == "edict":
+        assert rel(result.reconstruction, setup64["x"]) <= 1e-10
+
+
 # --------------------------------------------------------------------------------------------------
 # DDIM inversion: not exact; equal to the transcription of the standard loop.
 
