@@ -35,6 +35,13 @@ Conventions (they bite here)
 
   which in ``x = z / alpha`` is the Euler step ``x_to = x_from + (sigma_to - sigma_from) eps`` (:func:`ddim_z`).
 
+* BDIA's inversion from a single clean state starts with :func:`bdia.invert`'s approximate DDIM step, which
+  evaluates the slope at ``x_N`` with the label of ``sigma_{N-1}`` (the network sees ``alpha_{N-1} x_N``, not
+  ``z_N`` as in :func:`ddim_invert`); it hardly matters: regeneration from the pair reproduces ``x_N`` exactly
+  whatever that step was.
+* Edits regenerate each method's representation under the edit prompt (same grid, same guidance). Not
+  included: prompt-to-prompt attention control (the null-text paper edits with it), EDICT's own add-ons.
+
 NFE is measured with :class:`CountingDenoiser` around ``base`` (one guided call, batched over both halves,
 counts once; an unguided call also counts once); ``network_rows`` counts the batch rows the network ran
 (a guided call on one image = 2 rows). Backward passes (null-text) are counted separately; each costs
