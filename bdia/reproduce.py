@@ -11,6 +11,7 @@ A table is a spec in ``configs/tables/<name>.yaml`` (see :mod:`bdia.tables` for 
       - [experiment=table2_digits, solver=edm, "solver.num_steps=3,5,8,13,18"]
     smoke: [seeds=0-7]                 # --smoke (tests): these overrides, and every comma list cut to
     smoke_values: 2                    #   its first smoke_values entries
+    multi_gpu: true                    # false: the script has no torchrun sharding (ngpu > 1 is refused)
 
 Each sweep runs as ``python <script> -m <overrides>``; with ``ngpu > 1`` under ``torchrun --nproc_per_node=ngpu``
 (``launcher=torchrun``: every run's seeds are split over the ranks, rank r sampling ``seeds[r::ngpu]``), with
@@ -32,7 +33,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
-           "sweep_commands", "plan_jobs", "planned_nfe", "dry_run_text", "reproduce"]
+           "sweep_commands", "plan_jobs", "planned_nfe", "planned_images", "dry_run_text", "reproduce"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = REPO_ROOT / "configs" / "tables"
@@ -136,6 +137,9 @@ def sweep_commands(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngp
         raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
     if int(ngpu) < 1:
         raise ValueError(f"ngpu must be >= 1, got {ngpu}")
+    if ngpu > 1 and not spec.get("multi_gpu", True):
+        raise ValueError(f"{spec['script']} runs on one process; table {spec['name']} cannot use ngpu={ngpu} "
+                         f"(launcher=slurm runs its jobs in parallel instead)")
     commands = []
     for sweep in sweeps:
         overrides = list(sweep)
@@ -176,10 +180,18 @@ def _compose(config_name: str, overrides: Sequence[str]):
         return compose(config_name=config_name, overrides=list(overrides))
 
 
-def _rank_layout(seeds: str, ngpu: int, launcher: str) -> str:
+def planned_images(cfg) -> int:
+    """Images a job makes: one per seed, or for text-to-image one per (prompt, seed)."""
     from .run import parse_seeds
 
-    count = len(parse_seeds(seeds))
+    count = len(parse_seeds(str(cfg.get("seeds"))))
+    if "num_prompts" in cfg or "prompts" in cfg:
+        prompts = cfg.get("num_prompts") or (len(cfg.prompts) if cfg.get("prompts") is not None else None)
+        count *= int(prompts) if prompts else 1
+    return count
+
+
+def _rank_layout(count: int, ngpu: int, launcher: str) -> str:
     where = "one SLURM array task" if launcher == "slurm" else ("torchrun" if ngpu > 1 else "one process")
     if ngpu == 1:
         return f"{count} images, {where}"
@@ -206,21 +218,20 @@ def dry_run_text(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu:
     lines = [f"# {spec['name']}: {spec['title']}", f"# dry run: {len(sweeps)} multirun(s), nothing is executed"]
     commands = sweep_commands(spec, sweeps, ngpu, launcher, runs_root, python="python")
     jobs = plan_jobs(spec, sweeps)
-    from .run import parse_seeds
-
     evaluations = 0
     for index, command in enumerate(commands):
         lines.append(f"multirun {index}: {shlex.join(command)}")
         for job in (j for j in jobs if j["sweep"] == index):
             nfe = planned_nfe(job["config"])
             cost = "" if nfe is None else f" | NFE {nfe}"
-            evaluations += (nfe or 0) * len(parse_seeds(job["seeds"]))
+            images = planned_images(job["config"])
+            evaluations += (nfe or 0) * images
             lines.append(f"  job: {' '.join(job['overrides'])} | seeds {job['seeds']} | "
-                         f"{_rank_layout(job['seeds'], ngpu, launcher)}{cost}")
+                         f"{_rank_layout(images, ngpu, launcher)}{cost}")
     lines.append(f"then: python scripts/make_tables.py {spec['name']} -> {spec['output']}.{{md,csv,png}}")
     total = f"total: {len(jobs)} jobs"
     if evaluations:
-        total += f", {evaluations:,} network evaluations (images x NFE; guidance doubles each one's batch)"
+        total += f", {evaluations:,} network evaluations (images x NFE)"
     lines.append(total)
     return "\n".join(lines)
 

@@ -45,13 +45,13 @@ def dig(record: Mapping[str, Any], dotted: str, default=None):
 
 
 def collect_runs(run_roots: Iterable[str | Path]) -> list[dict]:
-    """Every ``<root>/*/metrics.json`` (sorted), loaded, with ``run_dir`` added. Missing roots are skipped."""
+    """Every ``metrics.json`` below each root (sorted), loaded, with ``run_dir`` added. Missing roots are skipped."""
     runs = []
     for root in run_roots:
         root = Path(root)
         if not root.is_dir():
             continue
-        for path in sorted(root.glob("*/metrics.json")):
+        for path in sorted(root.rglob("metrics.json")):
             record = json.loads(path.read_text())
             record["run_dir"] = str(path.parent)
             runs.append(record)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bdia
-from bdia.networks.sd import z_to_x
+from bdia.networks.sd import build_tiny_clip, z_to_x  # noqa: F401  (build_tiny_clip: re-exported for tests)
 
 #: Prompts used across SD tests (the tiny tokenizer knows bytes and a few merges; any text works).
 PROMPTS = ["a photo of the cat", "an oil painting of a mountain lake"]
@@ -71,30 +71,3 @@ def our_sample(sd, prompts, seeds, num_steps, guidance_scale, solver="ddim", gam
     return out, sigmas, counted.nfe
 
 
-def build_tiny_clip(folder, image_size: int = 32):
-    """A random transformers CLIPModel + CLIPProcessor (width 32, 2 layers, ``image_size`` pixels, patch 8) saved
-    like a Hub model, with the tiny SD's locally built tokenizer: a CLIP-score model that needs no download."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from bdia.networks.sd import _tiny_tokenizer
-
-    tokenizer, vocab = _tiny_tokenizer()
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
-        projection_dim=16,
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    torch.random.set_rng_state(state)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                                                 crop_size={"height": image_size, "width": image_size}),
-                              tokenizer=tokenizer)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder

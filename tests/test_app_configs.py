@@ -28,7 +28,8 @@ from bdia.networks.registry import CHECKPOINTS
 
 FAST_DIGITS_METRIC = ["metrics.digits.kid=false", "metrics.digits.real_floor=false"]
 GROUPS = ("dataset", "model", "solver", "metrics", "logger", "launcher", "experiment")
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+# configs/experiment/ also holds scripts/text2image.py's experiments (marked "# app: text2image"); not this app's.
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if "# app: text2image" not in p.read_text())
 DATASET_MODELS = {
     "cifar10": "edm-cifar10-32x32-cond-vp",
     "ffhq": "edm-ffhq-64x64-uncond-vp",

@@ -18,11 +18,13 @@ from bdia.reproduce import (
     load_spec,
     plan_jobs,
     plan_sweeps,
+    run_roots,
     spec_names,
     split_values,
     sweep_commands,
 )
 from bdia.tables import render_markdown, table_rows
+from sd_helpers import tiny_sd_dir  # noqa: F401  (session fixture)
 
 TABLE2_MODELS = {
     "table2_cifar10": "edm-cifar10-32x32-cond-vp",
@@ -116,10 +118,9 @@ def test_table2_dry_run_covers_every_model_nfe_solver_cell():
 def test_every_table_spec_composes_its_jobs():
     for name in spec_names():
         spec = load_spec(name)
-        if spec["config"] != "sample":
-            continue  # other apps' specs are checked by their own tests
         jobs = plan_jobs(spec, plan_sweeps(spec, smoke=True))
         assert jobs and all(j["seeds"] for j in jobs)
+        assert all(j["config"].experiment_name in {r.name for r in run_roots(spec)} for j in jobs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,3 +234,28 @@ def test_wandb_flag_groups_every_run_of_a_table_and_logs_one_summary(tmp_path, c
     (key, columns, rows), = recorder.tables
     assert key == "t/summary" and "value" in columns
     assert {(r[1], r[4]) for r in rows if r[3] == "FD"} == {("ddim", 2.0), ("bdia_ddim γ=0.5", 1.0)}
+
+
+def test_table1_mini_smoke_runs_the_text_to_image_path_end_to_end(tmp_path, tiny_sd_dir):
+    from bdia.networks.sd import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "table1"
+    result = subprocess.run(
+        [sys.executable, "scripts/reproduce.py", "table1_mini", "--smoke", "--runs-root", str(tmp_path / "runs"),
+         "--output", str(out), f"model.path={tiny_sd_dir}", f"metrics.clip.path={clip}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.with_suffix(".md").read_text()
+    assert "| ddim |" in text and "| bdia_ddim γ=0.5 |" in text and "steps (NFE) 10" in text
+    with out.with_suffix(".csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"].startswith("CLIP")]
+    assert {(r["solver"], r["column"]) for r in rows} == {("ddim", "10"), ("bdia_ddim", "10")}
+    assert all(int(r["num_images"]) == 8 for r in rows)  # 8 prompts x 1 seed
+
+
+def test_text_to_image_tables_refuse_torchrun():
+    spec = load_spec("table1")
+    with pytest.raises(ValueError, match="one process"):
+        sweep_commands(spec, plan_sweeps(spec), ngpu=8)

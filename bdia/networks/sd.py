@@ -50,6 +50,7 @@ __all__ = [
     "StableDiffusion",
     "load_sd",
     "build_tiny_sd",
+    "build_tiny_clip",
     "z_to_x",
     "x_to_z",
     "PATH_KEY",
@@ -470,3 +471,30 @@ def build_tiny_sd(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_tiny_clip(folder, image_size: int = 32):
+    """A random transformers CLIPModel + CLIPProcessor (width 32, 2 layers, ``image_size`` pixels, patch 8) saved
+    like a Hub model, with the tiny SD's locally built tokenizer: a CLIP-score model that needs no download."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer, vocab = _tiny_tokenizer()
+    eos = vocab["<|endoftext|>"]
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    torch.random.set_rng_state(state)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                                 crop_size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
