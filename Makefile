@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .PHONY: help venv test test-all sample sample-torchrun sample-demo accuracy bench clean tables \
-	reproduce-table2 reproduce-table2-mini
+	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
+	tiny-sd edit-demo editing-cost
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -42,6 +43,7 @@ accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> re
 bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost -> results/bench/
 	$(PY) benchmarks/bench_solvers.py
 	$(PY) benchmarks/bench_roundtrip.py
+	OMP_NUM_THREADS=1 $(PY) scripts/editing_cost.py
 
 # Paper tables (configs/tables/*.yaml): Hydra multiruns that resume when re-run, then the table is rebuilt from
 # the run folders' metrics.json. NGPU=8: torchrun with 8 ranks per run; LAUNCHER=slurm: Hydra's submitit
@@ -50,11 +52,35 @@ NGPU ?= 1
 LAUNCHER ?= local
 REPRODUCE = $(PY) scripts/reproduce.py --ngpu $(NGPU) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run)
 
+TINY_SD := results/tiny_sd/model_index.json
+$(TINY_SD): | $(STAMP)
+	$(PY) scripts/make_tiny_sd.py results/tiny_sd --clip results/tiny_clip
+
+tiny-sd: $(TINY_SD)  ## write the tiny random Stable Diffusion (+ tiny CLIP) used offline: results/tiny_sd, results/tiny_clip
+
+reproduce-table1: $(STAMP)  ## Table 1: DDIM vs BDIA-DDIM on SD 2.1-base, COCO FID + CLIP (ARGS="coco_captions=... metrics.fid.ref=...")
+	$(REPRODUCE) table1 $(ARGS)
+
+reproduce-table1-mini: $(TINY_SD)  ## Table 1's twin on the tiny random SD, CPU (pipeline check) -> results/mini/table1.*
+	$(REPRODUCE) table1_mini $(ARGS)
+
 reproduce-table2: $(STAMP)  ## Table 2: EDM vs BDIA-EDM FID on the 4 EDM networks (GPUs; NGPU=8, LAUNCHER=slurm, DRY_RUN=1)
 	$(REPRODUCE) table2 $(ARGS)
 
 reproduce-table2-mini: $(STAMP)  ## Table 2's twin on the embedded digits model, CPU -> results/embedded/table2.{md,csv,png}
 	$(REPRODUCE) table2_mini $(ARGS)
+
+reproduce-table3: $(STAMP)  ## Table 3: inversion of real images on SD 1.4 (float64): DDIM inv., EDICT, null-text, BDIA
+	$(REPRODUCE) table3 $(ARGS)
+
+reproduce-table3-mini: $(TINY_SD)  ## Table 3's twin on the tiny random SD, CPU -> results/mini/table3.*
+	$(REPRODUCE) table3_mini $(ARGS)
+
+edit-demo: $(TINY_SD)  ## invert + edit scikit-learn's china.jpg with all four methods on the tiny SD -> results/edit/default/
+	$(PY) scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4 $(ARGS)
+
+editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/editing/
+	OMP_NUM_THREADS=1 $(PY) scripts/editing_cost.py
 
 tables:  ## rebuild every table from the run folders present (scripts/make_tables.py --all)
 	$(PY) scripts/make_tables.py --all

@@ -119,7 +119,7 @@ def _experiments(sweeps: Sequence[Sequence[str]]) -> list[str]:
     for sweep in sweeps:
         for override in sweep:
             key, value = _key_value(override)
-            if key == "experiment":
+            if key in ("experiment", "experiment_name"):  # experiment files set experiment_name to their own name
                 names += [v for v in split_values(value) if v not in names]
     return names
 
@@ -264,7 +264,7 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
 
         logger = WandbLogger(job_type="table", group=spec["name"])
         logger.start({"table": spec["name"]}, run_dir=Path(paths["md"]).parent, name=f"{spec['name']}-summary")
-        log_table_to_logger(logger, spec, table_rows(spec, collect_runs(run_roots(spec, runs_root))))
+        log_table_to_logger(logger, spec, table_rows(spec, collect_runs(run_roots(spec, runs_root), spec.get("explode"))))
         logger.finish()
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -10,6 +10,8 @@ folders belong to a table and what to show:
 * ``column``: the key along the x axis (e.g. ``nfe``, measured by the run, not assumed);
 * ``metrics``: ``[{key, label, format}]``, the first is the plotted one; lower is better unless ``higher_is_better``;
 * ``floors``: ``[{key, label}]``: reference values printed beside the rows (e.g. the real-data FD floor);
+* ``explode``: a key holding one dict per method (``scripts/edit.py``'s ``methods``): one record per method;
+* ``figure``: a file in each run folder (e.g. ``edit_grid.png``) copied beside the table, one per section;
 * ``published``: ``registry`` shows the FID that EDM's repository states for the section's checkpoint (its own
   column, with its NFE and source); anything else is left out.
 
@@ -24,6 +26,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 __all__ = ["dig", "collect_runs", "table_rows", "render_markdown", "write_table", "line_label", "BASE_SOLVER"]
 
 #: The base solver a BDIA solver reduces to at gamma = 0 (the comparison the summary makes).
-BASE_SOLVER = {"bdia_edm": "edm", "bdia_ddim": "ddim"}
+BASE_SOLVER = {"bdia_edm": "edm", "bdia_ddim": "ddim", "bdia": "ddim"}  # "bdia": editing's method name
 
 
 def dig(record: Mapping[str, Any], dotted: str, default=None):
@@ -44,8 +47,11 @@ def dig(record: Mapping[str, Any], dotted: str, default=None):
     return value
 
 
-def collect_runs(run_roots: Iterable[str | Path]) -> list[dict]:
-    """Every ``metrics.json`` below each root (sorted), loaded, with ``run_dir`` added. Missing roots are skipped."""
+def collect_runs(run_roots: Iterable[str | Path], explode: str | None = None) -> list[dict]:
+    """Every ``metrics.json`` below each root (sorted), loaded, with ``run_dir`` added. Missing roots are skipped.
+
+    ``explode="methods"``: a run that compares several methods (``scripts/edit.py``) holds one dict per method
+    under that key; each becomes its own record (the run's top-level keys, the method's keys, ``method``)."""
     runs = []
     for root in run_roots:
         root = Path(root)
@@ -54,7 +60,12 @@ def collect_runs(run_roots: Iterable[str | Path]) -> list[dict]:
         for path in sorted(root.rglob("metrics.json")):
             record = json.loads(path.read_text())
             record["run_dir"] = str(path.parent)
-            runs.append(record)
+            if explode is None:
+                runs.append(record)
+                continue
+            parent = {k: v for k, v in record.items() if k != explode}
+            for name, values in (record.get(explode) or {}).items():
+                runs.append({**values, **parent, "method": name})  # the run's keys (image, ...) win
     return runs
 
 
@@ -82,6 +93,10 @@ def line_label(record: Mapping[str, Any], keys: Sequence[str]) -> str:
     return " ".join(parts)
 
 
+def _gamma_of(record, line_keys):
+    return next((dig(record, k) for k in line_keys if k.split(".")[-1] == "gamma"), None)
+
+
 def table_rows(spec: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Long format: one dict per (run, metric) with section, line, solver, gamma, column value, metric, value.
 
@@ -102,7 +117,7 @@ def table_rows(spec: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> li
         for metric in spec["metrics"]:
             value = dig(record, metric["key"])
             rows.append(dict(
-                section=section, line=line, solver=dig(record, "solver"), gamma=_gamma_text(dig(record, "gamma")),
+                section=section, line=line, solver=dig(record, line_keys[0]), gamma=_gamma_text(_gamma_of(record, line_keys)),
                 num_steps=dig(record, "num_steps"), column=column, metric=metric["label"],
                 value=None if value is None else float(value), num_images=dig(record, "num_images"),
                 run_dir=record["run_dir"],
@@ -119,6 +134,8 @@ def table_rows(spec: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> li
 def _format(value, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
+    if fmt.endswith("d"):
+        value = int(round(value))
     return format(value, fmt)
 
 
@@ -147,7 +164,7 @@ def _summary(cells: Mapping[tuple[str, Any], float], lines: Sequence[str], colum
             continue
         wins = [c for c in shared if better(cells[(line, c)], cells[(base, c)])]
         ratios = [cells[(line, c)] / cells[(base, c)] for c in shared if cells[(base, c)] not in (0.0,)]
-        ratio_text = f"; ratio to {base} {min(ratios):.2f}–{max(ratios):.2f}" if ratios else ""
+        ratio_text = f"; ratio to {base} {min(ratios):.3g}–{max(ratios):.3g}" if ratios else ""
         out.append(f"- {line}: better than {base} at {len(wins)} of {len(shared)} "
                    f"({', '.join(str(c) for c in wins) or 'none'}){ratio_text}")
     return out
@@ -260,18 +277,44 @@ def _plot(spec: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path
     plt.close(fig)
 
 
+def _copy_figures(spec, runs, output: Path) -> dict[str, Path]:
+    """``figure: <file>``: per section, copy that file of the run with the largest column value next to the table."""
+    name = spec.get("figure")
+    if not name:
+        return {}
+    best: dict[str, Mapping] = {}
+    for record in runs:
+        section = str(dig(record, spec["section"]))
+        if (Path(record["run_dir"]) / name).is_file():
+            if section not in best or (dig(record, spec["column"]) or 0) > (dig(best[section], spec["column"]) or 0):
+                best[section] = record
+    copied = {}
+    for section, record in sorted(best.items()):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in section)
+        target = output.parent / f"{output.name}_{safe}{Path(name).suffix}"
+        shutil.copyfile(Path(record["run_dir"]) / name, target)
+        copied[section] = target
+    return copied
+
+
 def write_table(spec: Mapping[str, Any], runs_root: str | Path, output: str | Path | None = None,
                 command: str | None = None, plot: bool = True) -> dict[str, Path]:
     """Collect the table's run folders, write ``<output>.md``, ``.csv`` and ``.png``; return their paths."""
     from .reproduce import run_roots  # the table spec -> run folders (shared with the runner)
 
     roots = run_roots(spec, runs_root)
-    rows = table_rows(spec, collect_runs(roots))
+    runs = collect_runs(roots, spec.get("explode"))
+    rows = table_rows(spec, runs)
     output = Path(output or spec["output"])
     output.parent.mkdir(parents=True, exist_ok=True)
     command = command or f"python scripts/make_tables.py {spec['name']}"
     paths = {"md": output.with_suffix(".md"), "csv": output.with_suffix(".csv")}
-    paths["md"].write_text(render_markdown(spec, rows, command, [str(r) for r in roots]))
+    figures = _copy_figures(spec, runs, output)
+    text = render_markdown(spec, rows, command, [str(r) for r in roots])
+    if figures:
+        text += "\n## Figures\n\n" + "\n".join(f"![{section}]({path.name})" for section, path in figures.items()) + "\n"
+        paths.update({f"figure {section}": path for section, path in figures.items()})
+    paths["md"].write_text(text)
     _write_csv(rows, paths["csv"])
     if plot and any(r["column"] is not None for r in rows):
         paths["png"] = output.with_suffix(".png")

@@ -60,11 +60,13 @@ def edit_from_config(cfg, choices=None) -> dict:
     from bdia.editing import edit_run
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    sd = load_sd_config(config.pop("model", None))
+    model_cfg = config.pop("model", None)
+    config.pop("experiment_name", None)  # names the sweep folder (results/edit/<experiment_name>/) only
     keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
+    sd = load_sd_config(model_cfg)
     model_info = {"config": (choices or {}).get("model"), **sd.describe()}
     return edit_run(sd, config=OmegaConf.to_container(cfg, resolve=True), model_info=model_info, **config)
 

@@ -161,7 +161,7 @@ def test_markdown_marks_the_best_value_and_counts_bdia_wins(tmp_path):
     text = render_markdown(SPEC, table_rows(SPEC, runs), "make x", ["runs"])
     assert "| ddim | 2.000 | **1.000** |" in text
     assert "| bdia_ddim γ=0.5 | **1.000** | 1.200 |" in text
-    assert "bdia_ddim γ=0.5: better than ddim at 1 of 2 (5); ratio to ddim 0.50–1.20" in text
+    assert "bdia_ddim γ=0.5: better than ddim at 1 of 2 (5); ratio to ddim 0.5–1.2" in text
     assert "halves: 0.08" in text
     assert "`make x`" in text
 
@@ -259,3 +259,23 @@ def test_text_to_image_tables_refuse_torchrun():
     spec = load_spec("table1")
     with pytest.raises(ValueError, match="one process"):
         sweep_commands(spec, plan_sweeps(spec), ngpu=8)
+
+
+def test_table3_mini_smoke_runs_the_editing_path_and_tabulates_every_method(tmp_path, tiny_sd_dir):
+    out = tmp_path / "table3"
+    result = subprocess.run(
+        [sys.executable, "scripts/reproduce.py", "table3_mini", "--smoke", "--runs-root", str(tmp_path / "runs"),
+         "--output", str(out), f"model.path={tiny_sd_dir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with out.with_suffix(".csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "latent relative error"]
+    errors = {r["line"]: float(r["value"]) for r in rows}
+    assert set(errors) == {"bdia γ=0.96", "bdia γ=0.92", "ddim", "edict", "null_text"}
+    assert errors["bdia γ=0.96"] < 1e-10 and errors["bdia γ=0.92"] < 1e-10 and errors["edict"] < 1e-10
+    assert errors["ddim"] > 1e-3  # DDIM inversion is approximate
+    assert all(r["section"] == "china.jpg" and r["column"] == "10" for r in rows)
+    text = out.with_suffix(".md").read_text()
+    assert "## china.jpg" in text and "![china.jpg](table3_china.jpg.png)" in text
+    assert (tmp_path / "table3_china.jpg.png").stat().st_size > 500
