@@ -165,7 +165,7 @@ def plan_jobs(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], compose:
             job = {"sweep": index, "overrides": overrides}
             if compose:
                 cfg = _compose(spec["config"], overrides)
-                job["seeds"] = str(cfg.get("seeds"))
+                job["seeds"] = None if cfg.get("seeds") is None else str(cfg.get("seeds"))  # edit runs: one image
                 job["config"] = cfg
             jobs.append(job)
     return jobs
@@ -184,6 +184,8 @@ def planned_images(cfg) -> int:
     """Images a job makes: one per seed, or for text-to-image one per (prompt, seed)."""
     from .run import parse_seeds
 
+    if cfg.get("seeds") is None:
+        return 1  # scripts/edit.py: one real image per run
     count = len(parse_seeds(str(cfg.get("seeds"))))
     if "num_prompts" in cfg or "prompts" in cfg:
         prompts = cfg.get("num_prompts") or (len(cfg.prompts) if cfg.get("prompts") is not None else None)
@@ -226,7 +228,7 @@ def dry_run_text(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu:
             cost = "" if nfe is None else f" | NFE {nfe}"
             images = planned_images(job["config"])
             evaluations += (nfe or 0) * images
-            lines.append(f"  job: {' '.join(job['overrides'])} | seeds {job['seeds']} | "
+            lines.append(f"  job: {' '.join(job['overrides'])} | seeds {job['seeds'] or '-'} | "
                          f"{_rank_layout(images, ngpu, launcher)}{cost}")
     lines.append(f"then: python scripts/make_tables.py {spec['name']} -> {spec['output']}.{{md,csv,png}}")
     total = f"total: {len(jobs)} jobs"
