@@ -9,6 +9,7 @@ folders belong to a table and what to show:
 * ``lines``: the keys that identify one line of the plot / row of the table (e.g. ``[solver, gamma]``);
 * ``column``: the key along the x axis (e.g. ``nfe``, measured by the run, not assumed);
 * ``metrics``: ``[{key, label, format}]``, the first is the plotted one; lower is better unless ``higher_is_better``;
+  ``fresh_only``: shown only for runs that resumed nothing (timings);
 * ``floors``: ``[{key, label}]``: reference values printed beside the rows (e.g. the real-data FD floor);
 * ``explode``: a key holding one dict per method (``scripts/edit.py``'s ``methods``): one record per method;
 * ``figure``: a file in each run folder (e.g. ``edit_grid.png``) copied beside the table, one per section;
@@ -116,6 +117,8 @@ def table_rows(spec: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> li
     for (section, line, column), record in sorted(chosen.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         for metric in spec["metrics"]:
             value = dig(record, metric["key"])
+            if metric.get("fresh_only") and (dig(record, "num_resumed") or 0) > 0:
+                value = None  # a timing of a resumed run covers only the images sampled in its last session
             rows.append(dict(
                 section=section, line=line, solver=dig(record, line_keys[0]), gamma=_gamma_text(_gamma_of(record, line_keys)),
                 num_steps=dig(record, "num_steps"), column=column, metric=metric["label"],
