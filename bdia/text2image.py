@@ -401,12 +401,12 @@ def _instantiate(spec, **kwargs):
 def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
     """Load CLIP weights and FID reference statistics before sampling, so a missing model, reference folder or
     statistics file fails at once rather than after the run."""
-    from .metrics.clip_score import CLIPScore, load_clip
+    from .metrics.clip_score import CLIPScore
     from .metrics.fid import FID
 
     for metric in evaluators.values():
-        if isinstance(metric, CLIPScore) and getattr(metric, "_loaded", None) is None:
-            metric._loaded = load_clip(metric.path, metric.device, metric.dtype)
+        if isinstance(metric, CLIPScore):
+            metric.load()
         if isinstance(metric, FID):
             if str(metric.ref_spec) == "auto":
                 raise ValueError("text-to-image FID needs a reference: metrics.fid.ref=<folder of real images (e.g. "

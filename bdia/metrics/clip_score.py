@@ -175,13 +175,17 @@ class CLIPScore:
         self.device, self.dtype, self.per_image = resolve_device(device), getattr(torch, dtype), per_image
         self._loaded = None
 
+    def load(self):
+        """Load (once) and return ``(model, processor)``; call it early to fail before sampling when offline."""
+        if self._loaded is None:
+            self._loaded = load_clip(self.path, self.device, self.dtype)
+        return self._loaded
+
     def __call__(self, images, run_dir=None) -> dict:
         source = open_images(images)
         prompts = read_prompts(run_dir if run_dir is not None else (images if isinstance(images, (str, Path)) else None),
                                self.prompts, len(source))
-        if self._loaded is None:
-            self._loaded = load_clip(self.path, self.device, self.dtype)
-        model, processor = self._loaded
+        model, processor = self.load()
         raw = clip_scores(model, processor, source, prompts, self.batch_size)
         out = {
             "clip_score": float(torch.clamp(raw.mean(), min=0)),
