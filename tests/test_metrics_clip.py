@@ -12,50 +12,18 @@ import torch
 from bdia.metrics import CLIPScore, read_prompts
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-to-unicode table (256 printable characters standing for the 256 bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random CLIPModel (image 32x32, patch 8, width 32, 2 layers) and its processor, saved like a Hub model."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    """A random CLIPModel (image 32x32, patch 8, width 32, 2 layers) and its processor, saved like a Hub model
+    (bdia.networks.sd.build_tiny_clip: the tokenizer's vocabulary is written locally, no download)."""
+    from transformers import CLIPModel, CLIPProcessor
 
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    merges = [("a", "b"), ("c", "a</w>"), ("d", "o")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder, model, tokenizer, processor
+    from bdia.networks.sd import build_tiny_clip
+
+    folder = build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), image_size=32)
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    return folder, model, processor.tokenizer, processor
 
 
 @torch.no_grad()
