@@ -12,10 +12,12 @@ A table is a spec in ``configs/tables/<name>.yaml`` (see :mod:`bdia.tables` for 
     smoke: [seeds=0-7]                 # --smoke (tests): these overrides, and every comma list cut to
     smoke_values: 2                    #   its first smoke_values entries
     multi_gpu: true                    # false: the script has no torchrun sharding (ngpu > 1 is refused)
+    wandb: true                        # false: the script has no W&B logger (--wandb is refused)
 
 Each sweep runs as ``python <script> -m <overrides>``; with ``ngpu > 1`` under ``torchrun --nproc_per_node=ngpu``
 (``launcher=torchrun``: every run's seeds are split over the ranks, rank r sampling ``seeds[r::ngpu]``), with
-``launcher="slurm"`` through Hydra's submitit launcher (one array task per job, ``ngpu`` tasks per node).
+``launcher="slurm"`` through Hydra's submitit launcher (one array task per job, ``ngpu`` tasks per node; the
+launcher waits for its array to finish, so the table is built afterwards as in a local run).
 Runs resume, so rerunning a target only samples what is missing and rebuilds the table. ``dry_run`` prints
 every job (its composed overrides, seeds and rank layout) and runs nothing.
 """
@@ -245,6 +247,8 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
     from .tables import collect_runs, log_table_to_logger, table_rows, write_table
 
     spec = load_spec(name)
+    if wandb and not spec.get("wandb", True):
+        raise ValueError(f"{spec['script']} has no W&B logger; --wandb works for the scripts/sample.py tables")
     extra = list(extra) + (["logger=wandb", f"logger.group={spec['name']}"] if wandb else [])
     sweeps = plan_sweeps(spec, extra, smoke=smoke)
     if dry_run:
@@ -256,9 +260,6 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
         result = subprocess.run(command, cwd=REPO_ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"{shlex.join(command)} exited with status {result.returncode}; rerun to resume")
-    if launcher == "slurm":
-        print("jobs submitted to SLURM; when they finish: python scripts/make_tables.py " + spec["name"])
-        return {"submitted": len(sweeps)}
     label = f"make reproduce-{spec['name'].replace('_', '-')}"
     paths = write_table(spec, runs_root or spec["runs_root"], output, command=label)
     if wandb:

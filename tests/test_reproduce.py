@@ -279,3 +279,10 @@ def test_table3_mini_smoke_runs_the_editing_path_and_tabulates_every_method(tmp_
     text = out.with_suffix(".md").read_text()
     assert "## china.jpg" in text and "![china.jpg](table3_china.jpg.png)" in text
     assert (tmp_path / "table3_china.jpg.png").stat().st_size > 500
+
+
+def test_wandb_is_refused_for_apps_without_a_logger():
+    from bdia.reproduce import reproduce
+
+    with pytest.raises(ValueError, match="no W&B logger"):
+        reproduce("table3_mini", dry_run=True, wandb=True)
