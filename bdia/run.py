@@ -387,9 +387,8 @@ _SUPPLIED = {"denoiser", "x", "x_init", "sigmas", "gamma", "class_labels", "cond
 IMAGES_DIR = "images"
 RECORDS_DIR = "records"
 SETTINGS_FILE = "settings.json"
-#: What ``resume=false`` removes before sampling (Hydra's ``.hydra/`` and log stay).
-_RUN_OUTPUTS = (IMAGES_DIR, RECORDS_DIR, "images.npz", "grid.png", "metrics.json", SETTINGS_FILE, "config.yaml", "env.json")
-#: What a run writes from all its images at the end (removed when a resumed run starts).
+#: What a run writes from all its images at the end (removed when a resumed run starts; ``resume=false`` also
+#: removes the images, records, settings.json, config.yaml and env.json; Hydra's ``.hydra/`` and log stay).
 _ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json")
 
 
@@ -478,16 +477,16 @@ def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = ()) -> list[
     such seeds are simply sampled again."""
     out_dir = Path(out_dir)
     need = set(need) | {"nfe"}
-    done = []
-    for seed in seeds:
-        png = out_dir / IMAGES_DIR / f"{_seed_name(seed)}.png"
-        record = out_dir / RECORDS_DIR / f"{_seed_name(seed)}.npz"
-        if not (png.is_file() and record.is_file()):
-            continue
-        keys = _record_keys(record)
-        if keys is not None and need <= keys and _png_ok(png):
-            done.append(seed)
-    return done
+    return [seed for seed in seeds if image_complete(out_dir, _seed_name(seed), need)]
+
+
+def image_complete(out_dir: Path, name: str, need: set[str]) -> bool:
+    """``images/<name>.png`` decodes and ``records/<name>.npz`` opens and holds the arrays named in ``need``."""
+    png, record = out_dir / IMAGES_DIR / f"{name}.png", out_dir / RECORDS_DIR / f"{name}.npz"
+    if not (png.is_file() and record.is_file()):
+        return False
+    keys = _record_keys(record)
+    return keys is not None and need <= keys and _png_ok(png)
 
 
 def _remove_temporaries(out_dir: Path) -> None:
@@ -510,10 +509,12 @@ def _settings_mismatch(old: Mapping, new: Mapping) -> str:
     return shown + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
 
 
-def _prepare_out_dir(out_dir: Path, settings: dict, resume: bool, ctx: DistContext, config, device) -> None:
+def _prepare_out_dir(out_dir: Path, settings: dict, resume: bool, ctx: DistContext, config, device,
+                     assembled: Sequence[str] = _ASSEMBLED_OUTPUTS) -> None:
     """Check that a resumed folder was sampled with the same settings (every rank), then on rank 0 remove
     temporaries and the assembled outputs of an earlier run (with ``resume=False``: all its outputs) and write
-    ``settings.json``, ``config.yaml`` and ``env.json``; every rank waits for that before sampling."""
+    ``settings.json``, ``config.yaml`` and ``env.json``; every rank waits for that before sampling.
+    ``assembled``: the files a run writes from all its images at the end (the text-to-image app adds its own)."""
     settings_path = out_dir / SETTINGS_FILE
     if resume and settings_path.is_file():
         try:
@@ -529,7 +530,8 @@ def _prepare_out_dir(out_dir: Path, settings: dict, resume: bool, ctx: DistConte
         out_dir.mkdir(parents=True, exist_ok=True)
         fresh = not resume or not settings_path.is_file()  # no settings record: nothing there can be trusted
         # Assembled outputs are rewritten at the end; until then a resumed folder must not look finished.
-        for name in _RUN_OUTPUTS if fresh else _ASSEMBLED_OUTPUTS:
+        per_image_and_settings = (IMAGES_DIR, RECORDS_DIR, SETTINGS_FILE, "config.yaml", "env.json")
+        for name in (*per_image_and_settings, *assembled) if fresh else assembled:
             path = out_dir / name
             if path.is_dir():
                 shutil.rmtree(path)

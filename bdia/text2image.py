@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -47,19 +46,21 @@ from tqdm.auto import tqdm
 
 from . import solvers as _solvers
 from .denoisers import CountingDenoiser
-from .distributed import resolve_device
+from .distributed import DistContext, resolve_device
+from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
 from .run import (
+    IMAGES_DIR,
+    RECORDS_DIR,
     FixedBatchDenoiser,
     StackedRandomGenerator,
     _check_network_batch,
     _jsonable,
     _png_bytes,
-    _png_ok,
-    _settings_mismatch,
+    _prepare_out_dir,
     _write_json,
     atomic_write,
-    environment_info,
     format_seeds,
+    image_complete,
     parse_seeds,
     quantize,
     save_image_grid,
@@ -73,12 +74,8 @@ TEXT2IMAGE_SOLVERS = ("ddim", "bdia_ddim")
 #: The authors' recommendation for text-to-image with SD (their README / paper): gamma by number of steps.
 RECOMMENDED_GAMMA = {10: 0.5, 40: 1.0}
 
-IMAGES_DIR = "images"
-RECORDS_DIR = "records"
-SETTINGS_FILE = "settings.json"
-_RUN_OUTPUTS = (IMAGES_DIR, RECORDS_DIR, "images.npz", "grid.png", "metrics.json", "prompts.json", "prompts.txt",
-                SETTINGS_FILE, "config.yaml", "env.json")
-_ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json", "prompts.json", "prompts.txt")
+#: Written from all images at the end (bdia.run's, plus the prompt lists); removed when a resumed run starts.
+_ASSEMBLED_OUTPUTS = (*_RUN_ASSEMBLED_OUTPUTS, "prompts.json", "prompts.txt")
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -104,56 +101,6 @@ def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batc
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     _check_network_batch(network_batch)
-
-
-def _done(out_dir: Path, names: Sequence[str], need: set[str]) -> set[str]:
-    done = set()
-    for name in names:
-        png, record = out_dir / IMAGES_DIR / f"{name}.png", out_dir / RECORDS_DIR / f"{name}.npz"
-        if not (png.is_file() and record.is_file()):
-            continue
-        try:
-            with np.load(record) as data:
-                keys = set(data.files)
-        except Exception:
-            continue
-        if need <= keys and _png_ok(png):
-            done.add(name)
-    return done
-
-
-def _prepare(out_dir: Path, settings: dict, resume: bool, config, device) -> None:
-    settings_path = out_dir / SETTINGS_FILE
-    if resume and settings_path.is_file():
-        try:
-            old = json.loads(settings_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old is not None and old != settings:
-            raise ValueError(f"out_dir {out_dir} holds images made with other settings "
-                             f"({_settings_mismatch(old, settings)}); pass resume=false to replace them, or choose another out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not resume or not settings_path.is_file()
-    for name in _RUN_OUTPUTS if fresh else _ASSEMBLED_OUTPUTS:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / RECORDS_DIR):
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if path.name.startswith(".") and ".tmp-" in path.name and path.is_file():
-                    path.unlink(missing_ok=True)
-    (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
-    (out_dir / RECORDS_DIR).mkdir(exist_ok=True)
-    _write_json(settings_path, settings)
-    if config is not None:
-        from omegaconf import OmegaConf
-
-        with atomic_write(out_dir / "config.yaml", "w") as f:
-            f.write(OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config)))))
-    _write_json(out_dir / "env.json", environment_info(device))
 
 
 def text_to_image(
@@ -238,13 +185,13 @@ def text_to_image(
         "model": sd.describe(),
     })
     out_dir = Path(out_dir)
-    _prepare(out_dir, settings, resume, config, device)
+    _prepare_out_dir(out_dir, settings, resume, DistContext(), config, device, assembled=_ASSEMBLED_OUTPUTS)
 
     items = [(p, s) for p in range(len(prompts)) for s in seeds]
     names = [image_name(p, s) for p, s in items]
     keep_inner = save_states and bdia_solver
     need = {"nfe"} | ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
-    done = _done(out_dir, names, need)
+    done = {name for name in names if image_complete(out_dir, name, need)}
     todo = [item for item, name in zip(items, names) if name not in done]
     if done:
         log.info("resuming %s: %d of %d images already written", out_dir, len(done), len(items))
