@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,7 +25,7 @@ from .models import load_model
 from .networks.loader import SnapshotError
 from .run import sample_run
 
-__all__ = ["sample_from_config", "preflight", "one_line", "USER_ERRORS", "CONFIG_DIR"]
+__all__ = ["sample_from_config", "preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "run_job", "run_command_line"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -253,3 +254,33 @@ def preflight(argv: Sequence[str], config_dir=CONFIG_DIR, config_name: str = "sa
             message = f"{message}\n{cause}"
         return one_line(message.split("Config search path:")[0])
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# What the Hydra shells in scripts/ share.
+
+
+def _full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def run_job(job, cfg):
+    """Inside a ``@hydra.main`` function: ``job(cfg, choices=<the config-group choices>)``; a user mistake
+    (:data:`USER_ERRORS`) ends the process with one line ``error: ...`` (``HYDRA_FULL_ERROR=1``: the traceback)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return job(cfg, choices=dict(HydraConfig.get().runtime.choices))
+    except USER_ERRORS as e:
+        if _full_errors():
+            raise
+        sys.exit(f"error: {one_line(e)}")
+
+
+def run_command_line(main, config_name: str) -> None:
+    """A script's entry point: check ``sys.argv``'s overrides with :func:`preflight` (one-line errors), then
+    let Hydra run ``main``."""
+    problem = None if _full_errors() else preflight(sys.argv[1:], config_name=config_name)
+    if problem:
+        sys.exit(f"error: {problem}")
+    main()

@@ -21,14 +21,11 @@ one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` show
 
 from __future__ import annotations
 
-import os
-import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from bdia.app import USER_ERRORS, one_line, preflight
+from bdia.app import run_command_line, run_job
 
 
 def load_sd_config(model_cfg: dict):
@@ -71,26 +68,14 @@ def edit_from_config(cfg, choices=None) -> dict:
     return edit_run(sd, config=OmegaConf.to_container(cfg, resolve=True), model_info=model_info, **config)
 
 
-def _full_errors() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
 @hydra.main(config_path="../configs", config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    try:
-        return edit_from_config(cfg, choices=dict(HydraConfig.get().runtime.choices))
-    except USER_ERRORS as e:
-        if _full_errors():
-            raise
-        sys.exit(f"error: {one_line(e)}")
+    return run_job(edit_from_config, cfg)
 
 
 def cli() -> None:
     """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
-    problem = None if _full_errors() else preflight(sys.argv[1:], config_name="edit")
-    if problem:
-        sys.exit(f"error: {problem}")
-    main()
+    run_command_line(main, config_name="edit")
 
 
 if __name__ == "__main__":

@@ -27,36 +27,21 @@ checkpoint that cannot be downloaded) end with one line ``error: ...`` on stderr
 
 from __future__ import annotations
 
-import os
-import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bdia.app import USER_ERRORS, one_line, preflight, sample_from_config
-
-
-def _full_errors() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+from bdia.app import run_command_line, run_job, sample_from_config
 
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    try:
-        return sample_from_config(cfg, choices=dict(HydraConfig.get().runtime.choices))
-    except USER_ERRORS as e:
-        if _full_errors():
-            raise
-        sys.exit(f"error: {one_line(e)}")
+    return run_job(sample_from_config, cfg)
 
 
 def cli() -> None:
     """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
-    problem = None if _full_errors() else preflight(sys.argv[1:])
-    if problem:
-        sys.exit(f"error: {problem}")
-    main()
+    run_command_line(main, config_name="sample")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from PIL import Image
 from sd_helpers import tiny_sd, tiny_sd_dir  # noqa: F401  (session fixtures)
 
 import bdia
+from bdia.app import preflight
 from bdia.editing import METHODS, edit_run, load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +90,8 @@ def test_script_config_runs_end_to_end_on_the_tiny_folder(tiny_sd_dir, tmp_path)
     out = tmp_path / "run"
     overrides = ["model=tiny-sd", f"model.path={tiny_sd_dir}", "num_steps=3", "methods=[bdia,edict]",
                  "guidance_scale=2", "gamma=0.92", f"out_dir={out}"]
-    assert script.preflight(overrides, config_name="edit") is None
-    assert "unknown model" in script.preflight(["model=sd99"], config_name="edit")
+    assert preflight(overrides, config_name="edit") is None  # what the script's cli() runs first
+    assert "unknown model" in preflight(["model=sd99"], config_name="edit")
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("edit", overrides=overrides)
     metrics = script.edit_from_config(cfg, choices={"model": "tiny-sd"})
