@@ -74,19 +74,19 @@ def compose(*overrides, hydra: bool = False):
     return hydra_compose("sample", overrides=list(overrides), return_hydra_config=hydra)
 
 
-def cli(monkeypatch, cwd, *args) -> int | str | None:
-    """Run ``scripts/sample.py args`` in this process (much faster than a subprocess), from ``cwd``.
-    Returns the exit code or message (``sys.exit``), ``None`` for success."""
+def cli(monkeypatch, cwd, *args, script=SCRIPT) -> int | str | None:
+    """Run ``scripts/sample.py args`` (or another Hydra shell, ``script``) in this process (much faster than a
+    subprocess), from ``cwd``. Returns the exit code or message (``sys.exit``), ``None`` for success."""
     from hydra.core.global_hydra import GlobalHydra
 
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     GlobalHydra.instance().clear()
     root = logging.getLogger()
     saved = root.level, list(root.handlers)
     try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
+        runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
         return e.code if e.code not in (0, None) else None
     finally:

@@ -5,15 +5,13 @@ folders, CLIP score end to end, and the offline failures."""
 from __future__ import annotations
 
 import json
-import logging
-import runpy
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from app_helpers import cli as app_cli
 from sd_helpers import PROMPTS, build_tiny_clip, tiny_sd, tiny_sd_dir  # noqa: F401  (fixtures)
 
 from bdia.prompts import coco_captions, load_prompts, read_prompt_file
@@ -164,26 +162,7 @@ def test_states_are_saved_for_inversion_and_noise_per_prompt(tiny_sd, tmp_path):
 
 def cli(monkeypatch, cwd, *args):
     """Run ``scripts/text2image.py args`` in this process; the exit message/code, or ``None`` for success."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    GlobalHydra.instance().clear()
-    root = logging.getLogger()
-    saved = root.level, list(root.handlers)
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    except SystemExit as e:
-        return e.code if e.code not in (0, None) else None
-    finally:
-        GlobalHydra.instance().clear()
-        for handler in root.handlers:
-            if handler not in saved[1]:
-                handler.close()
-        root.handlers[:] = saved[1]
-        root.setLevel(saved[0])
-    return None
+    return app_cli(monkeypatch, cwd, *args, script=SCRIPT)
 
 
 def test_every_model_config_composes_and_the_default_is_sd15():
