@@ -244,7 +244,7 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
               extra: Sequence[str] = (), runs_root: str | Path | None = None, output: str | Path | None = None,
               wandb: bool = False, python: str = sys.executable) -> dict:
     """Run every multirun of table ``name`` (resuming), then write its table. Returns what was done."""
-    from .tables import collect_runs, log_table_to_logger, table_rows, write_table
+    from .tables import write_table
 
     spec = load_spec(name)
     if wandb and not spec.get("wandb", True):
@@ -261,14 +261,19 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
         if result.returncode != 0:
             raise RuntimeError(f"{shlex.join(command)} exited with status {result.returncode}; rerun to resume")
     label = f"make reproduce-{spec['name'].replace('_', '-')}"
-    paths = write_table(spec, runs_root or spec["runs_root"], output, command=label)
+    logger = None
     if wandb:
         from .logger import WandbLogger
 
+        table_dir = Path(output or spec["output"]).parent
+        table_dir.mkdir(parents=True, exist_ok=True)
         logger = WandbLogger(job_type="table", group=spec["name"])
-        logger.start({"table": spec["name"]}, run_dir=Path(paths["md"]).parent, name=f"{spec['name']}-summary")
-        log_table_to_logger(logger, spec, table_rows(spec, collect_runs(run_roots(spec, runs_root), spec.get("explode"))))
-        logger.finish()
+        logger.start({"table": spec["name"]}, run_dir=table_dir, name=f"{spec['name']}-summary")
+    try:
+        paths = write_table(spec, runs_root or spec["runs_root"], output, command=label, logger=logger)
+    finally:
+        if logger is not None:
+            logger.finish()
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return {"paths": paths}

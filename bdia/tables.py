@@ -301,8 +301,9 @@ def _copy_figures(spec, runs, output: Path) -> dict[str, Path]:
 
 
 def write_table(spec: Mapping[str, Any], runs_root: str | Path, output: str | Path | None = None,
-                command: str | None = None, plot: bool = True) -> dict[str, Path]:
-    """Collect the table's run folders, write ``<output>.md``, ``.csv`` and ``.png``; return their paths."""
+                command: str | None = None, plot: bool = True, logger=None) -> dict[str, Path]:
+    """Collect the table's run folders, write ``<output>.md``, ``.csv`` and ``.png``; return their paths.
+    ``logger`` (started, e.g. a W&B run): also gets the rows as one summary table."""
     from .reproduce import run_roots  # the table spec -> run folders (shared with the runner)
 
     roots = run_roots(spec, runs_root)
@@ -322,6 +323,8 @@ def write_table(spec: Mapping[str, Any], runs_root: str | Path, output: str | Pa
     if plot and any(r["column"] is not None for r in rows):
         paths["png"] = output.with_suffix(".png")
         _plot(spec, rows, paths["png"])
+    if logger is not None:
+        log_table_to_logger(logger, spec, rows)
     return paths
 
 
