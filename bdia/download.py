@@ -30,6 +30,7 @@ import hashlib
 import http.client
 import os
 import re
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,11 +40,13 @@ from pathlib import Path
 __all__ = [
     "AssetUnavailableError",
     "AssetVerificationError",
+    "NotARegularFileError",
     "DEFAULT_TIMEOUT",
     "cache_dir",
     "checkpoint_path",
     "fetch_file",
     "is_offline",
+    "open_regular_file",
     "resolve_checkpoint",
 ]
 
@@ -127,16 +130,61 @@ def _default_timeout() -> float:
 # --- verification ---------------------------------------------------------------------------------------
 
 
+class NotARegularFileError(ValueError):
+    """A path that should be a file is a directory, FIFO, device or socket; refused before reading it."""
+
+
+def _kind_of(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular_file(path, what: str = "file"):
+    """Open ``path`` for binary reading only if it is a regular file (symlinks followed).
+
+    Directories, FIFOs, devices (``/dev/zero``) and sockets raise :class:`NotARegularFileError` with one
+    line, before anything is read: the path is checked with ``os.stat`` before opening, opened with
+    ``O_NONBLOCK`` (so a FIFO without a writer cannot block the open) and checked again on the open
+    descriptor, so what is read is the regular file that was checked.
+    """
+    path = os.fspath(path)
+
+    def refuse(mode):
+        return NotARegularFileError(f"{what} {path} is {_kind_of(mode)}, not a regular file")
+
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise refuse(mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise refuse(mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _sha256_of(path: Path) -> str:
+    """sha256 of a regular file (:class:`NotARegularFileError` for anything else, before reading)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def _verify(path: Path, expected_size: int | None, sha256: str | None) -> str | None:
-    """``None`` if ``path`` passes the checks that are known, else a description of the mismatch."""
+    """``None`` if ``path`` passes the checks that are known, else a description of the mismatch (also
+    when ``path`` is not a regular file: nothing else is ever hashed)."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        return f"it is {_kind_of(mode)}, not a regular file"
     size = path.stat().st_size
     if expected_size is not None and size != int(expected_size):
         return f"size mismatch: got {size} bytes, expected {int(expected_size)}"
@@ -282,6 +330,11 @@ def fetch_file(url: str, dest=None, expected_size: int | None = None, sha256: st
     def unavailable(reason, cls=AssetUnavailableError):
         return cls(url, dest, config_key=config_key, reason=reason, what=what)
 
+    for existing in (dest, dest.with_name(dest.name + ".partial")):
+        if existing.exists() and not existing.is_file():  # a directory, FIFO, device: never read or replaced
+            raise unavailable(f"{existing} is {_kind_of(existing.stat().st_mode)}, not a regular file; remove it "
+                              "or choose another path")
+
     if dest.is_file():
         problem = _verify(dest, expected_size, sha256)
         if problem is None:
@@ -374,7 +427,8 @@ def resolve_checkpoint(name_or_path, config_key: str = "model.path", progress: b
             local = Path(urllib.parse.unquote(parsed.path))
             if local.is_file():
                 return local
-            raise AssetUnavailableError(None, local, config_key, reason="no such file", what=f"{config_key}={text}")
+            reason = f"it is {_kind_of(local.stat().st_mode)}, not a regular file" if local.exists() else "no such file"
+            raise AssetUnavailableError(None, local, config_key, reason=reason, what=f"{config_key}={text}")
         ckpt = registry.find_by_url(text)
         if ckpt is not None:
             return _fetch_registered(ckpt, config_key, progress, timeout)
@@ -388,7 +442,7 @@ def resolve_checkpoint(name_or_path, config_key: str = "model.path", progress: b
         return _fetch_registered(registry.CHECKPOINTS[key], config_key, progress, timeout)
 
     if path.exists():
-        raise AssetUnavailableError(None, path, config_key, reason="it is a directory, not a file",
+        raise AssetUnavailableError(None, path, config_key, reason=f"it is {_kind_of(path.stat().st_mode)}, not a regular file",
                                     what=f"{config_key}={text}")
     if _looks_like_path(text):
         raise AssetUnavailableError(None, path, config_key, reason="no such file", what=f"{config_key}={text}")

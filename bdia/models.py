@@ -28,7 +28,12 @@ class ModelNotShippedError(ValueError):
 def _local_file(path, config_key: str) -> Path:
     local = Path(str(path)).expanduser()
     if not local.is_file():
-        reason = "it is a directory, not a file" if local.exists() else "no such file"
+        if local.is_dir():
+            reason = "it is a directory, not a file"
+        elif local.exists():
+            reason = "it is not a regular file (a FIFO, device or socket)"
+        else:
+            reason = "no such file"
         raise AssetUnavailableError(None, local, config_key, reason=reason, what=f"{config_key}={path}")
     return local
 
@@ -72,8 +77,12 @@ def digits_network(path: str | None = None):
         local = DIGITS_WEIGHTS
     else:
         local = _local_file(path, "model.path")
+    from .networks.loader import SnapshotError
+
     try:
         return load_network(local)
+    except SnapshotError as e:  # refused by the loader's checks (limits, header, shapes): its one line
+        raise ValueError(f"{'model=digits' if local == DIGITS_WEIGHTS else 'model.path'}: {e}") from None
     except Exception as e:  # safetensors / metadata problems: say which file
         raise ValueError(f"model.path={path}: not a network written by scripts/train.py ({type(e).__name__}: {e})") from None
 

@@ -169,12 +169,13 @@ def save_network(net: EDMPrecond, path, config: TrainConfig, extra: dict | None 
 
 
 def load_network(path) -> EDMPrecond:
-    """Rebuild a network saved by :func:`save_network` (eval mode, no gradients)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Rebuild a network saved by :func:`save_network` (eval mode, no gradients).
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    net = EDMPrecond(**json.loads(metadata["init_kwargs"]))
-    net.load_state_dict(load_file(str(path)), strict=True)
-    return net.eval().requires_grad_(False)
+    The file is untrusted input: its size, header, constructor arguments and tensor shapes are checked
+    against :mod:`bdia.networks.loader`'s limits before the network is allocated
+    (:func:`bdia.networks.loader.load_safetensors_network`); refusals raise its one-line ``SnapshotError``."""
+    from .networks.loader import load_safetensors_network
+
+    net, _ = load_safetensors_network(path, default_class="EDMPrecond", allowed=("EDMPrecond",),
+                                      what="network file")
+    return net
