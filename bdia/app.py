@@ -23,11 +23,28 @@ from .distributed import init_distributed
 from .download import AssetUnavailableError
 from .models import load_model
 from .networks.loader import SnapshotError
-from .run import sample_run
+from .run import _validate_grid, sample_run
+from .runfolder import check_out_dir
 
 __all__ = ["sample_from_config", "preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "run_job", "run_command_line"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_name(override_dirname: str) -> str:
+    """A run folder's name from Hydra's ``job.override_dirname``: the overrides, or ``defaults`` when there are
+    none (so a run without overrides gets a folder of its own beside the others, not their parent)."""
+    return str(override_dirname) or "defaults"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("bdia.run_name"):
+        OmegaConf.register_new_resolver("bdia.run_name", run_name)
+
+
+_register_resolvers()  # the app configs' out_dir uses ${bdia.run_name:...}
 
 #: Exceptions that mean "the input is wrong or a file is missing", reported as one line without a traceback.
 USER_ERRORS = (ValueError, AssetUnavailableError, SnapshotError, FloatingPointError)
@@ -35,6 +52,9 @@ USER_ERRORS = (ValueError, AssetUnavailableError, SnapshotError, FloatingPointEr
 #: Top-level config keys that are ``sample_run`` arguments.
 _RUN_KEYS = [k for k in inspect.signature(sample_run).parameters if k not in ("denoiser", "solver", "gamma", "num_steps",
                                                                              "config", "model_info", "dist", "solver_kwargs")]
+
+
+_GRID_KEYS = ("sigma_min", "sigma_max", "rho", "grid_nrow", "grid_scale", "grid_padding")
 
 
 def one_line(error: BaseException | str) -> str:
@@ -114,6 +134,8 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
     settings["device"] = device
     choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
 
+    check_out_dir(settings["out_dir"], "sample")  # cheap checks first: nothing is loaded for a refused run
+    _validate_grid(**{k: settings[k] for k in _GRID_KEYS if k in settings})
     model_cfg = config.get("model")
     try:
         denoiser = load_model(model_cfg)
@@ -266,7 +288,8 @@ def _full_errors() -> bool:
 
 def run_job(job, cfg):
     """Inside a ``@hydra.main`` function: ``job(cfg, choices=<the config-group choices>)``; a user mistake
-    (:data:`USER_ERRORS`) ends the process with one line ``error: ...`` (``HYDRA_FULL_ERROR=1``: the traceback)."""
+    (:data:`USER_ERRORS`) or a file-system refusal (``OSError``: disk full, file-size limit, permissions) ends the
+    process with one line ``error: ...`` (``HYDRA_FULL_ERROR=1``: the traceback)."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -275,6 +298,10 @@ def run_job(job, cfg):
         if _full_errors():
             raise
         sys.exit(f"error: {one_line(e)}")
+    except OSError as e:  # a full disk, a file-size limit, a permission: the file system said no
+        if _full_errors():
+            raise
+        sys.exit(f"error: cannot read or write a file: {one_line(e)}")
 
 
 def run_command_line(main, config_name: str) -> None:

@@ -481,6 +481,8 @@ def invert_and_edit(
 
 #: Photos that ship offline inside scikit-learn (``sklearn.datasets.load_sample_image``).
 SAMPLE_IMAGES = ("china.jpg", "flower.jpg")
+#: Larger photos are refused before decoding (the edit works on a square of at most a few thousand pixels).
+MAX_IMAGE_PIXELS = 64 * 10**6
 
 
 def load_image(image: str | None, size: int) -> torch.Tensor:
@@ -501,8 +503,13 @@ def load_image(image: str | None, size: int) -> torch.Tensor:
         if not path.is_file():
             raise ValueError(f"image={image}: no such file (give a path or one of {', '.join(SAMPLE_IMAGES)})")
         try:
-            with Image.open(path) as opened:
+            with Image.open(path) as opened:  # reads the header only
+                if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image={image}: {opened.width}x{opened.height} pixels, more than this app "
+                                     f"reads ({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
                 picture = opened.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"image={image}: too large to read safely ({e})") from None
         except OSError as e:
             raise ValueError(f"image={image}: not an image PIL can read ({e})") from None
     w, h = picture.size
@@ -557,14 +564,15 @@ def edit_run(
 
     from .metrics.reconstruction import latent_metrics, pixel_metrics
     from .run import atomic_write, environment_info, quantize, save_image_grid
+    from .runfolder import claim_run_folder, mark_state
 
     methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise ValueError(f"methods: unknown {unknown} (choose from {', '.join(METHODS)})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     size = int(image_size or sd.image_size)
+    claim_run_folder(out_dir, "edit")  # before any work: an out_dir that is not an edit folder is refused
+    out_dir = Path(out_dir)
     original = load_image(image, size)
     pixels = original.to(torch.float32) / 127.5 - 1
     z0 = sd.encode_images(pixels)
@@ -621,6 +629,7 @@ def edit_run(
     with atomic_write(out_dir / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
         f.write("\n")
+    mark_state(out_dir, "edit", "complete")
     return metrics
 
 

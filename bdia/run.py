@@ -21,7 +21,6 @@ model …); a rerun with other settings into the same folder is refused instead 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -29,7 +28,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +42,10 @@ from . import solvers as _solvers
 from .denoisers import CountingDenoiser, DenoiserWrapper, GaussianMixtureDenoiser
 from .distributed import DistContext, barrier, gather, resolve_device, shard
 from .models import image_shape_of, label_dim_of
+from .runfolder import IMAGES_DIR, RECORDS_DIR, SETTINGS_FILE, atomic_write, image_complete, mark_state, prepare_run_folder
+from .runfolder import jsonable as _jsonable
+from .runfolder import png_shape_ok
+from .runfolder import write_json as _write_json
 from .schedules import karras_sigmas
 
 __all__ = [
@@ -313,28 +315,6 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 0, pad
 # Files.
 
 
-@contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Open a temporary file beside ``path`` for writing; on success ``os.replace`` it onto ``path``, on
-    failure remove it. Readers see the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path, obj) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-
-
 def _package_version() -> str | None:
     from importlib import metadata
 
@@ -384,11 +364,8 @@ def environment_info(device=None, world_size: int = 1) -> dict:
 #: Arguments of the solver functions that ``sample_run`` supplies itself (everything else is a solver option).
 _SUPPLIED = {"denoiser", "x", "x_init", "sigmas", "gamma", "class_labels", "cond", "progress", "randn_like"}
 
-IMAGES_DIR = "images"
-RECORDS_DIR = "records"
-SETTINGS_FILE = "settings.json"
-#: What a run writes from all its images at the end (removed when a resumed run starts; ``resume=false`` also
-#: removes the images, records, settings.json, config.yaml and env.json; Hydra's ``.hydra/`` and log stay).
+#: What a run writes from all its images at the end: replaced (atomically) only when a run finishes, removed
+#: by ``resume=false`` together with the images, records and run records (:mod:`bdia.runfolder`).
 _ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json")
 
 
@@ -414,10 +391,35 @@ def _validate(solver, gamma, batch_size, solver_kwargs, sigmas) -> None:
         value = solver_kwargs.get(name, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(gamma, bool):
+        raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
     if solver in _solvers.INVERTIBLE_SOLVERS:
         _solvers.gamma_schedule(1.0 if gamma is None else gamma, sigmas, solver)  # raises on bad gamma
     elif gamma is not None and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma == 0):
         raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_grid(sigma_min=0.002, sigma_max=80.0, rho=7.0, grid_nrow=None, grid_scale=1, grid_padding=0) -> None:
+    """The noise grid's and the image grid's settings, checked before anything is loaded or sampled."""
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(f"need sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    _check_grid_options(grid_nrow, grid_scale, grid_padding)
+
+
+def _check_grid_options(grid_nrow, grid_scale, grid_padding) -> None:
+    if grid_nrow is not None and (isinstance(grid_nrow, bool) or not isinstance(grid_nrow, int) or grid_nrow < 1):
+        raise ValueError(f"grid_nrow must be a positive integer or null, got {grid_nrow!r}")
+    if isinstance(grid_scale, bool) or not isinstance(grid_scale, int) or not 1 <= grid_scale <= 64:
+        raise ValueError(f"grid_scale must be an integer in 1..64, got {grid_scale!r}")
+    if isinstance(grid_padding, bool) or not isinstance(grid_padding, int) or not 0 <= grid_padding <= 1024:
+        raise ValueError(f"grid_padding must be an integer in 0..1024, got {grid_padding!r}")
 
 
 def _validate_labels(label_dim: int, class_idx) -> None:
@@ -431,123 +433,33 @@ def _validate_labels(label_dim: int, class_idx) -> None:
         raise ValueError(f"class_idx={class_idx} is outside the model's classes 0..{label_dim - 1}")
 
 
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _seed_name(seed: int) -> str:
     return f"{seed:06d}"
 
 
-def _png_ok(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:
-        return False
-
-
-def _record_keys(path: Path) -> set[str] | None:
-    try:
-        with np.load(path) as data:
-            return set(data.files)
-    except Exception:
-        return None
-
-
-def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = ()) -> list[int]:
-    """The seeds among ``seeds`` whose image is complete in ``out_dir``: ``images/<seed>.png`` decodes and
-    ``records/<seed>.npz`` opens (and holds the arrays named in ``need``, e.g. ``x_end``). Files are written
-    atomically, so this only fails for files damaged afterwards (e.g. a crash before the disk caught up);
-    such seeds are simply sampled again."""
-    out_dir = Path(out_dir)
+def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = (), shape: Sequence[int] | None = None) -> list[int]:
+    """The seeds among ``seeds`` whose image is complete in ``out_dir`` (:func:`bdia.runfolder.image_complete`:
+    ``images/<seed>.png`` decodes to ``shape`` and ``records/<seed>.npz`` reads back holding ``nfe`` and the
+    arrays named in ``need``, e.g. ``x_end``). Anything damaged is simply sampled again."""
     need = set(need) | {"nfe"}
-    return [seed for seed in seeds if image_complete(out_dir, _seed_name(seed), need)]
-
-
-def image_complete(out_dir: Path, name: str, need: set[str]) -> bool:
-    """``images/<name>.png`` decodes and ``records/<name>.npz`` opens and holds the arrays named in ``need``."""
-    png, record = out_dir / IMAGES_DIR / f"{name}.png", out_dir / RECORDS_DIR / f"{name}.npz"
-    if not (png.is_file() and record.is_file()):
-        return False
-    keys = _record_keys(record)
-    return keys is not None and need <= keys and _png_ok(png)
-
-
-def _remove_temporaries(out_dir: Path) -> None:
-    """Leftovers of killed runs: ``.<name>.tmp-<pid>`` files (see :func:`atomic_write`) and old temp folders."""
-    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / RECORDS_DIR):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if path.name.startswith(".") and ".tmp-" in path.name:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-
-
-def _settings_mismatch(old: Mapping, new: Mapping) -> str:
-    keys = sorted(set(old) | set(new))
-    diffs = [k for k in keys if old.get(k) != new.get(k)]
-    shown = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in diffs[:3])
-    return shown + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+    return [seed for seed in seeds if image_complete(out_dir, _seed_name(seed), need, shape)]
 
 
 def _prepare_out_dir(out_dir: Path, settings: dict, resume: bool, ctx: DistContext, config, device,
-                     assembled: Sequence[str] = _ASSEMBLED_OUTPUTS) -> None:
-    """Check that a resumed folder was sampled with the same settings (every rank), then on rank 0 remove
-    temporaries and the assembled outputs of an earlier run (with ``resume=False``: all its outputs) and write
-    ``settings.json``, ``config.yaml`` and ``env.json``; every rank waits for that before sampling.
-    ``assembled``: the files a run writes from all its images at the end (the text-to-image app adds its own)."""
-    settings_path = out_dir / SETTINGS_FILE
-    if resume and settings_path.is_file():
-        try:
-            old = json.loads(settings_path.read_text())
-        except (OSError, ValueError):
-            old = None  # unreadable: treated like a folder without settings (nothing is trusted)
-        if old is not None and old != settings:
-            raise ValueError(
-                f"out_dir {out_dir} holds images sampled with other settings ({_settings_mismatch(old, settings)}); "
-                f"pass resume=false to replace them, or choose another out_dir"
-            )
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fresh = not resume or not settings_path.is_file()  # no settings record: nothing there can be trusted
-        # Assembled outputs are rewritten at the end; until then a resumed folder must not look finished.
-        per_image_and_settings = (IMAGES_DIR, RECORDS_DIR, SETTINGS_FILE, "config.yaml", "env.json")
-        for name in (*per_image_and_settings, *assembled) if fresh else assembled:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        _remove_temporaries(out_dir)
-        (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
-        (out_dir / RECORDS_DIR).mkdir(exist_ok=True)
-        _write_json(settings_path, settings)
-        if config is not None:
-            from omegaconf import OmegaConf
+                     assembled: Sequence[str] = _ASSEMBLED_OUTPUTS, app: str = "sample",
+                     extra_records: Mapping[str, str] | None = None) -> None:
+    """:func:`bdia.runfolder.prepare_run_folder` for a sampling app: checks on every rank, then rank 0 writes
+    ``settings.json``, ``config.yaml`` (``config``), ``env.json`` and ``extra_records`` (name -> text)."""
+    from omegaconf import OmegaConf
 
-            with atomic_write(out_dir / "config.yaml", "w") as f:
-                f.write(OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config)))))
-        _write_json(out_dir / "env.json", environment_info(device, ctx.world_size))
-    barrier(ctx)
+    records = {}
+    if config is not None:
+        records["config.yaml"] = lambda: OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config))))
+    records["env.json"] = lambda: json.dumps(environment_info(device, ctx.world_size), indent=2) + "\n"
+    for name, text in (extra_records or {}).items():
+        records[name] = lambda text=text: text
+    prepare_run_folder(out_dir, settings, resume, app, is_main=ctx.is_main, barrier=lambda: barrier(ctx),
+                       assembled=assembled, records=records)
 
 
 def _write_image(out_dir: Path, seed: int, image_chw: np.ndarray, record: dict) -> None:
@@ -560,16 +472,18 @@ def _write_image(out_dir: Path, seed: int, image_chw: np.ndarray, record: dict) 
         np.savez(f, **record)
 
 
-def _read_png(path: Path, channels: int) -> np.ndarray:
+def _read_png(path: Path, shape: Sequence[int]) -> np.ndarray:
+    """The PNG at ``path`` as uint8 ``[C, H, W]``; ``ValueError`` unless it has ``shape``."""
     from PIL import Image
 
     with Image.open(path) as image:
         array = np.asarray(image)
     if array.ndim == 2:
         array = array[:, :, None]
-    if array.shape[2] != channels:
-        raise ValueError(f"{path}: {array.shape[2]} channels, expected {channels}")
-    return array.transpose(2, 0, 1)
+    array = array.transpose(2, 0, 1)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{path}: shape {list(array.shape)}, expected {list(shape)}")
+    return array
 
 
 def sample_run(
@@ -630,6 +544,7 @@ def sample_run(
     ctx = dist or DistContext()
     seeds = parse_seeds(seeds)
     device = resolve_device(device, ctx.local_rank)
+    _validate_grid(sigma_min, sigma_max, rho, grid_nrow, grid_scale, grid_padding)
     sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
     sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))
@@ -668,7 +583,7 @@ def sample_run(
     _prepare_out_dir(out_dir, settings, resume, ctx, config, device)
 
     mine = shard(seeds, ctx)
-    done = set(seeds_done(out_dir, mine, need))
+    done = set(seeds_done(out_dir, mine, need, shape))
     todo = [s for s in mine if s not in done]
     if ctx.is_main and done:
         log.info("resuming %s: %d of rank 0's %d seeds already written", out_dir, len(done), len(mine))
@@ -750,7 +665,8 @@ def sample_run(
             metrics["mixture"] = assembled["mixture"]
         metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
         metrics = _jsonable(metrics)
-        _write_json(out_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
+        _write_json(out_dir / "metrics.json", metrics)  # the last end-of-run file: its presence marks a finished run
+        mark_state(out_dir, "sample", "complete")
         log.info(
             "%s: %d images (%d sampled now, %d resumed), NFE %s, %.2f s sampling (%s images/s) -> %s",
             solver, len(seeds), sampled, len(seeds) - sampled, metrics["nfe"], seconds,
@@ -775,7 +691,7 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
     for i, seed in enumerate(seeds):
         name = _seed_name(seed)
         try:
-            images[i] = _read_png(out_dir / IMAGES_DIR / f"{name}.png", shape[0])
+            images[i] = _read_png(out_dir / IMAGES_DIR / f"{name}.png", shape)
             with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
                 nfe[i], labels[i] = record["nfe"], record["class_label"]
                 if keep_x:

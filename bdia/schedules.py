@@ -14,6 +14,7 @@ VP (variance-preserving) facts used throughout, with alpha-bar = ``alphas_cumpro
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -70,9 +71,11 @@ def karras_sigmas(
     ``round_sigma`` (a network's ``round_sigma``) is applied to the levels before 0 is appended, as EDM's
     sampler does; the identity for EDM-preconditioned networks.
     """
-    if num_steps < 2:
-        raise ValueError(f"karras_sigmas needs num_steps >= 2, got {num_steps}")
-    if not 0 < sigma_min < sigma_max:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
+        raise ValueError(f"karras_sigmas needs an integer num_steps >= 2, got {num_steps!r}")
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"rho must be a positive number, got {rho!r}")
+    if not 0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     step = torch.arange(num_steps, dtype=torch.float64)
     inv_rho = 1.0 / rho

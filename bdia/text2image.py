@@ -48,11 +48,13 @@ from . import solvers as _solvers
 from .denoisers import CountingDenoiser
 from .distributed import DistContext, resolve_device
 from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
+from .runfolder import check_out_dir, mark_state
 from .run import (
     IMAGES_DIR,
     RECORDS_DIR,
     FixedBatchDenoiser,
     StackedRandomGenerator,
+    _check_grid_options,
     _check_network_batch,
     _jsonable,
     _png_bytes,
@@ -91,7 +93,7 @@ def _prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
 
 
-def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch):
+def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding):
     if solver not in TEXT2IMAGE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
@@ -101,6 +103,7 @@ def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batc
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     _check_network_batch(network_batch)
+    _check_grid_options(grid_nrow, 1, grid_padding)
 
 
 def text_to_image(
@@ -152,7 +155,7 @@ def text_to_image(
     if not prompts:
         raise ValueError("no prompts")
     seeds = parse_seeds(seeds)
-    _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch)
+    _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding)
     sigmas = sd.sigmas(num_steps)
     bdia_solver = solver == "bdia_ddim"
     if bdia_solver:
@@ -167,6 +170,7 @@ def text_to_image(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be true or false, got {flag!r}")
     latent_shape = sd.latent_shape(height, width)
+    image_shape = (3, latent_shape[1] * sd.vae_scale_factor, latent_shape[2] * sd.vae_scale_factor)
     device = sd.device
 
     settings = _jsonable({
@@ -185,13 +189,14 @@ def text_to_image(
         "model": sd.describe(),
     })
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, settings, resume, DistContext(), config, device, assembled=_ASSEMBLED_OUTPUTS)
+    _prepare_out_dir(out_dir, settings, resume, DistContext(), config, device, assembled=_ASSEMBLED_OUTPUTS,
+                     app="text2image")
 
     items = [(p, s) for p in range(len(prompts)) for s in seeds]
     names = [image_name(p, s) for p, s in items]
     keep_inner = save_states and bdia_solver
     need = {"nfe"} | ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
-    done = {name for name in names if image_complete(out_dir, name, need)}
+    done = {name for name in names if image_complete(out_dir, name, need, image_shape)}
     todo = [item for item, name in zip(items, names) if name not in done]
     if done:
         log.info("resuming %s: %d of %d images already written", out_dir, len(done), len(items))
@@ -244,7 +249,7 @@ def text_to_image(
                     np.savez(f, **record)
             bar.update(len(batch))
 
-    assembled = _assemble(out_dir, prompts, items, names, save_states, keep_inner, save_npz,
+    assembled = _assemble(out_dir, prompts, items, names, image_shape, save_states, keep_inner, save_npz,
                           grid_nrow or len(seeds), grid_padding)
     sampled = len(todo)
     metrics = {
@@ -280,18 +285,19 @@ def text_to_image(
     metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
     metrics = _jsonable(metrics)
     _write_json(out_dir / "metrics.json", metrics)
+    mark_state(out_dir, "text2image", "complete")
     log.info("%s: %d images (%d sampled now), NFE %s, %.2f s sampling -> %s", solver, len(items), sampled,
              metrics["nfe"], sampling_seconds, out_dir)
     return metrics
 
 
-def _assemble(out_dir: Path, prompts, items, names, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
+def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
     from .run import _read_png
 
     images, nfe, z_end, z_inner, missing = [], [], [], [], []
     for name in names:
         try:
-            images.append(_read_png(out_dir / IMAGES_DIR / f"{name}.png", 3))
+            images.append(_read_png(out_dir / IMAGES_DIR / f"{name}.png", image_shape))
             with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
                 nfe.append(int(record["nfe"]))
                 if save_states:
@@ -379,6 +385,8 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     solver = {"solver": spec.get("name"), "gamma": spec.get("gamma"), "num_steps": spec.get("num_steps")}
     if solver["solver"] not in TEXT2IMAGE_SOLVERS:
         raise ValueError(f"unknown solver {solver['solver']!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
+    check_out_dir(config.get("out_dir", "."), "text2image")  # before any model is loaded
+    _check_grid_options(config.get("grid_nrow"), 1, config.get("grid_padding", 2))
     device = resolve_device(config.get("device", "auto"))
     prompt_args = {k: config.get(k) for k in _PROMPT_KEYS}
     prompt_args["prompt_seed"] = prompt_args["prompt_seed"] or 0

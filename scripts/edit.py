@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from bdia.app import run_command_line, run_job
+from bdia.runfolder import check_out_dir
 
 
 def load_sd_config(model_cfg: dict):
@@ -63,6 +64,7 @@ def edit_from_config(cfg, choices=None) -> dict:
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
+    check_out_dir(config.get("out_dir", "."), "edit")  # before the model is loaded
     sd = load_sd_config(model_cfg)
     model_info = {"config": (choices or {}).get("model"), **sd.describe()}
     return edit_run(sd, config=OmegaConf.to_container(cfg, resolve=True), model_info=model_info, **config)

@@ -200,7 +200,7 @@ def test_multirun_sweep_writes_one_folder_per_override_set(tmp_path, monkeypatch
     assert any(f.endswith("solver=ddim") for f in folders) and any(f.endswith("solver=bdia_edm") for f in folders)
     for folder in folders:
         metrics = json.loads((sweep / folder / "metrics.json").read_text())
-        assert metrics["num_images"] == 2 and (sweep / folder / ".hydra" / "config.yaml").is_file()
+        assert metrics["num_images"] == 2 and (sweep / folder / "config.yaml").is_file()
         assert metrics["model"]["config"] == "gmm-digits"
 
 

@@ -130,12 +130,18 @@ def test_resume_after_a_failure_midway_completes_the_remaining_seeds(tmp_path, m
         sample_run(den, out_dir=run, **kwargs)
     monkeypatch.setattr(run_module, "_write_image", original)
     assert written == [4, 5, 6]
-    assert not (run / "metrics.json").exists() and not (run / "images.npz").exists()  # not mistaken for finished
+    # Not mistaken for finished: the marker says the extension is still sampling, while the earlier run's
+    # end-of-run files stay as they were, describing the 4 images they were built from.
+    assert json.loads((run / ".bdia-run.json").read_text())["state"] == "sampling"
+    assert json.loads((run / "metrics.json").read_text())["num_images"] == 4
+    with np.load(run / "images.npz") as data:
+        assert data["seeds"].tolist() == [0, 1, 2, 3]
     assert seeds_done(run, range(10)) == [0, 1, 2, 3, 4, 5, 6]
     (run / "images" / ".000007.png.tmp-99999").write_bytes(b"\x89PNG half")  # a killed write
 
     metrics = sample_run(den, out_dir=run, **kwargs)
     assert metrics["num_resumed"] == 7 and metrics["num_sampled"] == 3 and metrics["num_images"] == 10
+    assert json.loads((run / ".bdia-run.json").read_text())["state"] == "complete"
     assert not [p for p in (run / "images").iterdir() if p.name.startswith(".")]
     sample_run(den, out_dir=tmp_path / "fresh", **{**kwargs, "batch_size": 3})
     assert_same_outputs(run, tmp_path / "fresh")

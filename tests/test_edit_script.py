@@ -58,7 +58,7 @@ def test_edit_run_writes_images_pair_and_metrics(tiny_sd, tmp_path):  # noqa: F8
     assert metrics["methods"]["ddim"]["latent"]["relative_error"] > 1e-6
     assert metrics["methods"]["bdia"]["nfe_inversion_and_reconstruction"] == 4 + 3
     assert metrics["methods"]["edict"]["nfe_inversion_and_reconstruction"] == 2 * (4 + 4)
-    assert (out / "env.json").is_file() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert (out / "env.json").is_file() and not [p for p in out.iterdir() if ".tmp-" in p.name]
 
     # The saved pair is the image: regenerating from it with the source prompt gives back the encoded latent.
     pair = np.load(out / "bdia_pair.npz")

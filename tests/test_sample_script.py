@@ -44,7 +44,7 @@ def test_sample_run_writes_the_run_folder(digits, tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{s:06d}.png" for s in range(4)]
     assert sorted(p.name for p in (out / "records").iterdir()) == [f"{s:06d}.npz" for s in range(4)]
     for folder in (out, out / "images", out / "records"):
-        assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary files left behind"
+        assert not [p for p in folder.iterdir() if ".tmp-" in p.name], "temporary files left behind"
 
     with Image.open(out / "grid.png") as grid:
         grid.load()
@@ -296,8 +296,10 @@ def test_script_writes_outputs(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["solver"] == "ddim" and metrics["nfe"] == 3 and metrics["num_images"] == 4
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 4
-    assert (out / ".hydra" / "config.yaml").is_file()  # Hydra's run directory is the run folder
-    assert not (tmp_path / "outputs").exists()
+    assert (out / "config.yaml").is_file() and (out / ".bdia-run.json").is_file()
+    # Hydra writes nothing of its own (no .hydra/, no log, no outputs/): the run folder is the run's alone.
+    assert not (out / ".hydra").exists() and not list(out.glob("*.log")) and not (tmp_path / "outputs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_script_reports_a_malformed_seed_spec_in_one_line(tmp_path):

@@ -17,6 +17,7 @@ C = 1 or 3), optional per-image ``seeds``, and ``source.batch(indices)`` returni
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -136,7 +137,7 @@ def _npz_source(path: Path, description: str) -> ImageSource:
                 raise ValueError(f"{description}: {path} has no 'images' (or 'arr_0') array; it has {data.files}")
             images = data[key]
             seeds = data["seeds"] if "seeds" in data.files else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated / damaged archives too
         if isinstance(e, ValueError) and str(e).startswith(description):
             raise
         raise ValueError(f"{description}: cannot read {path} as .npz ({e})") from None
