@@ -153,7 +153,7 @@ def test_wandb_offline_run_records_config_metrics_image_table(tmp_path, monkeypa
     logger.finish()  # idempotent
     logger.log_metrics({"late": 1.0})  # after finish: ignored
     elapsed = time.perf_counter() - t0
-    assert elapsed < 15, f"offline run took {elapsed:.1f} s"
+    assert elapsed < 45, f"offline run took {elapsed:.1f} s"  # no network wait; generous for busy CPUs
 
     assert any("nope.png" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     run_folder, records = _offline_run(run_dir)

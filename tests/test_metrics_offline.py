@@ -44,7 +44,7 @@ def test_inception_weights_offline_fail_at_once_naming_url_cache_and_key(offline
     started = time.perf_counter()
     with pytest.raises(AssetUnavailableError) as info:
         resolve_inception_weights(backend)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10.0  # at once: no download attempt or retry loop (tens of s)
     message = str(info.value)
     assert url in message and str(offline_caches / cache) in message
     assert "metrics.fid.weights=" in message and "offline" in message
