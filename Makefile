@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv test test-all sample sample-torchrun sample-demo accuracy bench clean tables \
+.PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy bench clean tables \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
 	tiny-sd edit-demo editing-cost
 
@@ -23,6 +23,13 @@ venv: $(STAMP)  ## create .venv (Python 3.11) and install the pinned dependencie
 
 test: $(STAMP)  ## run the test suite (CPU, offline)
 	$(PY) -m pytest -q -m "not slow"
+
+# Another machine's CPU: ATen's kernels for another instruction set (default = no SIMD, avx2, avx512) and
+# another thread count. CI runs this after `make test`.
+CAPABILITY ?= default
+THREADS ?= 1
+test-numerics: $(STAMP)  ## rerun the floating-point-sensitive tests as another CPU would (CAPABILITY=default|avx2, THREADS=1|2)
+	ATEN_CPU_CAPABILITY=$(CAPABILITY) OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m "numerics and not slow"
 
 test-all: $(STAMP)  ## run every test, the slow ones included
 	$(PY) -m pytest -q
