@@ -16,9 +16,9 @@ The work is done by :func:`bdia.app.sample_from_config` and :func:`bdia.run.samp
 
 Output: ``out_dir`` (default ``results/sample/<experiment_name>/<overrides>``) holds ``images/<seed:06d>.png``,
 ``records/<seed:06d>.npz``, ``images.npz``, ``grid.png``, ``metrics.json`` (NFE measured, wall time,
-images/s), ``env.json``, ``config.yaml`` (resolved) and ``settings.json``; Hydra's ``.hydra/`` and
-``sample.log`` too. Rerunning the same command resumes: seeds already written are skipped (``resume=false``
-starts afresh).
+images/s), ``env.json``, ``config.yaml`` (resolved), ``settings.json`` and the marker ``.bdia-run.json``
+(:mod:`bdia.runfolder`: only a new, empty or own run folder is written). Rerunning the same command resumes:
+seeds already written are skipped (``resume=false`` starts afresh).
 
 Mistakes (an unknown config name, malformed seeds, gamma outside [0, 1], a missing ``model.path``, a
 checkpoint that cannot be downloaded) end with one line ``error: ...`` on stderr and exit status 1;
