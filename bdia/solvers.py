@@ -55,8 +55,9 @@ __all__ = [
 
 SOLVERS = ("ddim", "bdia_ddim", "edm", "bdia_edm")
 INVERTIBLE_SOLVERS = ("bdia_ddim", "bdia_edm")
-GAMMA_SCHEDULES = ("obelm",)
-BACKWARD_MAPS = ("euler", "heun")
+GAMMA_SCHEDULES = ("obelm", "lte")
+BACKWARD_MAPS = ("euler", "heun", "taylor", "exp")
+SPACES = ("x", "vp")
 
 #: ``invert`` warns when the predicted relative round-trip error exceeds this.
 UNSTABLE_ROUNDTRIP_ERROR = 1e-4
@@ -125,15 +126,17 @@ def _euler(p: _Problem, x, k_from, k_to, d=None):
 
 def _heun(p: _Problem, x, k_from, k_to, d=None, sigma_from=None):
     """EDM's Heun step; plain Euler when it lands on sigma = 0 (where the slope is undefined).
-    ``sigma_from`` overrides ``sigmas[k_from]`` (EDM's churned level ``sigma_hat``)."""
+    ``sigma_from`` overrides ``sigmas[k_from]`` (EDM's churned level ``sigma_hat``).
+    Returns ``(x_next, d, d_next)``: the two slopes it took (``d_next`` at the Euler predictor; None on sigma = 0)."""
     sigma_from = p.sig[k_from] if sigma_from is None else sigma_from
     d = p.slope(x, k_from, sigma_from) if d is None else d
     h = p.sig[k_to] - sigma_from
     x_next = x + h * d
+    d_next = None
     if p.levels[k_to] > 0:
         d_next = p.slope(x_next, k_to)
         x_next = x + h * (0.5 * d + 0.5 * d_next)
-    return x_next, d
+    return x_next, d, d_next
 
 
 def _ddim_maps(p: _Problem, x, k, need_back=True):
@@ -142,15 +145,45 @@ def _ddim_maps(p: _Problem, x, k, need_back=True):
     return x_fwd, x_back
 
 
+def _edm_backward(p: _Problem, backward, x, k, d, d_next):
+    """``Phi_back(x_k; sigma_k -> sigma_{k-1})``, built from the slopes Heun's forward step took at ``x_k``
+    (``d = d(x_k)``, ``d_next`` at its Euler predictor), so it depends on ``x_k`` alone and inversion stays exact.
+
+    * ``euler``: ``x_k + h_b d``, first order (local error O(h^2)), no extra NFE.
+    * ``heun``: a Heun step back, second order, one extra NFE.
+    * ``taylor``: Heun's own quadratic in sigma, ``x_k + h d + h^2/2 * (d_next - d)/h_f`` (which is the Heun step at
+      ``h = h_f``), evaluated at ``h = h_b``: second order, no extra NFE.
+    * ``exp``: the same second-order extrapolation done on the denoised ``D = x - sigma d`` in ``u = 1/sigma``,
+      where the ODE reads ``d(x/sigma)/du = D`` (the exponential integrator DPM-Solver++ uses); its correction is
+      ``taylor``'s times ``sigma_{k+1}^2 / (sigma_k sigma_{k-1})``, damped where the Karras steps grow fast.
+
+    On the last step (onto sigma = 0) Heun is Euler and has one slope, so every map but ``heun`` is Euler there.
+    """
+    h_b, h_f = p.sig[k - 1] - p.sig[k], p.sig[k + 1] - p.sig[k]
+    x_back = x + h_b * d  # Euler
+    if backward == "heun":
+        return _heun(p, x, k, k - 1, d)[0]
+    if backward == "euler" or d_next is None:
+        return x_back
+    taylor = h_b**2 / (2 * h_f) * (d_next - d)
+    if backward == "taylor":
+        return x_back + taylor
+    return x_back + taylor * p.sig[k + 1] ** 2 / (p.sig[k] * p.sig[k - 1])  # "exp"
+
+
 def _edm_maps(backward: str):
     def maps(p: _Problem, x, k, need_back=True):
-        x_fwd, d = _heun(p, x, k, k + 1)
-        if not need_back:
-            return x_fwd, None
-        back_map = _euler if backward == "euler" else _heun
-        return x_fwd, back_map(p, x, k, k - 1, d)[0]
+        x_fwd, d, d_next = _heun(p, x, k, k + 1)
+        return x_fwd, (_edm_backward(p, backward, x, k, d, d_next) if need_back else None)
 
     return maps
+
+
+def _vp_scale(sigma_data: float = 1.0):
+    """``c_k = alpha_{k-1} / alpha_{k+1}`` with ``alpha = 1 / sqrt(sigma_data^2 + sigma^2)`` (up to a constant,
+    which cancels): BDIA applied to ``z = alpha x`` and written in ``x``. ``sigma_data = 1``: the VP latents
+    (``alpha = 1/sqrt(1 + sigma^2)``, BDIA-DDIM's); ``0.5``: EDM's network input scaling ``c_in``."""
+    return lambda levels, k: math.sqrt((sigma_data**2 + levels[k + 1] ** 2) / (sigma_data**2 + levels[k - 1] ** 2))
 
 
 def _ddim_scale(levels, k):
@@ -158,26 +191,35 @@ def _ddim_scale(levels, k):
     return vp_alpha(levels[k - 1]) / vp_alpha(levels[k + 1])
 
 
-def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm") -> list[float]:
+def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None) -> list[float]:
     """The per-step gamma a BDIA solver uses, as a list of ``N`` floats (entry ``k`` for the step that makes
     ``x_{k+1}``; entry 0 belongs to the first, plain base step and is 0).
 
     ``gamma`` is a scalar in [0, 1], a sequence of ``N - 1`` values in [0, 1] (one per BDIA step, in sampling
-    order), or a named schedule:
+    order), or a named schedule, with ``h_k = sigma_k - sigma_{k+1}`` and ``r_k = h_k / h_{k-1} (< 1 on a Karras grid)``:
 
-    * ``"obelm"``: ``gamma_k = (h_k / h_{k-1})**2`` with ``h_k = sigma_k - sigma_{k+1}`` in x = z / alpha
-      coordinates, which makes BDIA over Euler the O-BELM sampler (Wang et al., NeurIPS 2024), second-order
-      accurate. For ``bdia_ddim`` the value is divided by ``c_k = alpha_{k-1}/alpha_{k+1}`` so that the
-      x-space recurrence is exactly O-BELM. For ``bdia_edm`` (Heun base) it is a heuristic.
+    * ``"obelm"``: ``gamma_k = r_k**2``, which makes BDIA over Euler the O-BELM sampler (Wang et al.,
+      NeurIPS 2024), second-order accurate: the forward and the backward Euler step's O(h^2) local errors have
+      opposite signs and cancel. For ``bdia_ddim`` the value is divided by ``c_k = alpha_{k-1}/alpha_{k+1}`` so
+      that the x-space recurrence is exactly O-BELM. For ``bdia_edm`` (Heun base) it is a heuristic.
+    * ``"lte"`` (``bdia_edm`` only): ``gamma_k c_k = min(1, r_k**3)`` (and ``gamma_k <= 1``). Heun's local
+      error is O(h^3) and odd in h, so a second-order backward step's error over ``h_{k-1}`` adds to (never
+      cancels) the forward step's; this weight caps BDIA's share, ``gamma_k c_k h_{k-1}^3``, at Heun's own
+      ``h_k^3``, tapering gamma where the steps shrink fast (few steps, and near the data). ``scale_fn`` gives
+      ``c_k`` (the solver passes its own; default 1, x-space).
     """
     levels = as_sigmas(sigmas).tolist()
     N = len(levels) - 1
     if isinstance(gamma, str):
-        if gamma != "obelm":
+        if gamma not in GAMMA_SCHEDULES:
             raise ValueError(f"unknown gamma schedule {gamma!r}; named schedules: {list(GAMMA_SCHEDULES)}")
-        gammas = [0.0] + [
-            ((levels[k] - levels[k + 1]) / (levels[k - 1] - levels[k])) ** 2 for k in range(1, N)
-        ]
+        ratios = [0.0] + [(levels[k] - levels[k + 1]) / (levels[k - 1] - levels[k]) for k in range(1, N)]
+        if gamma == "lte":
+            if solver != "bdia_edm":
+                raise ValueError("gamma='lte' is derived from Heun's local error: bdia_edm only (bdia_ddim: 'obelm')")
+            scale = scale_fn or (lambda levels, k: 1.0)
+            return [0.0] + [min(1.0, ratios[k] ** 3 / scale(levels, k)) for k in range(1, N)]
+        gammas = [r**2 for r in ratios]
         if solver == "bdia_ddim":
             gammas = [0.0] + [gammas[k] / _ddim_scale(levels, k) for k in range(1, N)]
         return gammas
@@ -277,7 +319,7 @@ def edm(
 def _bdia_sample(maps, scale_fn, denoiser, x_init, sigmas, gamma, solver, class_labels, cond, progress):
     first = x_init[0] if isinstance(x_init, (tuple, list)) else x_init
     p = _Problem(denoiser, sigmas, first, class_labels, cond)
-    coeffs = _coefficients(p, gamma_schedule(gamma, p.sigmas, solver), scale_fn)
+    coeffs = _coefficients(p, gamma_schedule(gamma, p.sigmas, solver, scale_fn), scale_fn)
     if isinstance(x_init, (tuple, list)):
         x_prev, x = x_init  # (x_0, x_1), e.g. from `invert`: continue with BDIA steps from k = 1
     else:
@@ -295,7 +337,7 @@ def _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, solver, class_
     first = x_last[0] if isinstance(x_last, (tuple, list)) else x_last
     p = _Problem(denoiser, sigmas, first, class_labels, cond)
     N = p.num_steps
-    gammas = gamma_schedule(gamma, p.sigmas, solver)
+    gammas = gamma_schedule(gamma, p.sigmas, solver, scale_fn)
     if min(gammas[1:]) <= 0:
         raise ValueError("gamma = 0 is the base solver, which is not invertible; use gamma in (0, 1] (0.92-1 for editing)")
     predicted = predicted_roundtrip_error(gammas, first.dtype)
@@ -338,20 +380,32 @@ def bdia_ddim(denoiser, x_init, sigmas, gamma=1.0, class_labels=None, cond=None,
     return _bdia_sample(_ddim_maps, _ddim_scale, denoiser, x_init, sigmas, gamma, "bdia_ddim", class_labels, cond, progress)
 
 
-def bdia_edm(
-    denoiser, x_init, sigmas, gamma=1.0, backward="euler", class_labels=None, cond=None, progress=False
-) -> StatePair:
-    """BDIA over EDM's deterministic sampler, in EDM's x-space (s(t) = 1):
-
-        x_{k+1} = gamma (x_{k-1} - Phi_back(x_k; sigma_k -> sigma_{k-1})) + Heun(x_k; sigma_k -> sigma_{k+1})
-
-    ``backward="euler"`` (default): ``Phi_back`` is an Euler step reusing the slope Heun computes at x_k, so
-    NFE equals EDM's. ``backward="heun"``: a Heun step back (one more evaluation per BDIA step).
-    Returns the pair ``(x_N, x_{N-1})``.
-    """
+def _edm_options(backward, space, sigma_data):
     if backward not in BACKWARD_MAPS:
         raise ValueError(f"backward must be one of {list(BACKWARD_MAPS)}, got {backward!r}")
-    return _bdia_sample(_edm_maps(backward), lambda levels, k: 1.0, denoiser, x_init, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
+    if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
+        raise ValueError(f"sigma_data must be a positive number, got {sigma_data!r}")
+    return _edm_maps(backward), (_vp_scale(float(sigma_data)) if space == "vp" else lambda levels, k: 1.0)
+
+
+def bdia_edm(
+    denoiser, x_init, sigmas, gamma=1.0, backward="euler", space="x", sigma_data=1.0,
+    class_labels=None, cond=None, progress=False,
+) -> StatePair:
+    """BDIA over EDM's deterministic Heun sampler:
+
+        x_{k+1} = gamma c_k (x_{k-1} - Phi_back(x_k; sigma_k -> sigma_{k-1})) + Heun(x_k; sigma_k -> sigma_{k+1})
+
+    ``space="x"``: the combination in EDM's x-space, ``c_k = 1``. ``space="vp"``: in ``z = alpha x``,
+    ``alpha = 1/sqrt(sigma_data^2 + sigma^2)``, i.e. ``c_k = alpha_{k-1} / alpha_{k+1}`` as in BDIA-DDIM.
+    ``backward``: ``Phi_back`` (see :func:`_edm_backward`): ``euler`` (first order), ``taylor`` / ``exp``
+    (second order), all reusing Heun's slopes at ``x_k`` (NFE = EDM's); ``heun`` costs one more NFE per step.
+    Returns the pair ``(x_N, x_{N-1})``.
+    """
+    maps, scale_fn = _edm_options(backward, space, sigma_data)
+    return _bdia_sample(maps, scale_fn, denoiser, x_init, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
 
 
 def invert_bdia_ddim(denoiser, x_last, sigmas, gamma=1.0, class_labels=None, cond=None, progress=False) -> StatePair:
@@ -361,12 +415,12 @@ def invert_bdia_ddim(denoiser, x_last, sigmas, gamma=1.0, class_labels=None, con
 
 
 def invert_bdia_edm(
-    denoiser, x_last, sigmas, gamma=1.0, backward="euler", class_labels=None, cond=None, progress=False
+    denoiser, x_last, sigmas, gamma=1.0, backward="euler", space="x", sigma_data=1.0,
+    class_labels=None, cond=None, progress=False,
 ) -> StatePair:
-    """Exact inverse of :func:`bdia_edm`; arguments as :func:`invert_bdia_ddim`."""
-    if backward not in BACKWARD_MAPS:
-        raise ValueError(f"backward must be one of {list(BACKWARD_MAPS)}, got {backward!r}")
-    return _bdia_invert(_edm_maps(backward), lambda levels, k: 1.0, denoiser, x_last, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
+    """Exact inverse of :func:`bdia_edm`; arguments as :func:`invert_bdia_ddim` and :func:`bdia_edm`."""
+    maps, scale_fn = _edm_options(backward, space, sigma_data)
+    return _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
 
 
 # --------------------------------------------------------------------------------------------------
