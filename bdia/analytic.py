@@ -23,6 +23,10 @@ from .denoisers import GaussianMixtureDenoiser
 __all__ = ["digits_gmm", "gmm_toy", "mixture_metrics"]
 
 
+#: The largest image side of the digits mixture (every component holds a full float64 image).
+MAX_IMAGE_SIZE = 256
+
+
 def digits_gmm(
     image_size: int = 16,
     std: float = 0.05,
@@ -42,6 +46,9 @@ def digits_gmm(
     """
     if not std > 0:
         raise ValueError(f"std must be positive, got {std!r}")
+    # 1797 components of image_size**2 float64 pixels each: 256 px is ~0.9 GB already.
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {image_size!r}")
     images, labels = digits_images(image_size, "all", interpolation, dtype=torch.float64)
     if classes is not None:
         wanted = sorted({int(c) for c in classes})

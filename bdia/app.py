@@ -302,6 +302,18 @@ def run_job(job, cfg):
         if _full_errors():
             raise
         sys.exit(f"error: cannot read or write a file: {one_line(e)}")
+    except (MemoryError, RuntimeError) as e:
+        if _full_errors() or not _out_of_memory(e):
+            raise
+        sys.exit(f"error: out of memory ({one_line(e)[:200]}); lower batch_size or network_batch")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CPU allocation failures (MemoryError, torch's "can't allocate memory") and CUDA's OutOfMemoryError."""
+    import torch
+
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error) or "out of memory" in str(error).lower())
 
 
 def run_command_line(main, config_name: str) -> None:

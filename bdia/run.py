@@ -199,11 +199,16 @@ def class_labels_for(rng: StackedRandomGenerator, label_dim: int, class_idx: int
     return indices, torch.eye(label_dim, device=indices.device)[indices]
 
 
+#: Bounds on settings that size allocations (network rows per call, solver steps): far above any real run.
+MAX_NETWORK_BATCH = 65536
+MAX_NUM_STEPS = 100_000
+
+
 def _check_network_batch(rows, allow_none: bool = True) -> None:
     if rows is None and allow_none:
         return
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"network_batch must be a positive integer or null, got {rows!r}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_NETWORK_BATCH:
+        raise ValueError(f"network_batch must be an integer in 1..{MAX_NETWORK_BATCH} or null, got {rows!r}")
 
 
 class FixedBatchDenoiser(DenoiserWrapper):
@@ -545,6 +550,8 @@ def sample_run(
     seeds = parse_seeds(seeds)
     device = resolve_device(device, ctx.local_rank)
     _validate_grid(sigma_min, sigma_max, rho, grid_nrow, grid_scale, grid_padding)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= MAX_NUM_STEPS:
+        raise ValueError(f"num_steps must be an integer in 2..{MAX_NUM_STEPS}, got {num_steps!r}")
     sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
     sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))

@@ -100,6 +100,8 @@ def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batc
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(gamma, bool):
+        raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     _check_network_batch(network_batch)

@@ -280,6 +280,36 @@ def test_bad_settings_fail_in_one_line_before_sampling(tmp_path, monkeypatch, ov
     assert_one_line(cli(monkeypatch, tmp_path, *DIGITS, override, f"out_dir={tmp_path}/run"), *needles)
 
 
+@pytest.mark.parametrize("override, needles", [
+    ("network_batch=100000000", ["network_batch must be an integer in 1..65536"]),
+    ("solver.num_steps=1000000000", ["num_steps must be an integer in 2..100000"]),
+    ("dataset=gmm model.image_size=100000", ["image_size must be an integer in 1..256"]),
+])
+def test_settings_that_size_allocations_are_bounded(tmp_path, monkeypatch, override, needles):
+    args = [*DIGITS, *override.split()]
+    assert_one_line(cli(monkeypatch, tmp_path, *args, f"out_dir={tmp_path}/run"), *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    import bdia.run
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 143760000000000 bytes.")
+
+    monkeypatch.setattr(bdia.run._solvers, "sample", exhausted)
+    message = cli(monkeypatch, tmp_path, *DIGITS, f"out_dir={tmp_path}/run")
+    assert_one_line(message, "error: out of memory", "lower batch_size or network_batch")
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a programming error")
+
+    monkeypatch.setattr(bdia.run._solvers, "sample", bug)
+    # Other errors are not dressed up as memory problems: Hydra reports them with their traceback (exit 1).
+    assert cli(monkeypatch, tmp_path, *DIGITS, f"out_dir={tmp_path}/run2") == 1
+
+
 def test_rho_zero_in_the_api_is_a_value_error():
     import bdia
 
