@@ -88,3 +88,27 @@ def write_edm_snapshot(path, net, edm_class_names, init_kwargs_of, extra=None):
     with fake_torch_utils(), open(path, "wb") as f:
         pickle.dump(data, f, protocol=4)
     return path
+
+
+# --- hand-made records, for tests of what a crafted (malicious or damaged) snapshot may contain ------------
+
+
+def persistent(class_name, init_kwargs=None, parameters=None, buffers=None, modules=None, **state):
+    """One EDM persistent record with exactly the given state (nothing derived from a real module)."""
+    full = dict(_parameters=parameters if parameters is not None else {}, _buffers=buffers if buffers is not None else {},
+                _modules=modules if modules is not None else {}, training=False, _init_args=(),
+                _init_kwargs=init_kwargs if init_kwargs is not None else {})
+    full.update(state)
+    return _Persistent(dict(type="class", version=6, module_src=MODULE_SRC_THAT_MUST_NOT_RUN, class_name=class_name, state=full))
+
+
+def container(modules):
+    """A ``torch.nn.ModuleDict`` record holding ``modules`` (a dict that may be filled in after this call)."""
+    return _Container(torch.nn.ModuleDict, dict(_parameters={}, _buffers={}, _modules=modules, training=False))
+
+
+def write_records(path, data):
+    """Pickle ``data`` (a dict such as ``{"ema": persistent(...)}``, or anything else) as EDM would."""
+    with fake_torch_utils(), open(path, "wb") as f:
+        pickle.dump(data, f, protocol=4)
+    return path
