@@ -1,4 +1,6 @@
-"""Process groups for sampling on several processes, started by an existing engine (no home-made launcher).
+"""Process groups for sampling and evaluating on several processes, started by an existing engine (no
+home-made launcher). The one place that knows about ranks: the sampling apps, the metrics and the loggers all
+use it.
 
 * ``torchrun --standalone --nproc_per_node=K scripts/sample.py ...`` sets ``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``) for each of its K processes;
@@ -8,7 +10,9 @@
 :func:`init_distributed` reads them and joins the process group once per process (NCCL for CUDA devices,
 gloo on the CPU); without them a run is one process (rank 0 of 1). A sampling run then shards its seeds
 with :func:`shard` (rank r takes ``seeds[r::K]``), meets at :func:`barrier`, and rank 0 writes what needs
-every rank's results (:func:`gather`).
+every rank's results (:func:`gather`). Metrics take the joined group's context (:func:`current`), evaluate
+their :func:`shard_indices` and put per-image rows back in order (:func:`gather_rows`); loggers that start
+before any group is joined ask :func:`launch_rank`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["DistContext", "context_from_env", "init_distributed", "barrier", "gather", "shard", "resolve_device"]
+__all__ = ["DistContext", "context_from_env", "init_distributed", "barrier", "gather", "shard", "resolve_device",
+           "current", "is_main_process", "launch_rank", "shard_indices", "gather_rows"]
 
 MODES = ("auto", "required", "off")
 
@@ -80,10 +85,13 @@ def context_from_env(env=None) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=rank if local_rank is None else local_rank)
 
 
-def resolve_device(device, local_rank: int = 0) -> torch.device:
-    """``"auto"``: CUDA if available, else CPU. A CUDA device without an index becomes ``cuda:<local_rank>``
-    (one GPU per process under torchrun). Raises ``ValueError`` for unknown or unavailable devices."""
-    if str(device) == "auto":
+def resolve_device(device, local_rank: int | None = None) -> torch.device:
+    """``"auto"`` (or ``None``): CUDA if available, else CPU. A CUDA device without an index becomes
+    ``cuda:<local_rank>`` (one GPU per process under torchrun; default: ``LOCAL_RANK`` from the environment).
+    Raises ``ValueError`` for unknown or unavailable devices."""
+    if local_rank is None:
+        local_rank = context_from_env().local_rank
+    if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
@@ -156,6 +164,55 @@ def gather(ctx: DistContext, obj: Any) -> list:
 
     out: list = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+def current() -> DistContext:
+    """The context of the process group this process has joined (rank 0 of 1 when it has joined none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    local_rank = _int_env(os.environ, "LOCAL_RANK")
+    rank = dist.get_rank()
+    return DistContext(rank, dist.get_world_size(), rank if local_rank is None else local_rank, dist.get_backend())
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the joined process group (or a single process)."""
+    return current().is_main
+
+
+def launch_rank(env=None) -> int:
+    """This process's rank as its launcher announced it (torchrun's ``RANK``, SLURM's ``SLURM_PROCID``), before
+    any process group is joined; 0 when neither is set or readable."""
+    env = os.environ if env is None else env
+    for var in ("RANK", "SLURM_PROCID"):
+        value = env.get(var)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def shard_indices(n: int, ctx: DistContext | None = None) -> range:
+    """The indices of ``n`` items (images to evaluate) rank ``r`` of ``K`` handles: ``range(r, n, K)``."""
+    ctx = current() if ctx is None else ctx
+    return range(ctx.rank, int(n), ctx.world_size)
+
+
+def gather_rows(rows: torch.Tensor, n: int, ctx: DistContext | None = None) -> torch.Tensor:
+    """Reassemble per-item rows computed on :func:`shard_indices` shards into ``[n, ...]`` in item order, on
+    every rank (CPU tensors; a single process gets ``rows`` back as is)."""
+    ctx = current() if ctx is None else ctx
+    if not ctx.enabled:
+        return rows
+    parts = gather(ctx, rows.detach().cpu())
+    out = torch.empty((int(n), *rows.shape[1:]), dtype=rows.dtype)
+    for r, part in enumerate(parts):
+        out[r :: ctx.world_size] = part
     return out
 
 

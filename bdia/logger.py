@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .distributed import launch_rank
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BaseLogger", "NullLogger", "WandbLogger", "flatten_metrics"]
@@ -104,18 +106,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def _process_rank() -> int:
-    """This process's global rank under torchrun (``RANK``) or SLURM (``SLURM_PROCID``); 0 otherwise."""
-    for var in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(var)
-        if value not in (None, ""):
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
 
 
 def _flush_wandb_service() -> None:
@@ -273,7 +263,7 @@ class WandbLogger(BaseLogger):
         if self.mode == "disabled":
             log.info("W&B disabled (mode=disabled); only local files are written")
             return
-        if self.rank_zero_only and _process_rank() != 0:
+        if self.rank_zero_only and launch_rank() != 0:
             return
         try:
             import wandb

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bdia.download import AssetUnavailableError  # noqa: E402
-from bdia.metrics.distributed import init_distributed, is_main_process  # noqa: E402
+from bdia.distributed import init_distributed, is_main_process  # noqa: E402
 from bdia.metrics.evaluate import evaluate_runs, find_runs  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bdia.download import AssetUnavailableError, cache_dir, is_offline  # noqa: E402
-from bdia.metrics.distributed import init_distributed, is_main_process  # noqa: E402
+from bdia.distributed import init_distributed, is_main_process, resolve_device  # noqa: E402
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -55,7 +55,7 @@ def _cifar10(root: Path):
 
 
 def compute(cfg) -> dict:
-    from bdia.metrics.fid import DIGITS_REFS, sha256_of, resolve_device, write_reference_stats
+    from bdia.metrics.fid import DIGITS_REFS, sha256_of, write_reference_stats
     from bdia.metrics.images import open_images
 
     dataset = str(cfg.source)
@@ -103,7 +103,7 @@ def compute(cfg) -> dict:
 @hydra.main(config_path="../configs", config_name="fid_ref", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
-        init_distributed()
+        init_distributed(cfg.device)
         result = compute(cfg)
     except (ValueError, AssetUnavailableError, OSError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -263,13 +263,12 @@ def test_wandb_offline_never_touches_the_network(tmp_path):
     """Offline with WANDB_MODE unset (the mode comes from the config): the whole process, exit included,
     opens no connection to the W&B server (here a local server that hangs) and ends in seconds."""
     server, accepted = _silent_server()
-    # bdia/logger.py loaded by path: the bdia package imports torch (seconds), which this check does not need.
+    # The import time (torch, seconds on a busy machine) is reported by the child and not counted below.
     script = textwrap.dedent(f"""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("bdia_logger", {str(REPO / "bdia" / "logger.py")!r})
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        WandbLogger = module.WandbLogger
+        import time
+        started = time.perf_counter()
+        from bdia.logger import WandbLogger
+        print("import-seconds", time.perf_counter() - started, flush=True)
         logger = WandbLogger(mode="offline")
         logger.start({{"a": 1}}, run_dir={str(tmp_path / "run")!r}, name="r", group="g")
         assert logger.run is not None
@@ -293,7 +292,8 @@ def test_wandb_offline_never_touches_the_network(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert accepted == [], "an offline run connected to the W&B server"
     # wandb 0.31's analytics probe, were it to run, would also stall the exit by its 10 s HTTP timeout.
-    assert elapsed < 20, f"offline run + interpreter exit took {elapsed:.1f} s"
+    import_seconds = float(result.stdout.split("import-seconds", 1)[1].split()[0])
+    assert elapsed - import_seconds < 20, f"offline run + interpreter exit took {elapsed - import_seconds:.1f} s"
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
 
 

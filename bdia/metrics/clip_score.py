@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..download import AssetUnavailableError, is_offline
-from .distributed import gather_rows, shard_indices
+from ..distributed import gather_rows, resolve_device, shard_indices
 from .images import open_images
 
 __all__ = ["CLIPScore", "DEFAULT_CLIP_MODEL", "clip_scores", "load_clip", "read_prompts"]
@@ -167,8 +167,6 @@ class CLIPScore:
 
     def __init__(self, path: str = DEFAULT_CLIP_MODEL, prompts=None, batch_size: int = 32, device="auto",
                  dtype: str = "float32", per_image: bool = True):
-        from .fid import resolve_device
-
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"metrics.clip.dtype must be float32, float16 or bfloat16, got {dtype!r}")
         self.path, self.prompts, self.batch_size = str(path), prompts, int(batch_size)

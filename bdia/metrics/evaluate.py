@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .distributed import is_main_process
+from ..distributed import is_main_process
 from .images import open_images
 
 __all__ = ["find_runs", "evaluate_run", "evaluate_runs", "merge_metrics_json", "flatten_numbers"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..download import AssetUnavailableError, cache_dir, fetch_file
-from .distributed import gather_rows, rank_and_world, shard_indices
+from ..distributed import gather_rows, is_main_process, shard_indices
 from .frechet import FeatureStats
 from .images import ImageSource, open_images
 
@@ -184,7 +184,7 @@ def feature_statistics(images, extractor, batch_size: int = 250, return_features
     stats = FeatureStats(extractor.feature_dim)
     rows = []
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    if progress and rank_and_world()[0] == 0:
+    if progress and is_main_process():
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"{extractor.name} features", unit="batch")

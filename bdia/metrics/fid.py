@@ -30,12 +30,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..distributed import resolve_device
 from ..download import AssetUnavailableError, cache_dir, fetch_file
 from ..networks.registry import FID_REF_ROOT
 from .frechet import frechet_distance, kernel_distance
 from .images import ImageSource, open_images
 
-__all__ = ["EDM_FID_REFS", "FID", "DigitsFD", "ReferenceStats", "load_reference", "EDM_SEED_BLOCKS", "resolve_device",
+__all__ = ["EDM_FID_REFS", "FID", "DigitsFD", "ReferenceStats", "load_reference", "EDM_SEED_BLOCKS",
            "write_reference_stats"]
 
 #: EDM's published reference statistics (``mu``, ``sigma`` of Inception pool features; NVIDIA's Inception).
@@ -46,16 +47,6 @@ EDM_FID_REFS = {
 _EDM_ALIASES = {"cifar10": "cifar10-32x32", "ffhq": "ffhq-64x64", "afhqv2": "afhqv2-64x64", "imagenet": "imagenet-64x64"}
 EDM_SEED_BLOCKS = ("0-49999", "50000-99999", "100000-149999")
 DIGITS_REFS = ("digits-test", "digits-train", "digits-all", "digits-even", "digits-odd")
-
-
-def resolve_device(device) -> torch.device:
-    """``"auto"``: ``cuda:$LOCAL_RANK`` when CUDA is available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use device=cpu")
-    return device
 
 
 def sha256_of(path) -> str:
@@ -415,7 +406,7 @@ def write_reference_stats(images, extractor, out, batch_size: int = 250, save_fe
     import json
 
     from ..run import atomic_write
-    from .distributed import is_main_process
+    from ..distributed import is_main_process
     from .features import feature_statistics
 
     stats, features = feature_statistics(images, extractor, batch_size, return_features=save_features,
