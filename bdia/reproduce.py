@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from .tables import write_table
+
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
            "sweep_commands", "plan_jobs", "planned_nfe", "planned_images", "dry_run_text", "reproduce"]
 
@@ -244,8 +246,6 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
               extra: Sequence[str] = (), runs_root: str | Path | None = None, output: str | Path | None = None,
               wandb: bool = False, python: str = sys.executable) -> dict:
     """Run every multirun of table ``name`` (resuming), then write its table. Returns what was done."""
-    from .tables import write_table
-
     spec = load_spec(name)
     if wandb and not spec.get("wandb", True):
         raise ValueError(f"{spec['script']} has no W&B logger; --wandb works for the scripts/sample.py tables")
@@ -270,7 +270,7 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
         logger = WandbLogger(job_type="table", group=spec["name"])
         logger.start({"table": spec["name"]}, run_dir=table_dir, name=f"{spec['name']}-summary")
     try:
-        paths = write_table(spec, runs_root or spec["runs_root"], output, command=label, logger=logger)
+        paths = write_table(spec, run_roots(spec, runs_root), output, command=label, logger=logger)
     finally:
         if logger is not None:
             logger.finish()

@@ -300,13 +300,12 @@ def _copy_figures(spec, runs, output: Path) -> dict[str, Path]:
     return copied
 
 
-def write_table(spec: Mapping[str, Any], runs_root: str | Path, output: str | Path | None = None,
+def write_table(spec: Mapping[str, Any], roots: Sequence[str | Path], output: str | Path | None = None,
                 command: str | None = None, plot: bool = True, logger=None) -> dict[str, Path]:
-    """Collect the table's run folders, write ``<output>.md``, ``.csv`` and ``.png``; return their paths.
-    ``logger`` (started, e.g. a W&B run): also gets the rows as one summary table."""
-    from .reproduce import run_roots  # the table spec -> run folders (shared with the runner)
-
-    roots = run_roots(spec, runs_root)
+    """Collect the run folders under ``roots`` (:func:`bdia.reproduce.run_roots` of the spec), write
+    ``<output>.md``, ``.csv`` and ``.png``; return their paths. ``logger`` (started, e.g. a W&B run): also gets
+    the rows as one summary table."""
+    roots = [Path(r) for r in roots]
     runs = collect_runs(roots, spec.get("explode"))
     rows = table_rows(spec, runs)
     output = Path(output or spec["output"])

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
             spec = load_spec(name)
             if args.all and not any(root.is_dir() for root in run_roots(spec, args.runs_root)):
                 continue
-            paths = write_table(spec, args.runs_root or spec["runs_root"], args.output,
+            paths = write_table(spec, run_roots(spec, args.runs_root), args.output,
                                 command=f"python scripts/make_tables.py {spec['name']}")
             print(f"{spec['name']}: " + ", ".join(str(p) for p in paths.values()))
     except ValueError as e:
