@@ -11,7 +11,7 @@ For one image: encode scikit-learn's china.jpg with the tiny VAE, invert it unde
 regeneration with the same dtypes in the same run) and the latent round-trip error. Rows: network and solver state both float64, both float32,
 and (DDIM, BDIA, EDICT) float32 network with float64 state -- scripts/edit.py's default.
 
-The tiny model (:func:`bdia.networks.sd.build_tiny_sd`, seed 0) has random weights: its errors show the methods'
+The tiny model (:func:`bdia.testing.build_tiny_sd`, seed 0) has random weights: its errors show the methods'
 numerics, not SD's image quality. Its VAE's latents have std ~0.04 where SD's scaled latents have std ~1, so the
 encoded latent is rescaled to unit std before inversion (relative errors then read on SD's scale).
 """
@@ -162,7 +162,7 @@ def write_outputs(rows, args, out_dir: Path, wall: float) -> None:
         "",
         "## Setup",
         "",
-        "* Model: `bdia.networks.sd.build_tiny_sd(seed=0)` (random weights: UNet2DConditionModel 16/32 channels, "
+        "* Model: `bdia.testing.build_tiny_sd(seed=0)` (random weights: UNet2DConditionModel 16/32 channels, "
         "8x8x4 latents, tiny VAE and CLIP text encoder), SD's scheduler settings, DDIM grid `sd.sigmas(N)` "
         "(leading spacing, last level sigma ~0.0292).",
         f"* One image: scikit-learn's `china.jpg`, centre-cropped to 32x32, encoded by the tiny VAE, the latent rescaled "
@@ -230,7 +230,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results" / "editing")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from bdia.networks.sd import build_tiny_sd, load_sd
+    from bdia.networks.sd import load_sd
+    from bdia.testing import build_tiny_sd
 
     start = time.perf_counter()
     everything, exact_only = all_runs(args.gammas)

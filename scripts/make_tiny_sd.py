@@ -8,7 +8,7 @@
 
 The folder holds a random UNet2DConditionModel, AutoencoderKL, CLIPTextModel, a CLIP tokenizer built from a
 locally written vocabulary and a DDIMScheduler with Stable Diffusion's settings
-(:func:`bdia.networks.sd.build_tiny_sd`); deterministic given the seed. Its images are noise-like: it exercises
+(:func:`bdia.testing.build_tiny_sd`); deterministic given the seed. Its images are noise-like: it exercises
 the code paths, not image quality.
 """
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clip", default=None, metavar="DIR",
                         help="also write a tiny random CLIP model here (for metrics=clip metrics.clip.path=DIR offline)")
     args = parser.parse_args(argv)
-    from bdia.networks.sd import build_tiny_clip, build_tiny_sd
+    from bdia.testing import build_tiny_clip, build_tiny_sd
 
     started = time.perf_counter()
     try:

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import bdia
-from bdia.networks.sd import build_tiny_clip, z_to_x  # noqa: F401  (build_tiny_clip: re-exported for tests)
+from bdia.networks.sd import z_to_x  # noqa: F401
+from bdia.testing import build_tiny_clip  # noqa: F401  (re-exported for tests)
 
 #: Prompts used across SD tests (the tiny tokenizer knows bytes and a few merges; any text works).
 PROMPTS = ["a photo of the cat", "an oil painting of a mountain lake"]
@@ -28,11 +29,11 @@ _CACHE: dict = {}
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
-    """Path of a tiny random SD diffusers folder (:func:`bdia.networks.sd.build_tiny_sd`, seed 0, 32x32 pixels,
+    """Path of a tiny random SD diffusers folder (:func:`bdia.testing.build_tiny_sd`, seed 0, 32x32 pixels,
     8x8x4 latents). Built once per session even when several modules import the fixture (pytest would otherwise
     make one per importing module)."""
     if "dir" not in _CACHE:
-        from bdia.networks.sd import build_tiny_sd
+        from bdia.testing import build_tiny_sd
 
         _CACHE["dir"] = build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", seed=0, sample_size=32)
     return _CACHE["dir"]

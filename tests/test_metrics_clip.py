@@ -15,10 +15,10 @@ from bdia.metrics import CLIPScore, read_prompts
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random CLIPModel (image 32x32, patch 8, width 32, 2 layers) and its processor, saved like a Hub model
-    (bdia.networks.sd.build_tiny_clip: the tokenizer's vocabulary is written locally, no download)."""
+    (bdia.testing.build_tiny_clip: the tokenizer's vocabulary is written locally, no download)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from bdia.networks.sd import build_tiny_clip
+    from bdia.testing import build_tiny_clip
 
     folder = build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), image_size=32)
     model = CLIPModel.from_pretrained(folder).eval()

@@ -237,7 +237,7 @@ def test_wandb_flag_groups_every_run_of_a_table_and_logs_one_summary(tmp_path, c
 
 
 def test_table1_mini_smoke_runs_the_text_to_image_path_end_to_end(tmp_path, tiny_sd_dir):
-    from bdia.networks.sd import build_tiny_clip
+    from bdia.testing import build_tiny_clip
 
     clip = build_tiny_clip(tmp_path / "clip")
     out = tmp_path / "table1"

@@ -14,7 +14,8 @@ from sd_helpers import PROMPTS, initial_latents, our_sample, relative_error, tin
 import bdia
 from bdia.download import AssetUnavailableError
 from bdia.networks import sd as sdmod
-from bdia.networks.sd import SD_MODELS, StableDiffusion, build_tiny_sd, load_sd, x_to_z, z_to_x
+from bdia.networks.sd import SD_MODELS, StableDiffusion, load_sd, x_to_z, z_to_x
+from bdia.testing import build_tiny_sd
 
 
 def _pipeline(folder, scheduler=None):

@@ -1,6 +1,6 @@
 """Network architectures: our own implementation of NVIDIA EDM's U-Nets and preconditioners
 (:mod:`bdia.networks.edm`), state-dict compatible with EDM's published snapshots; Stable Diffusion through
-diffusers (:mod:`bdia.networks.sd`: :func:`load_sd`, :func:`build_tiny_sd`).
+diffusers (:mod:`bdia.networks.sd`: :func:`load_sd`; tiny random ones: :mod:`bdia.testing`).
 
 The preconditioned networks (``EDMPrecond`` ...) are denoisers in the protocol of :mod:`bdia.denoisers`:
 ``D(x, sigma, class_labels=None, **model_kwargs)`` with ``sigma_min``, ``sigma_max`` and ``round_sigma``.
@@ -24,12 +24,11 @@ from .edm import (
     weight_init,
 )
 from .loader import SnapshotError, load_edm
-from .sd import SD_MODELS, StableDiffusion, build_tiny_sd, load_sd
+from .sd import SD_MODELS, StableDiffusion, load_sd
 
 __all__ = [
     "load_edm",
     "load_sd",
-    "build_tiny_sd",
     "StableDiffusion",
     "SD_MODELS",
     "SnapshotError",

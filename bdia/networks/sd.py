@@ -23,9 +23,8 @@ fails and the process is online (neither ``HF_HUB_OFFLINE`` nor ``BDIA_OFFLINE``
 within a few seconds) is it downloaded. Otherwise :class:`bdia.download.AssetUnavailableError` is raised at
 once, naming the Hub URL, the cache path and ``model.path`` (which takes any local diffusers folder).
 
-:func:`build_tiny_sd` writes a tiny random SD (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, a CLIP
-tokenizer from a locally written vocabulary, DDIMScheduler with SD's settings) as a diffusers folder, for tests
-and offline demos (``scripts/make_tiny_sd.py``).
+:func:`bdia.testing.build_tiny_sd` writes a tiny random SD as a diffusers folder, for tests and offline demos
+(``scripts/make_tiny_sd.py``).
 """
 
 from __future__ import annotations
@@ -43,14 +42,12 @@ import torch
 
 from ..denoisers import ClassifierFreeGuidance, VPEpsDenoiser
 from ..download import AssetUnavailableError, is_offline
-from ..schedules import SD_SCHEDULE, make_alphas_cumprod, vp_alpha, vp_sigmas
+from ..schedules import make_alphas_cumprod, vp_alpha, vp_sigmas
 
 __all__ = [
     "SD_MODELS",
     "StableDiffusion",
     "load_sd",
-    "build_tiny_sd",
-    "build_tiny_clip",
     "z_to_x",
     "x_to_z",
     "PATH_KEY",
@@ -374,127 +371,3 @@ def load_sd(name: str | None = "sd15", path: str | None = None, dtype=torch.floa
         except (OSError, ValueError, EnvironmentError) as e:
             raise unavailable(f"download failed ({_first_line(e)})") from None
     return StableDiffusion(*parts, dtype=dtype, device=device, source=repo_id)
-
-
-# --------------------------------------------------------------------------------------------------
-# A tiny random SD, built locally.
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The byte-level BPE alphabet CLIP's tokenizer uses (256 printable characters for the 256 bytes)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def _tiny_tokenizer(model_max_length: int = 77):
-    """A CLIP tokenizer from a vocabulary and merges written here (byte alphabet, its end-of-word forms, a few
-    merges of common English letter pairs): no download."""
-    from transformers import CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>"), ("i", "n"), ("e", "r")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    return tokenizer, vocab
-
-
-def build_tiny_sd(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
-    """Write a tiny random Stable Diffusion as a diffusers folder and return its path.
-
-    Components (random weights from ``torch.manual_seed(seed)``, so the folder is deterministic given ``seed``):
-    ``UNet2DConditionModel`` (block channels 16/32, one cross-attention down/up block, cross-attention width 32,
-    4 latent channels), ``AutoencoderKL`` (3 blocks of 8/16/16 channels: factor 4, latents ``sample_size / 4``),
-    ``CLIPTextModel`` (width 32, 2 layers, 77 positions), a ``CLIPTokenizer`` from a locally written byte-level
-    vocabulary, and ``DDIMScheduler`` with SD's settings (:data:`bdia.SD_SCHEDULE`).
-
-    ``sample_size`` is the image side in pixels (a multiple of 8); the UNet's ``sample_size`` is the latent side.
-    The folder (``model_index.json`` + one subfolder per component, safetensors weights) loads with
-    :func:`load_sd` ``(path=...)`` and with ``StableDiffusionPipeline.from_pretrained(out_dir, safety_checker=None)``.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    sample_size = int(sample_size)
-    if sample_size < 8 or sample_size % 8:
-        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer, vocab = _tiny_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(int(seed))
-        vae_factor = 4
-        unet = UNet2DConditionModel(
-            sample_size=sample_size // vae_factor,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=sample_size,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"], projection_dim=32,
-        ))
-    finally:
-        torch.random.set_rng_state(generator_state)
-    scheduler = DDIMScheduler(**SD_SCHEDULE)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
-def build_tiny_clip(folder, image_size: int = 32):
-    """A random transformers CLIPModel + CLIPProcessor (width 32, 2 layers, ``image_size`` pixels, patch 8) saved
-    like a Hub model, with the tiny SD's locally built tokenizer: a CLIP-score model that needs no download."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer, vocab = _tiny_tokenizer()
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
-        projection_dim=16,
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    torch.random.set_rng_state(state)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                                                 crop_size={"height": image_size, "width": image_size}),
-                              tokenizer=tokenizer)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return Path(folder)
