@@ -584,3 +584,55 @@ def test_every_refusal_is_one_line_through_the_app_helper(tmp_path):
         with pytest.raises(SnapshotError) as info:
             load_edm(path)
         assert f"error: {one_line(info.value)}" == f"error: {info.value}"
+
+
+# --- the limits admit every published architecture ---------------------------------------------------------
+
+
+def _registry_kwargs(ckpt):
+    """Constructor arguments of a published snapshot, as EDM's train.py sets them for its architecture."""
+    kwargs = dict(img_resolution=ckpt.resolution, img_channels=ckpt.channels, label_dim=ckpt.label_dim)
+    if ckpt.architecture == "adm":
+        return dict(kwargs, model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
+                    attn_resolutions=[32, 16, 8], dropout=0.1)
+    song = dict(model_type="SongUNet", model_channels=128, num_blocks=4, attn_resolutions=[16], dropout=0.13, augment_dim=9,
+                channel_mult=[2, 2, 2] if ckpt.resolution == 32 else [1, 2, 2, 2], encoder_type="standard",
+                decoder_type="standard")
+    if ckpt.architecture == "ddpmpp":
+        song.update(embedding_type="positional", channel_mult_noise=1, resample_filter=[1, 1])
+    else:
+        song.update(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+    return dict(kwargs, **song)
+
+
+def test_every_published_architecture_is_within_the_limits():
+    import math
+
+    from bdia.networks.registry import CHECKPOINTS
+
+    counts, planned = {}, {}
+    for name, ckpt in CHECKPOINTS.items():
+        key = json.dumps([ckpt.preconditioner, _registry_kwargs(ckpt)])  # FFHQ and AFHQv2 share architectures
+        if key not in planned:
+            shapes = loader.plan_network(ckpt.preconditioner, _registry_kwargs(ckpt))
+            assert len(shapes) <= loader.MAX_TENSORS / 10
+            planned[key] = sum(math.prod(s) for s in shapes.values())
+        counts[name] = planned[key]
+    largest = max(counts.values())
+    assert 2.9e8 < largest == counts["baseline-imagenet-64x64-cond-adm"] < 3.0e8  # ADM: ~296M parameters
+    assert largest * 6 < loader.MAX_PARAMETERS  # a generous margin, not a tight fit
+
+
+def test_every_constructor_argument_name_has_a_rule():
+    import inspect
+
+    from bdia.networks import DhariwalUNet, SongUNet, VEPrecond, VPPrecond
+
+    ruled = (set(loader._INT_ARGS) | set(loader._INT_LIST_ARGS) | set(loader._NUMBER_LIST_ARGS) | set(loader._NUMBER_ARGS)
+             | loader._BOOL_ARGS | set(loader._CHOICE_ARGS))
+    names = set()
+    for cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond, SongUNet, DhariwalUNet):
+        params = inspect.signature(cls.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self"}
+    # in_channels / out_channels of the U-Nets are set by the preconditioner, never recorded for it
+    assert names - {"in_channels", "out_channels"} == ruled

@@ -80,7 +80,7 @@ def _short_repr(value, limit: int = 60) -> str:
 # --------------------------------------------------------------------------------------------------
 # Limits. Derived from the largest networks NVIDIA publishes (bdia.networks.registry; EDM's train.py):
 #   ImageNet-64 ADM (DhariwalUNet): model_channels 192, channel_mult [1, 2, 3, 4], num_blocks 3,
-#     attn_resolutions [32, 16, 8], channel_mult_emb 4, label_dim 1000: 295,904,454 parameters, 553 tensors,
+#     attn_resolutions [32, 16, 8], channel_mult_emb 4, label_dim 1000: about 295.9 million parameters, 553 tensors,
 #     317 modules, record depth 5 (precond > U-Net > ModuleDict > block > layer);
 #   CIFAR-10 / FFHQ / AFHQv2 DDPM++ / NCSN++ (SongUNet): model_channels 128, channel_mult [2, 2, 2] or
 #     [1, 2, 2, 2], num_blocks 4, attn_resolutions [16], channel_mult_noise 1 or 2, augment_dim 9,
@@ -565,7 +565,8 @@ def _tensors_sha256(tensors) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, without a copy
     return h.hexdigest()
 
 
