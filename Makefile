@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy bench clean tables \
+.PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
 	tiny-sd edit-demo editing-cost
 
@@ -46,6 +46,9 @@ sample-demo: $(STAMP)  ## sweep the four solvers on the analytic digits model (H
 
 accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/solver_accuracy.{md,csv}
 	$(PY) scripts/solver_accuracy.py
+
+study: $(STAMP)  ## which BDIA-EDM? every bdia_edm formulation vs EDM, mixture + digits network -> results/solver_study.{md,csv,png}
+	OMP_NUM_THREADS=1 $(PY) scripts/solver_study.py $(ARGS)
 
 bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost -> results/bench/
 	$(PY) benchmarks/bench_solvers.py

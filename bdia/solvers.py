@@ -12,9 +12,11 @@ Conventions (see ``shared/DESIGN.md`` section 2 of the project):
 
       x_{k+1} = gamma * c_k * (x_{k-1} - Phi(x_k; k -> k-1)) + Phi(x_k; k -> k+1)
 
-  with ``c_k = 1`` for BDIA-EDM (x-space, s(t) = 1) and ``c_k = alpha_{k-1} / alpha_{k+1}`` for BDIA-DDIM:
-  the paper states BDIA-DDIM on VP latents ``z = alpha * x``; dividing its z-space update by
-  ``alpha_{k+1}`` gives exactly this x-space form, ``alpha = 1 / sqrt(1 + sigma**2)``.
+  with ``c_k = alpha_{k-1} / alpha_{k+1}`` for BDIA-DDIM: the paper states BDIA-DDIM on VP latents
+  ``z = alpha * x``; dividing its z-space update by ``alpha_{k+1}`` gives exactly this x-space form,
+  ``alpha = 1 / sqrt(1 + sigma**2)``. BDIA-EDM's coordinates are an option, chosen by measurement
+  (``make study``): ``space="vp"`` (default) is the same factor with ``alpha = 1 / sqrt(sigma_data**2 + sigma**2)``,
+  ``space="x"`` is ``c_k = 1`` (EDM's x-space, s(t) = 1).
 * Inversion runs the same recurrence backwards, ``x_{k-1} = (x_{k+1} - Phi_fwd) / (gamma c_k) + Phi_back``,
   with both maps evaluated at the middle state ``x_k``; it is exact up to round-off, which it amplifies
   by about ``1 / gamma`` per step.
@@ -25,6 +27,7 @@ returned; nothing is kept on objects between calls.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Callable, NamedTuple, Sequence
@@ -391,8 +394,8 @@ def _edm_options(backward, space, sigma_data):
 
 
 def bdia_edm(
-    denoiser, x_init, sigmas, gamma=1.0, backward="euler", space="x", sigma_data=1.0,
-    class_labels=None, cond=None, progress=False,
+    denoiser, x_init, sigmas, gamma=0.5, backward="exp", space="vp", sigma_data=0.5, class_labels=None, cond=None,
+    progress=False,
 ) -> StatePair:
     """BDIA over EDM's deterministic Heun sampler:
 
@@ -415,12 +418,22 @@ def invert_bdia_ddim(denoiser, x_last, sigmas, gamma=1.0, class_labels=None, con
 
 
 def invert_bdia_edm(
-    denoiser, x_last, sigmas, gamma=1.0, backward="euler", space="x", sigma_data=1.0,
-    class_labels=None, cond=None, progress=False,
+    denoiser, x_last, sigmas, gamma=0.5, backward="exp", space="vp", sigma_data=0.5, class_labels=None, cond=None,
+    progress=False,
 ) -> StatePair:
     """Exact inverse of :func:`bdia_edm`; arguments as :func:`invert_bdia_ddim` and :func:`bdia_edm`."""
     maps, scale_fn = _edm_options(backward, space, sigma_data)
     return _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
+
+
+#: bdia_edm's default formulation, chosen by measurement: ``make study`` (scripts/solver_study.py) compares every
+#: combination of coordinates, backward map and gamma with EDM; results/solver_study.md has the numbers.
+BDIA_EDM_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(bdia_edm).parameters.items()
+    if name in ("gamma", "backward", "space", "sigma_data")
+}
+#: ``gamma`` when ``sample`` / ``invert`` get none.
+DEFAULT_GAMMA = {"bdia_ddim": 1.0, "bdia_edm": BDIA_EDM_DEFAULTS["gamma"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,9 +474,11 @@ def sample(
     ``denoiser`` follows EDM's protocol ``D(x, sigma, class_labels, **cond)``; ``sigmas`` is an EDM-convention
     grid (:func:`bdia.karras_sigmas`, :func:`bdia.vp_sigmas`). ``x_init`` is the initial state
     (``latents * sigmas[0]``) or, for BDIA solvers, a :class:`StatePair` from :func:`invert`.
-    ``gamma``: BDIA weight (scalar, per-step list, or ``"obelm"``); default 1 for BDIA solvers; must be left
+    ``gamma``: BDIA weight (scalar, per-step list, ``"obelm"`` or ``"lte"``); default :data:`DEFAULT_GAMMA` (bdia_ddim 1,
+    bdia_edm its measured default, 0.5); must be left
     unset for ``ddim`` / ``edm``. ``dtype``: the solver state's dtype (float64 by default; ``None`` keeps
-    the input's). Extra keywords go to the solver (``backward`` for ``bdia_edm``; ``s_churn`` ... for ``edm``).
+    the input's). Extra keywords go to the solver (``backward``, ``space``, ``sigma_data`` for ``bdia_edm``; ``s_churn`` ...
+    for ``edm``).
 
     Returns the final state, or with ``return_pair=True`` the :class:`StatePair` ``(x_N, x_{N-1})``.
     Runs without autograd (the per-solver functions such as :func:`bdia_edm` do not disable it).
@@ -473,7 +488,8 @@ def sample(
     common = dict(class_labels=class_labels, cond=cond, progress=progress)
     if solver in INVERTIBLE_SOLVERS:
         fn = bdia_ddim if solver == "bdia_ddim" else bdia_edm
-        pair = fn(denoiser, x_init, sigmas, gamma=1.0 if gamma is None else gamma, **common, **solver_kwargs)
+        gamma = DEFAULT_GAMMA[solver] if gamma is None else gamma
+        pair = fn(denoiser, x_init, sigmas, gamma=gamma, **common, **solver_kwargs)
         return pair if return_pair else pair.x_end
     if gamma is not None and not (isinstance(gamma, (int, float)) and gamma == 0):
         raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
@@ -491,7 +507,7 @@ def invert(
     x_last,
     sigmas,
     solver: str = "bdia_edm",
-    gamma=1.0,
+    gamma=None,
     class_labels=None,
     cond: dict | None = None,
     dtype: torch.dtype | None = torch.float64,
@@ -503,11 +519,12 @@ def invert(
     ``x_last`` is the pair ``(x_N, x_{N-1})`` from ``sample(..., return_pair=True)`` or a single clean state
     (an encoded real image; ``x_{N-1}`` then comes from one approximate DDIM-inversion step). Returns the pair
     ``(x_0, x_1)``, which ``sample`` takes as ``x_init`` to regenerate ``(x_N, x_{N-1})`` exactly.
-    Warns when (gamma, N, dtype) is predicted to amplify round-off beyond 1e-4 relative.
+    ``gamma`` defaults as in :func:`sample` (pass the one you sampled with). Warns when (gamma, N, dtype) is predicted to amplify round-off beyond 1e-4 relative.
     """
     if solver in SOLVERS and solver not in INVERTIBLE_SOLVERS:
         raise ValueError(f"{solver!r} has no exact inverse; invertible solvers: {', '.join(INVERTIBLE_SOLVERS)}")
     _check_solver(solver, INVERTIBLE_SOLVERS)
     x_last = _cast(x_last, dtype)
+    gamma = DEFAULT_GAMMA[solver] if gamma is None else gamma
     fn = invert_bdia_ddim if solver == "bdia_ddim" else invert_bdia_edm
     return fn(denoiser, x_last, sigmas, gamma=gamma, class_labels=class_labels, cond=cond, progress=progress, **solver_kwargs)

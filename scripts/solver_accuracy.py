@@ -54,26 +54,35 @@ CHECK_RTOL = 1e-10
 
 DEFAULT_NFE_TARGETS = (10, 20, 50, 100, 200)
 CSV_FIELDS = (
-    "solver", "gamma", "backward", "num_steps", "nfe", "rms_error", "max_abs_error", "wrong_component_frac",
+    "solver", "gamma", "backward", "space", "sigma_data", "num_steps", "nfe", "rms_error", "max_abs_error", "wrong_component_frac",
 )
 
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """One solver setting. ``gamma=None`` for the base solvers; ``backward`` is bdia_edm's backward map."""
+    """One solver setting. ``gamma=None`` for the base solvers; ``backward``, ``space`` and ``sigma_data`` are
+    bdia_edm's options (None: the solver's default, see ``bdia.bdia_edm``)."""
 
     solver: str
     gamma: float | str | None = None
     backward: str | None = None
+    space: str | None = None
+    sigma_data: float | None = None
 
     @property
     def base(self) -> str:
         return self.solver.removeprefix("bdia_")
 
     @property
+    def options(self) -> dict:
+        names = ("backward", "space", "sigma_data")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    @property
     def label(self) -> str:
         text = self.solver if self.gamma is None else f"{self.solver} γ={self.gamma}"
-        return text if self.backward in (None, "euler") else f"{text} (backward={self.backward})"
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{text} ({options})" if options else text
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations for ``num_steps`` steps on a grid ending at sigma = 0 (checked against the count)."""
@@ -91,20 +100,24 @@ class SolverConfig:
         return num_steps
 
     def sample(self, denoiser, x_init, sigmas):
-        extra = {} if self.backward is None else {"backward": self.backward}
-        return bdia.sample(denoiser, x_init, sigmas, solver=self.solver, gamma=self.gamma, **extra)
+        return bdia.sample(denoiser, x_init, sigmas, solver=self.solver, gamma=self.gamma, **self.options)
 
 
+#: ``SolverConfig("bdia_edm", g)`` is bdia_edm's default formulation (chosen by scripts/solver_study.py); the
+#: x-space form with the Euler backward map (the formulation before issue 13) is spelled out.
 SOLVER_CONFIGS = (
     SolverConfig("ddim"),
     SolverConfig("bdia_ddim", 0.5),
     SolverConfig("bdia_ddim", 1.0),
     SolverConfig("bdia_ddim", "obelm"),
     SolverConfig("edm"),
-    SolverConfig("bdia_edm", 0.5, "euler"),
-    SolverConfig("bdia_edm", 1.0, "euler"),
-    SolverConfig("bdia_edm", "obelm", "euler"),
-    SolverConfig("bdia_edm", 1.0, "heun"),
+    SolverConfig("bdia_edm", 0.5),
+    SolverConfig("bdia_edm", "lte"),
+    SolverConfig("bdia_edm", 0.5, "euler", "vp"),
+    SolverConfig("bdia_edm", 0.5, "euler", "x"),
+    SolverConfig("bdia_edm", 1.0, "euler", "x"),
+    SolverConfig("bdia_edm", "obelm", "euler", "x"),
+    SolverConfig("bdia_edm", 1.0, "heun", "x"),
 )
 
 
@@ -217,6 +230,9 @@ def measure(denoiser, x_init, x_ref, configs, nfe_targets, progress) -> list[dic
                 "solver": config.solver,
                 "gamma": "" if config.gamma is None else config.gamma,
                 "backward": config.backward or "",
+                "space": config.space or "",
+                "sigma_data": "" if config.sigma_data is None else config.sigma_data,
+                "options": ", ".join(f"{k}={v}" for k, v in config.options.items()),
                 "nfe_target": target,
                 "num_steps": num_steps,
                 "nfe": counter.nfe,
@@ -397,13 +413,18 @@ def findings(rows, configs) -> list[str]:
     )
     edm_order = orders.get(SolverConfig("edm").label, float("nan"))
     euler_back = [c for c in configs if c.solver == "bdia_edm" and c.backward == "euler"]
-    heun_back = [orders[c.label] for c in configs if c.solver == "bdia_edm" and c.backward == "heun"]
+    second_back = [c for c in configs if c.solver == "bdia_edm" and c.backward != "euler" and c.gamma != "lte"]
     if edm_order > 1.8 and euler_back and all(orders[c.label] < 1.5 for c in euler_back):
         lines.append(
-            "bdia_edm with its default Euler backward map converges at about first order, against EDM's second: "
-            "its gamma term x_(k-1) - Euler(x_k -> sigma_(k-1)) carries the Euler step's O(h^2) local error into "
-            "every step, so any fixed gamma > 0 costs EDM its second order"
-            + (" (backward=heun keeps a high order, at one more NFE per step)." if heun_back and min(heun_back) > 1.8 else ".")
+            "bdia_edm with the Euler backward map converges at about first order, in x-space and in VP coordinates "
+            "alike, against EDM's second: its gamma term x_(k-1) - Euler(x_k -> sigma_(k-1)) carries the Euler "
+            "step's O(h^2) local error into every step, so any fixed gamma > 0 costs EDM its second order."
+        )
+    if second_back:
+        lines.append(
+            "With a second-order backward map (the default `exp`, reusing Heun's two slopes, or `heun`, one more NFE "
+            "per step) bdia_edm keeps a second order: observed "
+            + ", ".join(f"{c.label} {orders[c.label]:.2f}" for c in second_back) + "."
         )
     first = [r for r in rows if r["nfe_target"] == targets[0]]
     lines.append(
@@ -443,12 +464,12 @@ def write_markdown(rows, configs, reference, robustness, robustness_samples, num
         summary.append(f"| {config.label} | " + " | ".join(cells) + f" | {observed_order(data):.2f} |")
 
     full = [
-        "| solver | gamma | backward | num_steps | NFE | RMS error | max abs error | wrong component |",
+        "| solver | gamma | options | num_steps | NFE | RMS error | max abs error | wrong component |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         full.append(
-            f"| {r['solver']} | {r['gamma']} | {r['backward']} | {r['num_steps']} | {r['nfe']} | "
+            f"| {r['solver']} | {r['gamma']} | {r['options']} | {r['num_steps']} | {r['nfe']} | "
             f"{_fmt(r['rms_error'])} | {_fmt(r['max_abs_error'])} | {100 * r['wrong_component_frac']:.1f}% |"
         )
 
@@ -468,7 +489,8 @@ Python {platform.python_version()}, {torch.get_num_threads()} torch thread(s).
 * Solvers: `bdia.sample` on the Karras grid `bdia.karras_sigmas(N)` (sigma {SIGMA_MAX:g} → 0.002, rho 7, then 0) for
   all of them, DDIM and BDIA-DDIM included (DDIM is an Euler step in sigma on any grid; BDIA-DDIM's
   `c_k = alpha_(k-1) / alpha_(k+1)` uses `alpha = 1 / sqrt(1 + sigma^2)`). gamma = 0 is the base solver.
-  bdia_edm's default backward map is an Euler step (same NFE as EDM); `backward=heun` costs one more NFE per step.
+  bdia_edm's default (`scripts/solver_study.py` chose it) is the `exp` backward map in VP coordinates (same NFE as
+  EDM); rows with `space=x, backward=euler` are the formulation before issue 13; `backward=heun` costs one more NFE per step.
 * Budgets: for each NFE target, the most steps whose NFE fits in it (DDIM family NFE = N; EDM family 2N − 1;
   bdia_edm with `backward=heun` 3N − 2). The NFE reported is counted by `bdia.CountingDenoiser`.
 * Error: RMS over samples of the per-sample L2 error divided by sqrt(dim) (= RMS over all entries), against the

@@ -32,7 +32,7 @@ import math
 import os
 import platform
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,13 +314,14 @@ def run(num_seeds=500, nfe_targets=NFE_TARGETS, out_dir=REPO_ROOT / "results", r
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches: threads only add synchronisation (workers: one thread each)
     try:
-        refs, ref_info = {}, {}
-        for future in [submit(reference_task, p, num_seeds, reference_steps, check_seeds) for p in problems]:
+        ref_info, jobs = {}, []
+        ref_jobs = [submit(reference_task, p, num_seeds, reference_steps, check_seeds) for p in problems]
+        for future in (as_completed(ref_jobs) if pool else ref_jobs):  # a problem's candidates start once its reference is there
             problem, ref, info = future.result()
-            refs[problem], ref_info[problem] = ref, info
+            ref_info[problem] = info
             say(f"reference {problem}: {info['steps']} EDM steps, error estimate {info['error_estimate']:.1e} "
                 f"({info['seconds']:.0f} s)", flush=True)
-        jobs = [submit(candidate_task, p, num_seeds, c, refs[p], nfe_targets) for p in problems for c in candidates]
+            jobs += [submit(candidate_task, problem, num_seeds, c, ref, nfe_targets) for c in candidates]
         trips = []
         if roundtrip:
             for c in candidates:
@@ -328,7 +329,7 @@ def run(num_seeds=500, nfe_targets=NFE_TARGETS, out_dir=REPO_ROOT / "results", r
                     for gamma in dict.fromkeys([0.9, 1.0, c.kw["gamma"]]):
                         trips.append(submit(roundtrip_task, c, gamma))
         rows = []
-        for job in jobs:
+        for job in as_completed(jobs) if pool else jobs:
             new = job.result()
             rows += new
             say(f"{new[0]['problem']:8s} {new[0]['label']:38s} " + " ".join(f"{r['rms_error']:.3g}" for r in new), flush=True)
@@ -337,6 +338,8 @@ def run(num_seeds=500, nfe_targets=NFE_TARGETS, out_dir=REPO_ROOT / "results", r
         torch.set_num_threads(threads)
         if pool:
             pool.shutdown()
+    order = {c.label: i for i, c in enumerate(candidates)}
+    rows.sort(key=lambda r: (problems.index(r["problem"]), order[r["label"]], r["nfe_target"]))
     elapsed = time.perf_counter() - start
     verdict = verdicts(rows, candidates, problems)
     chosen, meets = choose_default(verdict) if verdict else (None, False)

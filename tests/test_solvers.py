@@ -207,7 +207,7 @@ def test_obelm_schedule_makes_bdia_ddim_the_obelm_sampler():
 def test_bdia_edm_matches_plain_loop(backward):
     den, noise = gmm_problem(3)
     sigmas = bdia.karras_sigmas(9)
-    pair = bdia.sample(den, noise * 80, sigmas, solver="bdia_edm", gamma=0.7, backward=backward, return_pair=True)
+    pair = bdia.sample(den, noise * 80, sigmas, solver="bdia_edm", gamma=0.7, backward=backward, space="x", return_pair=True)
     for ours, ref in zip(pair, bdia_edm_reference(den, noise * 80, sigmas, 0.7, backward)):
         torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
 
@@ -249,11 +249,13 @@ def test_roundtrip_is_exact_at_50_steps(solver, gamma, model):
     assert noise_err <= 1e-10 and regen_err <= 1e-10, (noise_err, regen_err)
 
 
-@pytest.mark.parametrize("solver,kw", [("bdia_edm", dict(backward="heun")), ("bdia_ddim", {}), ("bdia_edm", {})])
+@pytest.mark.parametrize("solver,kw", [("bdia_edm", dict(backward="heun")), ("bdia_ddim", {}),
+                                       ("bdia_edm", dict(space="x", backward="euler"))])
 def test_roundtrip_exact_on_vp_grid_obelm_and_heun_backward(solver, kw):
     den, noise = gmm_problem(6)
     sigmas = vp_grid(30)
-    noise_err, regen_err = roundtrip(den, noise * sigmas[0].item(), sigmas, solver, "obelm" if not kw else 0.97, **kw)
+    gamma = 0.97 if kw.get("backward") == "heun" else "obelm"
+    noise_err, regen_err = roundtrip(den, noise * sigmas[0].item(), sigmas, solver, gamma, **kw)
     assert noise_err <= 1e-10 and regen_err <= 1e-10, (noise_err, regen_err)
 
 
@@ -379,8 +381,9 @@ def test_inversion_nfe():
         ("bdia_ddim", 1.0, {}, 2),  # gamma = 1 cancels Euler's leading local error on a smooth grid
         ("bdia_ddim", "obelm", {}, 2),
         ("edm", None, {}, 2),
-        ("bdia_edm", 0.5, {}, 1),  # the default Euler backward map costs Heun's second order
+        ("bdia_edm", 0.5, dict(space="x", backward="euler"), 1),  # the Euler backward map costs Heun's second order
         ("bdia_edm", 0.5, dict(backward="heun"), 2),
+        ("bdia_edm", 0.5, {}, 2),  # the default: VP coordinates, second-order `exp` backward map
     ],
 )
 def test_convergence_order_against_the_closed_form(solver, gamma, kw, order):
@@ -456,3 +459,173 @@ def test_non_finite_state_is_reported_with_its_step(solver):
     broken.sigma_min, broken.sigma_max, broken.round_sigma = 0.0, math.inf, lambda s: s
     with pytest.raises(FloatingPointError, match=r"after step [23] \(sigma"):
         bdia.sample(broken, noise * 80, sigmas, solver=solver)
+
+
+# --------------------------------------------------------------------------------------------------
+# bdia_edm's design space (issue 13): coordinates, backward maps, gamma schedules.
+
+SPACES = [("x", 1.0), ("vp", 1.0), ("vp", 0.5)]
+BACKWARDS = ["euler", "heun", "taylor", "exp"]
+
+
+def bdia_edm_in_z(den, x_init, sigmas, gamma, backward, space, sigma_data):
+    """BDIA over Heun written literally on z = alpha x (alpha = 1 / sqrt(sigma_data^2 + sigma^2); alpha = 1 for
+    x-space), the backward maps from their equations: Taylor in sigma with the slope change Heun measured, or
+    the u = 1/sigma expansion of x / sigma = integral of D du with D linear in u. Returns (x_N, x_{N-1})."""
+    sig = [float(s) for s in sigmas]
+    alpha = [1.0 if space == "x" else 1 / math.sqrt(sigma_data**2 + s * s) for s in sig]
+    gammas = bdia.gamma_schedule(gamma, sigmas) if not isinstance(gamma, (int, float)) else [gamma] * len(sig)
+
+    def D(x, k):
+        return den(x, torch.tensor(sig[k], dtype=F64))
+
+    def heun_parts(x, i, j):
+        d_i = (x - D(x, i)) / sig[i]
+        pred = x + (sig[j] - sig[i]) * d_i
+        if sig[j] == 0:
+            return pred, d_i, None, None
+        denoised_j = D(pred, j)
+        d_j = (pred - denoised_j) / sig[j]
+        return x + (sig[j] - sig[i]) * 0.5 * (d_i + d_j), d_i, d_j, denoised_j
+
+    def backward_map(x, k, d_k, d_pred, denoised_pred):
+        h_b = sig[k - 1] - sig[k]
+        if backward == "heun":
+            return heun_parts(x, k, k - 1)[0]
+        if backward == "euler" or d_pred is None:
+            return x + h_b * d_k
+        if backward == "taylor":
+            return x + h_b * d_k + h_b**2 / 2 * (d_pred - d_k) / (sig[k + 1] - sig[k])
+        u = [1 / s for s in sig[k - 1 : k + 2]]  # u_{k-1}, u_k, u_{k+1}
+        denoised_k = x - sig[k] * d_k
+        du_b, du_f = u[0] - u[1], u[2] - u[1]
+        return sig[k - 1] * (x / sig[k] + denoised_k * du_b + du_b**2 / 2 * (denoised_pred - denoised_k) / du_f)
+
+    z = [alpha[0] * x_init, alpha[1] * heun_parts(x_init, 0, 1)[0]]
+    for k in range(1, len(sig) - 1):
+        x_k = z[k] / alpha[k]
+        fwd, d_k, d_pred, denoised_pred = heun_parts(x_k, k, k + 1)
+        g = gammas[k]
+        z.append(g * (z[k - 1] - alpha[k - 1] * backward_map(x_k, k, d_k, d_pred, denoised_pred)) + alpha[k + 1] * fwd)
+    return z[-1] / alpha[-1], z[-2] / alpha[-2]
+
+
+@pytest.mark.parametrize("space, sigma_data", SPACES)
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_every_bdia_edm_option_at_gamma_zero_is_edm_bit_for_bit(space, sigma_data, backward):
+    den, noise = gmm_problem(11)
+    sigmas = bdia.karras_sigmas(9)
+    edm = bdia.sample(den, noise * 80, sigmas, solver="edm")
+    for gamma in (0.0, [0.0] * 8):
+        out = bdia.sample(den, noise * 80, sigmas, solver="bdia_edm", gamma=gamma, backward=backward, space=space,
+                          sigma_data=sigma_data)
+        assert torch.equal(out, edm)
+
+
+@pytest.mark.parametrize("space, sigma_data", SPACES)
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_bdia_edm_options_match_the_z_space_transcription(space, sigma_data, backward):
+    den, noise = gmm_problem(12)
+    sigmas = bdia.karras_sigmas(9)
+    pair = bdia.sample(den, noise * 80, sigmas, solver="bdia_edm", gamma=0.6, backward=backward, space=space,
+                       sigma_data=sigma_data, return_pair=True)
+    ref = bdia_edm_in_z(den, noise * 80, sigmas, 0.6, backward, space, sigma_data)
+    for ours, theirs in zip(pair, ref):
+        # Same maths, different operation order: float64 round-off (~1e-16 relative) on states of size <= 80,
+        # amplified by at most the step count.
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("space, sigma_data", SPACES)
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("gamma", [0.9, 1.0])
+def test_every_bdia_edm_option_round_trips_exactly(space, sigma_data, backward, gamma):
+    """Inversion evaluates every map at the middle state, as sampling did: the round trip reproduces the pair
+    up to float64 round-off amplified by about prod 1/gamma (1.0^-17 .. 0.9^-17 = 6)."""
+    den, noise = gmm_problem(13)
+    kw = dict(backward=backward, space=space, sigma_data=sigma_data)
+    noise_err, regen_err = roundtrip(den, noise * 80, bdia.karras_sigmas(18), "bdia_edm", gamma, **kw)
+    assert noise_err <= 1e-10 and regen_err <= 1e-10, (noise_err, regen_err)
+
+
+def test_lte_schedule_round_trips_and_equals_its_formula():
+    den, noise = gmm_problem(14)
+    sigmas = bdia.karras_sigmas(12)
+    s = sigmas.tolist()
+    from bdia.solvers import _vp_scale
+
+    gammas = bdia.gamma_schedule("lte", sigmas, "bdia_edm", _vp_scale(0.5))
+    for k in range(1, 12):
+        r = (s[k] - s[k + 1]) / (s[k - 1] - s[k])
+        c = math.sqrt((0.25 + s[k + 1] ** 2) / (0.25 + s[k - 1] ** 2))
+        assert gammas[k] == pytest.approx(min(1.0, r**3 / c), rel=1e-14)
+    assert bdia.gamma_schedule("lte", sigmas) == [0.0] + [min(1.0, ((s[k] - s[k + 1]) / (s[k - 1] - s[k])) ** 3) for k in range(1, 12)]
+    # gamma shrinks to ~1e-3 near the data on 12 Karras steps: inversion amplifies round-off by prod 1/gamma,
+    # so the round trip is checked on a grid where the schedule stays >= 0.1 (a fine grid).
+    fine = bdia.karras_sigmas(60)
+    kw = dict(backward="exp", space="vp", sigma_data=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        predicted = bdia.solvers.predicted_roundtrip_error(bdia.gamma_schedule("lte", fine, "bdia_edm", _vp_scale(0.5)), F64)
+        noise_err, regen_err = roundtrip(den, noise * 80, fine, "bdia_edm", "lte", **kw)
+    assert noise_err / 80 <= 10 * predicted and regen_err <= 10 * predicted * 80, (noise_err, regen_err, predicted)
+    with pytest.raises(ValueError, match="bdia_edm only"):
+        bdia.sample(den, noise, sigmas, solver="bdia_ddim", gamma="lte")
+
+
+@pytest.mark.parametrize("backward", ["taylor", "exp"])
+def test_second_order_backward_maps_cost_no_extra_nfe(backward):
+    den, noise = gmm_problem()
+    counted = bdia.CountingDenoiser(den)
+    bdia.sample(counted, noise * 80, bdia.karras_sigmas(18), solver="bdia_edm", gamma=0.5, backward=backward, space="vp")
+    assert counted.nfe == 2 * 18 - 1
+
+
+@pytest.mark.parametrize(
+    "backward, space, gamma, order",
+    [("euler", "vp", 0.5, 1), ("taylor", "x", 0.5, 2), ("exp", "x", 0.5, 2), ("exp", "vp", 0.5, 2), ("exp", "vp", 1.0, 2)],
+)
+def test_bdia_edm_convergence_order_by_backward_map(backward, space, gamma, order):
+    """The backward map sets the order: Euler's O(h^2) local error makes BDIA-EDM first order in any
+    coordinates; the two second-order maps keep Heun's second order (closed-form Gaussian, 128 vs 256 steps)."""
+    mu, s = 0.3, 0.5
+    den = bdia.GaussianMixtureDenoiser(torch.full((1, 8), mu, dtype=F64), [s])
+    x_init = 80 * torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    exact = mu + (x_init - mu) * s / math.sqrt(s**2 + 80.0**2)
+    errors = [
+        (bdia.sample(den, x_init, bdia.karras_sigmas(n), solver="bdia_edm", gamma=gamma, backward=backward, space=space)
+         - exact).abs().max().item()
+        for n in (128, 256)
+    ]
+    assert abs(math.log2(errors[0] / errors[1]) - order) < 0.3, errors
+
+
+def test_bad_space_and_sigma_data():
+    den, noise = gmm_problem()
+    sigmas = bdia.karras_sigmas(4)
+    with pytest.raises(ValueError, match="space must be one of"):
+        bdia.sample(den, noise, sigmas, solver="bdia_edm", space="z")
+    with pytest.raises(ValueError, match="sigma_data must be a positive number"):
+        bdia.invert(den, noise, sigmas, solver="bdia_edm", space="vp", sigma_data=0)
+
+
+def test_bdia_edm_defaults_agree_between_code_config_sample_and_invert():
+    """One default formulation (chosen by `make study`): the function signatures, `bdia.sample` / `bdia.invert`
+    with no options, and configs/solver/bdia_edm.yaml all say the same."""
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    defaults = bdia.solvers.BDIA_EDM_DEFAULTS
+    for fn in (bdia.bdia_edm, bdia.invert_bdia_edm):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in defaults} == defaults
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "solver" / "bdia_edm.yaml")
+    assert {k: config[k] for k in defaults} == defaults
+    den, noise = gmm_problem(15)
+    sigmas = bdia.karras_sigmas(8)
+    pair = bdia.sample(den, noise * 80, sigmas, solver="bdia_edm", return_pair=True)
+    assert torch.equal(pair.x_end, bdia.sample(den, noise * 80, sigmas, solver="bdia_edm", **defaults))
+    start = bdia.invert(den, pair, sigmas, solver="bdia_edm")
+    assert torch.equal(start.x_end, bdia.invert(den, pair, sigmas, solver="bdia_edm", **defaults).x_end)
