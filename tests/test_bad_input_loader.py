@@ -411,18 +411,37 @@ def test_cache_path_that_is_a_directory_is_left_alone(tmp_path):
     assert cache.is_dir() and (cache / "keep.txt").read_text() == "mine"
 
 
-def test_unwritable_cache_uses_the_converted_network(tmp_path, monkeypatch):
-    import safetensors.torch
+def test_unwritable_folder_uses_the_converted_network(tmp_path, monkeypatch):
+    # What creating the cache's temporary file raises in a read-only folder for a non-root user (root, which
+    # runs these tests in CI containers, may write anywhere; the real chmod case is the next test).
+    import tempfile
 
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    def read_only(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     path = valid_snapshot(tmp_path)
     before = files_in(tmp_path)
-    net = reload_with_warning(path, "could not write the conversion cache", "using the converted network without caching")
+    net = reload_with_warning(path, "could not write the conversion cache", "PermissionError: Permission denied",
+                              "using the converted network without caching")
     assert torch.equal(denoise(net), denoise(tiny_net()))
     assert files_in(tmp_path) == before
+
+
+def test_cache_write_failing_inside_safetensors(tmp_path, monkeypatch):
+    # safetensors reports its own I/O errors (disk full ...) as SafetensorError, not OSError.
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    path = valid_snapshot(tmp_path)
+    before = files_in(tmp_path)
+    net = reload_with_warning(path, "could not write the conversion cache", "No space left on device")
+    assert torch.equal(denoise(net), denoise(tiny_net()))
+    assert files_in(tmp_path) == before  # the temporary file is gone too
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into a read-only folder")

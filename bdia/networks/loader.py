@@ -674,18 +674,26 @@ def load_safetensors_network(path, default_class: str = "EDMPrecond", allowed=PR
 
 
 def _save_cache(net, class_name, init_kwargs, path: Path, source_sha256: str):
+    """Write the cache atomically: a fresh temporary file in the same folder (``OSError`` when the folder is
+    not writable), then ``os.replace``. Raises ``OSError`` or safetensors' ``SafetensorError``."""
+    import tempfile
+
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
     metadata = {"class_name": class_name, "init_kwargs": json.dumps(init_kwargs), "source_sha256": source_sha256,
                 "tensors_sha256": _tensors_sha256(tensors)}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _cache_warning(message: str):
@@ -758,11 +766,13 @@ def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key:
     except SnapshotError as e:
         raise SnapshotError(f"{path}: {e}") from None
     if cache and cache_usable:
+        from safetensors import SafetensorError
+
         try:
             _save_cache(net, record.class_name, init_kwargs, cache_path, digest)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # read-only folder, disk full: the network is still good
             _cache_warning(
-                f"could not write the conversion cache {cache_path} ({type(e).__name__}: {_brief(e.strerror or e, 120)}); "
+                f"could not write the conversion cache {cache_path} ({type(e).__name__}: {_brief(getattr(e, 'strerror', None) or e, 120)}); "
                 "using the converted network without caching"
             )
     return net.to(device)
