@@ -324,7 +324,7 @@ def test_valid_cache_is_used_without_warning(tmp_path, monkeypatch):
     path, cache, reference = cached_snapshot(tmp_path)
     metadata = loader._read_safetensors(open(cache, "rb"), cache, "cache")[0]
     assert len(metadata["tensors_sha256"]) == 64
-    monkeypatch.setattr(loader, "_unpickle", lambda *a: pytest.fail("the snapshot was unpickled despite a valid cache"))
+    monkeypatch.setattr(loader, "read_snapshot", lambda *a: pytest.fail("the snapshot was unpickled despite a valid cache"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(denoise(load_edm(path)), reference)

@@ -254,11 +254,15 @@ def _unpickle(f, path) -> object:
         ) from None
 
 
-def read_snapshot(path) -> object:
+def read_snapshot(path, file=None) -> object:
     """Unpickle an EDM snapshot without executing any of its code; persistent objects come back as
     :class:`PersistentRecord`. Raises :class:`SnapshotError` for refused globals, unreadable files and
-    anything that is not a regular file (directories, FIFOs, devices)."""
+    anything that is not a regular file (directories, FIFOs, devices). ``file``: the snapshot already opened
+    (by :func:`load_edm`, which hashed it first), read from its start; ``path`` then only names it."""
     path = Path(path)
+    if file is not None:
+        file.seek(0)
+        return _unpickle(file, path)
     with _open_regular(path, "EDM snapshot") as f:
         return _unpickle(f, path)
 
@@ -755,8 +759,7 @@ def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key:
                 net = _load_cached(cache_path, digest, classes)
                 if net is not None:
                     return net.to(device)
-        f.seek(0)
-        snapshot = _unpickle(f, path)
+        snapshot = read_snapshot(path, f)
     record = snapshot.get("ema") if isinstance(snapshot, dict) else snapshot
     if record is None:
         keys = sorted(_short_repr(k, 30) for k in list(snapshot)[:20])
