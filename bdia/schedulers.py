@@ -1,4 +1,4 @@
-"""BDIA-DDIM as a drop-in diffusers scheduler, for pipelines we do not control.
+"""BDIA-DDIM as drop-in diffusers schedulers, for pipelines we do not control.
 
     from diffusers import StableDiffusionPipeline
     from bdia.schedulers import BDIADDIMScheduler
@@ -7,75 +7,117 @@
     pipe.scheduler = BDIADDIMScheduler.from_config(pipe.scheduler.config, gamma=0.5)
     image = pipe("a photo of a cat", num_inference_steps=10).images[0]
 
-Our own solvers (:func:`bdia.sample` with ``solver="bdia_ddim"``) are the reference implementation and keep
-the BDIA pair as an explicit value; this class exists because diffusers' ``step(model_output, timestep,
-sample)`` API only hands a scheduler the current latent, so the scheduler has to remember the previous one.
-That memory is one small value, :attr:`BDIADDIMScheduler.state` (the latent the previous ``step`` started
-from and its timestep); ``set_timesteps`` (which every pipeline call runs first) clears it, and a ``step`` at
-a timestep not below the remembered one (a new trajectory without ``set_timesteps``) starts afresh too.
+**Drop-in.** :class:`BDIADDIMScheduler` takes every ``DDIMScheduler`` config key, with DDIM's defaults and
+meaning (``clip_sample``, ``clip_sample_range``, ``thresholding``, ``dynamic_thresholding_ratio``,
+``sample_max_value``, ``rescale_betas_zero_snr``, ``timestep_spacing``, ``prediction_type``, ``trained_betas``,
+``set_alpha_to_one``, ``steps_offset``, the beta schedule), builds the same ``betas`` / ``alphas`` /
+``alphas_cumprod`` / ``final_alpha_cumprod`` (float32, as diffusers does) and does DDIM's arithmetic op for op,
+plus one key: ``gamma``. **The default is ``gamma = 0``, which is DDIM (eta = 0) bit for bit**: a drop-in should
+change nothing until asked, ``from_config`` of a DDIM config then reproduces DDIM exactly, and BDIA is opt-in
+(``gamma=0.5`` at ~10 steps, ``gamma=1`` at ~40 steps are the authors' text-to-image settings). Only ``eta = 0``
+exists: BDIA integrates the deterministic ODE, so ``step(..., eta>0)`` raises.
 
-The update is the paper's, in z-space (VP latents, what diffusers' pipelines carry). With ``a_t`` the
-``alphas_cumprod`` at timestep ``t``, ``eps`` and ``x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` from the
-model output,
+**The update** is the paper's, in z-space. With ``D_{t->s}(z_t) = sqrt(a_s) x0 + sqrt(1 - a_s) eps`` (``a`` the
+``alphas_cumprod``; ``x0``, ``eps`` from the model output exactly as DDIM derives them, after DDIM's x0 clipping
+or thresholding when configured):
 
-    DDIM_{t->s}(z_t) = sqrt(a_s) x0 + sqrt(1 - a_s) eps
-    z_{t_next} = DDIM_{t->t_next}(z_t) + gamma * (z_{t_prev} - DDIM_{t->t_prev}(z_t))
+    z_{t_next} = D_{t->t_next}(z_t) + gamma * (z_{t_prev} - D_{t->t_prev}(z_t))
 
-where ``t_next = t - num_train_timesteps // num_inference_steps`` (diffusers' DDIM step; below 0 the final
-level: ``alphas_cumprod[0]``, or 1 with ``set_alpha_to_one``) and ``t_prev`` is the timestep of the previous
-step, whose input latent was ``z_{t_prev}``. The first step of a trajectory is a plain DDIM step; every later
-step, the last included, is a BDIA step. ``gamma = 0`` is DDIM (eta = 0); ``gamma = 1`` full BDIA.
+``t_next = t - num_train_timesteps // num_inference_steps`` (DDIM's target; below 0 the final level
+``final_alpha_cumprod``) and ``t_prev`` the timestep of the previous step, whose input latent was ``z_{t_prev}``.
+The first step of a trajectory is a plain DDIM step. The first term is computed exactly as ``DDIMScheduler``
+computes its output (same dtype, same operations); the BDIA term in at least float32, added to it, and the result
+cast to the latents' dtype.
 
-With "leading" spacing (Stable Diffusion) and "trailing" spacing when the step count divides
-``num_train_timesteps``, ``t_next`` is the next timestep of the grid, so the scheduler equals
-``bdia.sample(..., solver="bdia_ddim", gamma)`` on :func:`bdia.vp_sigmas` with the same settings (tested to
-float32 round-off inside a real ``StableDiffusionPipeline``). The arithmetic runs in float64 and the result
-is cast back to the latents' dtype. ``alphas_cumprod`` is computed in float64 (diffusers' own schedulers
-build it in float32; the difference is ~1e-7 relative).
+**State.** diffusers' ``step(model_output, timestep, sample)`` hands a scheduler only the current latent, so the
+scheduler must remember the previous one: :attr:`BDIADDIMScheduler.state` (that latent and its timestep), one
+small explicit value. ``set_timesteps`` (which every pipeline call runs first) clears it, and a ``step`` at a
+timestep not below the remembered one starts a new trajectory, so one scheduler object can be reused across
+pipeline calls.
+
+**Exact inversion inside pipelines.** :class:`BDIADDIMInverseScheduler` is usable as a pipeline's
+``inverse_scheduler`` (DiffEdit, Pix2Pix-Zero). Its timesteps are ``[t_1, t_1, t_2, ..., t_{N-1}]`` (the forward
+grid ``t_N > ... > t_1``, ascending, lowest first twice): the first step is an ordinary DDIM inversion step from
+the clean latent ``z_0`` to level ``t_1`` (approximate, as in the paper); every later step, with the model
+evaluated at the latent's own timestep, is the exact BDIA inverse
+
+    z_{k+1} = (z_{k-1} - D_{t_k->t_k_next}(z_k)) / gamma + D_{t_k->t_{k+1}}(z_k).
+
+The inverted image is the **pair** ``(z_N, z_{N-1})`` (:attr:`BDIADDIMInverseScheduler.inverted_pair`); a pipeline
+carries only ``z_N``, so hand the pair to the sampling scheduler with
+:meth:`BDIADDIMScheduler.regenerate_from`: its step at ``t_N`` from ``z_N`` then returns ``z_{N-1}`` (that one
+model call is spent for nothing) and the rest regenerates ``z_0`` up to round-off, which the inversion amplifies
+about ``1 / gamma`` per step (use ``gamma`` in [0.9, 1] for inversion).
 """
 
 from __future__ import annotations
 
-import math
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddim import betas_for_alpha_bar, rescale_zero_terminal_snr
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .schedules import TIMESTEP_SPACINGS, make_alphas_cumprod, vp_timesteps
+from .schedules import TIMESTEP_SPACINGS, vp_timesteps
 
-__all__ = ["BDIADDIMScheduler", "BDIADDIMSchedulerOutput", "BDIASchedulerState"]
+__all__ = [
+    "BDIADDIMInverseScheduler",
+    "BDIADDIMScheduler",
+    "BDIADDIMSchedulerOutput",
+    "BDIAInvertedPair",
+    "BDIASchedulerState",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclass
 class BDIADDIMSchedulerOutput(BaseOutput):
-    """``prev_sample``: the latent at the next (lower) timestep; ``pred_original_sample``: the model's ``x0``."""
+    """``prev_sample``: the latent at the next timestep of the loop (lower when sampling, higher when inverting);
+    ``pred_original_sample``: the model's ``x0`` (after clipping / thresholding when configured)."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
 
 
 class BDIASchedulerState(NamedTuple):
-    """What a BDIA step needs from the previous one: the latent that step started from and its timestep."""
+    """What a BDIA step needs from the previous one: the latent that step started from and its timestep
+    (for the inverse scheduler's first step, the clean latent and the level below ``t_1``, possibly negative:
+    the final level)."""
 
-    sample: torch.Tensor  # float64
+    sample: torch.Tensor
     timestep: int
 
 
-class BDIADDIMScheduler(SchedulerMixin, ConfigMixin):
-    """BDIA-DDIM (Zhang, Lewis, Kleijn, arXiv 2307.10829) with diffusers' scheduler API; see the module notes.
+class BDIAInvertedPair(NamedTuple):
+    """An image's exact representation on the noise side: ``upper`` (``z_N``, what a pipeline starts from, at
+    ``timestep``) and ``lower`` (``z_{N-1}``), with the ``gamma`` it was inverted with."""
 
-    Config (the same keys and defaults as diffusers' ``DDIMScheduler``, so ``from_config`` of an SD pipeline's
-    DDIM or PNDM scheduler config works) plus ``gamma`` in [0, 1] (0: DDIM; the authors recommend 0.5 at 10
-    steps and 1.0 at 40 for text-to-image). Only deterministic sampling: ``eta`` must be 0; no x0 clipping or
-    thresholding (an ODE solver must not clip).
-    """
+    upper: torch.Tensor
+    lower: torch.Tensor
+    timestep: int
+    gamma: float
+
+
+def _ddim_init_keys() -> set[str]:
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    keys = set()
+    for cls in (DDIMScheduler, DDIMInverseScheduler):
+        keys |= {k for k, p in inspect.signature(cls.__init__).parameters.items()
+                 if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys
+
+
+class _BDIABase(SchedulerMixin, ConfigMixin):
+    """The config, the schedule and the DDIM pieces shared by the sampling and the inverse scheduler."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
@@ -88,78 +130,204 @@ class BDIADDIMScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
+        clip_sample: bool = True,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
         prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
         timestep_spacing: str = "leading",
-        gamma: float = 1.0,
+        rescale_betas_zero_snr: bool = False,
+        gamma: float = 0.0,
     ):
-        gamma = float(gamma)
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1] (0 = DDIM, 1 = full BDIA), got {gamma}")
+        self._check_gamma(float(gamma))
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
+        # the betas exactly as diffusers' DDIMScheduler builds them (float32), so every attribute matches it
         if trained_betas is not None:
-            betas = torch.as_tensor(trained_betas, dtype=torch.float64)
-            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            betas = torch.tensor(trained_betas, dtype=torch.float32)
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        elif beta_schedule == "squaredcos_cap_v2":
+            betas = betas_for_alpha_bar(num_train_timesteps)
         else:
-            self.alphas_cumprod = make_alphas_cumprod(beta_schedule, beta_start, beta_end, num_train_timesteps,
-                                                      dtype=torch.float64)
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0  # initial latents are unit normals in z-space
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.betas = betas
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # the level a step lands on when t - step_ratio < 0 (the clean end of sampling, the start of inversion)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self.state: BDIASchedulerState | None = None
 
+    @staticmethod
+    def _check_gamma(gamma: float) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1] (0 = DDIM, 1 = full BDIA), got {gamma}")
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``, which silently drops keys known to a compatible class; here a
+        ``DDIMScheduler`` key this class does not take (one a newer diffusers may add) is warned about."""
+        given = getattr(config, "config", config) or {}
+        params = set(inspect.signature(cls.__init__).parameters)
+        missing = sorted(k for k in _ddim_init_keys() - params if k in given or k in kwargs)
+        if missing:
+            warnings.warn(f"{cls.__name__} does not implement the DDIMScheduler config key(s) {missing}; they are "
+                          "ignored, so the result may differ from DDIMScheduler", UserWarning, stacklevel=2)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    # --- the grid ------------------------------------------------------------------------------------
+    def _grid(self, num_inference_steps: int) -> np.ndarray:
+        cfg = self.config
+        if num_inference_steps > cfg.num_train_timesteps:
+            raise ValueError(f"num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps "
+                             f"({cfg.num_train_timesteps})")
+        return vp_timesteps(int(num_inference_steps), cfg.num_train_timesteps, cfg.timestep_spacing,
+                            cfg.steps_offset)
+
+    def reset(self) -> None:
+        """Forget the remembered latent: the next ``step`` starts a new trajectory."""
+        self.state = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The network sees the latent as it is (as with DDIM)."""
+        return sample
+
+    def _step_ratio(self) -> int:
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        return self.config.num_train_timesteps // self.num_inference_steps
+
+    def _alpha_bar(self, timestep: int) -> torch.Tensor:
+        return self.alphas_cumprod[timestep] if timestep >= 0 else self.final_alpha_cumprod
+
+    # --- DDIM's pieces, the same operations as diffusers' DDIMScheduler.step -------------------------------
+
+    def _threshold(self, x0: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding (Imagen): per sample, ``s`` = the ``dynamic_thresholding_ratio`` quantile of
+        ``|x0|`` clamped to ``[1, sample_max_value]``; ``x0`` is clamped to ``[-s, s]`` and divided by ``s``."""
+        dtype = x0.dtype
+        batch, channels, *rest = x0.shape
+        flat = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+        flat = flat.reshape(batch, channels * np.prod(rest))
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(batch, channels, *rest).to(dtype)
+
+    def _x0_and_eps(self, model_output, sample, alpha_prod_t, use_clipped_model_output=False):
+        beta_prod_t = 1 - alpha_prod_t
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+            eps = model_output
+        elif kind == "sample":
+            x0 = model_output
+            eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+        else:  # "v_prediction"
+            x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+            eps = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+        if self.config.thresholding:
+            x0 = self._threshold(x0)
+        elif self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        if use_clipped_model_output:
+            eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+        return x0, eps
+
+    @staticmethod
+    def _ddim_to(x0, eps, alpha_prod_s) -> torch.Tensor:
+        """``D_{t->s} = sqrt(a_s) x0 + sqrt(1 - a_s) eps``."""
+        return alpha_prod_s ** (0.5) * x0 + (1 - alpha_prod_s) ** (0.5) * eps
+
+    @staticmethod
+    def _timestep(timestep) -> int:
+        return int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+
+    # --- forward process (img2img pipelines, training) -------------------------------------------------------
+
+    def _per_row(self, timesteps: torch.Tensor, like: torch.Tensor):
+        self.alphas_cumprod = self.alphas_cumprod.to(device=like.device)
+        abar = self.alphas_cumprod.to(dtype=like.dtype)[timesteps.to(like.device)].flatten()
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return (abar**0.5).reshape(shape), ((1 - abar) ** 0.5).reshape(shape)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``z_t = sqrt(a_t) z0 + sqrt(1 - a_t) noise`` per row (what img2img pipelines call; as DDIM)."""
+        a, s = self._per_row(timesteps, original_samples)
+        return a * original_samples + s * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``v = sqrt(a_t) noise - sqrt(1 - a_t) sample`` per row (as DDIM)."""
+        a, s = self._per_row(timesteps, sample)
+        return a * noise - s * sample
+
+
+class BDIADDIMScheduler(_BDIABase):
+    """BDIA-DDIM (Zhang, Lewis, Kleijn, arXiv 2307.10829) as a drop-in for diffusers' ``DDIMScheduler``; see the
+    module notes.
+
+    Config: every ``DDIMScheduler`` key with DDIM's defaults and meaning, plus ``gamma`` in [0, 1], **default 0
+    (= DDIM, bit-identical)** so that swapping the class changes nothing until BDIA is asked for; the authors used
+    ``gamma = 0.5`` at 10 steps and ``1.0`` at 40 for text-to-image. ``step`` takes DDIM's arguments; ``eta`` must
+    be 0 (BDIA is deterministic), ``generator`` and ``variance_noise`` are accepted and unused, as DDIM ignores
+    them at ``eta = 0``.
+
+    State: :attr:`state` (the previous step's input latent and timestep), cleared by ``set_timesteps`` and
+    :meth:`reset`; see the module notes. :meth:`regenerate_from` registers an inverted pair.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_pair: BDIAInvertedPair | None = None
+
+    __init__.__signature__ = inspect.signature(_BDIABase.__init__)  # diffusers reads the config keys from it
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """The descending timesteps of an ``num_inference_steps``-step run (:func:`bdia.vp_timesteps`, the
-        same ones diffusers' DDIM picks); clears the BDIA state, so each pipeline call starts a new trajectory."""
-        cfg = self.config
-        timesteps = vp_timesteps(int(num_inference_steps), cfg.num_train_timesteps, cfg.timestep_spacing,
-                                 cfg.steps_offset)
+        """DDIM's descending timesteps for ``num_inference_steps`` steps; clears the BDIA state, so each pipeline
+        call starts a new trajectory."""
+        timesteps = self._grid(num_inference_steps)
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self.state = None
 
-    def reset(self) -> None:
-        """Forget the previous latent: the next ``step`` is a plain DDIM step."""
-        self.state = None
+    def regenerate_from(self, pair: BDIAInvertedPair | None) -> None:
+        """Make the next trajectories that start from ``pair.upper`` at ``pair.timestep`` continue exactly with
+        ``pair.lower`` (the BDIA pair an inversion produced) instead of a DDIM step; kept across
+        ``set_timesteps`` (Pix2Pix-Zero runs two passes) until ``regenerate_from(None)``."""
+        if pair is not None:
+            if float(pair.gamma) != float(self.config.gamma):
+                raise ValueError(f"the pair was inverted with gamma={pair.gamma} but this scheduler has "
+                                 f"gamma={self.config.gamma}; regeneration is exact only with the same gamma")
+            if pair.upper.shape != pair.lower.shape:
+                raise ValueError(f"pair.upper {tuple(pair.upper.shape)} and pair.lower {tuple(pair.lower.shape)} "
+                                 "differ in shape")
+        self.start_pair = pair
 
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The UNet sees the latent as it is."""
-        return sample
-
-    def _alpha_bar(self, timestep: int) -> float:
-        return float(self.alphas_cumprod[timestep]) if timestep >= 0 else self.final_alpha_cumprod
-
-    def next_timestep(self, timestep: int) -> int:
-        """Where a step from ``timestep`` lands: ``timestep - num_train_timesteps // num_inference_steps``."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        return int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
-
-    # --- the step ------------------------------------------------------------------------------------
-
-    def _eps_and_x0(self, model_output: torch.Tensor, z: torch.Tensor, alpha_bar: float):
-        a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            eps = model_output
-            x0 = (z - s * eps) / a
-        elif kind == "v_prediction":
-            x0 = a * z - s * model_output
-            eps = a * model_output + s * z
-        else:  # "sample"
-            x0 = model_output
-            eps = (z - a * x0) / s
-        return eps, x0
+    def _starts_the_pair(self, t: int, sample: torch.Tensor) -> bool:
+        pair = self.start_pair
+        if pair is None or pair.upper.shape != sample.shape:
+            return False
+        if not torch.equal(pair.upper.to(device=sample.device, dtype=sample.dtype), sample):
+            return False
+        if t != int(pair.timestep):
+            warnings.warn(f"the sample equals the registered pair's upper latent but the step is at timestep {t}, "
+                          f"not {pair.timestep}: different num_inference_steps or spacing; stepping without the "
+                          "pair (not an exact regeneration)", UserWarning, stacklevel=3)
+            return False
+        return True
 
     def step(
         self,
@@ -167,44 +335,124 @@ class BDIADDIMScheduler(SchedulerMixin, ConfigMixin):
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         eta: float = 0.0,
+        use_clipped_model_output: bool = False,
         generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> BDIADDIMSchedulerOutput | tuple:
-        """One BDIA-DDIM step from ``sample`` (``z_t``) at ``timestep`` given the model's output there; see the
-        module notes for the update. Returns ``prev_sample`` (the latent at the next, lower timestep) and the
-        model's ``x0`` estimate, in ``sample``'s dtype. ``generator`` is accepted and unused (deterministic)."""
-        if eta:
-            raise ValueError(f"BDIADDIMScheduler is deterministic (eta = 0); got eta={eta}")
-        t = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
-        t_next = self.next_timestep(t)
-        work = torch.float32 if sample.device.type == "mps" else torch.float64
-        z = sample.to(work)
-        alpha_bar = self._alpha_bar(t)
-        eps, x0 = self._eps_and_x0(model_output.to(work), z, alpha_bar)
-
-        def ddim_to(target: int) -> torch.Tensor:
-            a_target = self._alpha_bar(target)
-            return math.sqrt(a_target) * x0 + math.sqrt(1.0 - a_target) * eps
-
-        z_next = ddim_to(t_next)
-        gamma = float(self.config.gamma)
+        """One BDIA-DDIM step from ``sample`` at ``timestep`` given the model's output there (see the module
+        notes). Returns ``prev_sample`` (the latent at ``timestep - num_train_timesteps // num_inference_steps``)
+        and the model's ``x0``, in DDIM's dtype."""
+        if eta != 0:
+            raise ValueError(f"BDIADDIMScheduler is deterministic: eta must be 0, got eta={eta} (BDIA integrates the "
+                             "probability-flow ODE; for stochastic DDIM sampling use diffusers' DDIMScheduler)")
+        t = self._timestep(timestep)
+        t_next = t - self._step_ratio()
+        x0, eps = self._x0_and_eps(model_output, sample, self.alphas_cumprod[t], use_clipped_model_output)
         state = self.state
         if state is not None and state.timestep <= t:  # not a continuation: a new trajectory starts here
             state = None
-        if state is not None and gamma != 0.0:
-            z_next = z_next + gamma * (state.sample.to(z_next) - ddim_to(state.timestep))
-        self.state = BDIASchedulerState(z.clone(), t)
-        prev_sample = z_next.to(sample.dtype)
-        pred_original_sample = x0.to(sample.dtype)
+        if state is None and self._starts_the_pair(t, sample):
+            prev_sample = self.start_pair.lower.to(device=sample.device, dtype=sample.dtype).clone()
+        else:
+            prev_sample = self._ddim_to(x0, eps, self._alpha_bar(t_next))  # exactly DDIMScheduler's output
+            gamma = float(self.config.gamma)
+            if state is not None and gamma != 0.0:
+                work = torch.promote_types(prev_sample.dtype, torch.float32)
+                back = self._ddim_to(x0, eps, self.alphas_cumprod[state.timestep])
+                correction = gamma * (state.sample.to(work) - back.to(work))
+                prev_sample = (prev_sample.to(work) + correction).to(prev_sample.dtype)
+        self.state = BDIASchedulerState(sample.detach().clone(), t)
         if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return BDIADDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+            return (prev_sample, x0)
+        return BDIADDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    # --- forward process (img2img pipelines) --------------------------------------------------------
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``z_t = sqrt(a_t) z0 + sqrt(1 - a_t) noise`` per row (what img2img pipelines call)."""
-        abar = self.alphas_cumprod.to(device=original_samples.device)[timesteps.to(original_samples.device).long()]
-        abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1)))
-        out = abar.sqrt() * original_samples.to(torch.float64) + (1 - abar).sqrt() * noise.to(torch.float64)
-        return out.to(original_samples.dtype)
+class BDIADDIMInverseScheduler(_BDIABase):
+    """The exact inverse of :class:`BDIADDIMScheduler`, usable as a pipeline's ``inverse_scheduler``; see the
+    module notes.
+
+    Config: the same keys as :class:`BDIADDIMScheduler` (build both from one config, with the same ``gamma``).
+    ``gamma`` must lie in (0, 1] (the inverse divides by it); **default 1**, the value whose round-off is not
+    amplified (about ``gamma^-N`` otherwise). ``set_alpha_to_one`` means what it means for sampling: the clean
+    level is ``a = 1`` (True) or ``alphas_cumprod[0]`` (False).
+
+    ``clip_sample`` / ``thresholding`` warn: both directions clip ``x0`` identically, so regenerating from the
+    pair stays exact, but the inverted latents are no longer an inversion of the sampling ODE (clipping is
+    pixel-space DDPM practice; latent models use neither).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("gamma", 1.0)
+        super().__init__(*args, **kwargs)
+        if self.config.clip_sample or self.config.thresholding:
+            option = "thresholding" if self.config.thresholding else "clip_sample"
+            warnings.warn(f"{option}=True in an inverse scheduler: x0 is clipped identically when inverting and "
+                          "when sampling, so regeneration from the inverted pair stays exact, but the inverted "
+                          "latents are not an inversion of the sampling ODE (set clip_sample=False and "
+                          "thresholding=False, as latent diffusion models do)", UserWarning, stacklevel=2)
+        self.grid: np.ndarray | None = None
+        self.inverted_pair: BDIAInvertedPair | None = None
+
+    __init__.__signature__ = inspect.signature(_BDIABase.__init__).replace(parameters=[
+        p.replace(default=1.0) if p.name == "gamma" else p
+        for p in inspect.signature(_BDIABase.__init__).parameters.values()])
+
+    @staticmethod
+    def _check_gamma(gamma: float) -> None:
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"BDIADDIMInverseScheduler needs gamma in (0, 1] (the inverse divides by gamma; use the "
+                             f"sampling scheduler's gamma), got {gamma}")
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """``[t_1, t_1, t_2, ..., t_{N-1}]`` for the sampling grid ``t_N > ... > t_1``: the first step takes the
+        clean latent to level ``t_1``, step ``k`` takes ``z_k`` (at ``t_k``, where the model is evaluated) to
+        ``t_{k+1}``. Clears the state."""
+        grid = self._grid(num_inference_steps)[::-1].copy()  # ascending
+        self.num_inference_steps = int(num_inference_steps)
+        self.grid = grid
+        self.timesteps = torch.from_numpy(np.concatenate([grid[:1], grid[:-1]])).to(device)
+        self.state = None
+        self.inverted_pair = None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> BDIADDIMSchedulerOutput | tuple:
+        """One inversion step at ``timestep`` (the model was evaluated at ``sample`` with this label). Without a
+        remembered latent (a new trajectory), a DDIM inversion step from the level below ``timestep`` up to it;
+        else the exact BDIA inverse from ``timestep`` to the next grid timestep. ``inverted_pair`` holds
+        ``(output, sample)`` afterwards."""
+        if self.grid is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        t = self._timestep(timestep)
+        below = t - self._step_ratio()  # where BDIADDIMScheduler's step from t lands
+        state = self.state
+        if state is not None and state.timestep >= t:  # not a continuation: a new trajectory starts here
+            state = None
+        if state is None:
+            # DDIM inversion, the sample taken to be at level `below`, the model output (label t) used as its eps
+            x0, eps = self._x0_and_eps(model_output, sample, self._alpha_bar(below))
+            prev_sample = self._ddim_to(x0, eps, self.alphas_cumprod[t])
+            self.state = BDIASchedulerState(sample.detach().clone(), below)
+            t_out = t
+        else:
+            ahead = self.grid[self.grid > t]
+            if len(ahead) == 0:
+                raise ValueError(f"timestep {t} is the top of the grid {self.grid.tolist()}: nothing above to invert to")
+            t_out = int(ahead[0])
+            x0, eps = self._x0_and_eps(model_output, sample, self.alphas_cumprod[t])
+            work = torch.promote_types(sample.dtype, torch.float32)
+            back = self._ddim_to(x0, eps, self._alpha_bar(below)).to(work)
+            up = self._ddim_to(x0, eps, self.alphas_cumprod[t_out]).to(work)
+            gamma = float(self.config.gamma)
+            prev_sample = ((state.sample.to(work) - back) / gamma + up).to(sample.dtype)
+            self.state = BDIASchedulerState(sample.detach().clone(), t)
+        self.inverted_pair = BDIAInvertedPair(prev_sample.detach().clone(), sample.detach().clone(), t_out,
+                                              float(self.config.gamma))
+        if not return_dict:
+            return (prev_sample, x0)
+        return BDIADDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
