@@ -291,6 +291,55 @@ def test_record_fields_of_the_wrong_type(tmp_path):
     assert_refused_snapshot(path, "unsupported persistent record (type=tensor[30, 30], version=True)")
 
 
+def test_record_created_without_its_reconstructor(tmp_path):
+    # NEWOBJ on the name of EDM's reconstructor, then BUILD {"class_name": ["x"], "state": {}}: a record that
+    # skipped every check of its fields.
+    path = tmp_path / "newobj.pkl"
+    path.write_bytes(b"\x80\x04ctorch_utils.persistence\n_reconstruct_persistent_obj\n)\x81}("
+                     b"X\x0a\x00\x00\x00class_name]X\x01\x00\x00\x00xaX\x05\x00\x00\x00state}ub.")
+    assert_refused_snapshot(path, "not a readable EDM snapshot")
+
+
+def test_record_fields_overwritten_after_construction(tmp_path):
+    from edm_pickle import _Persistent, fake_torch_utils
+
+    class Overwritten(_Persistent):
+        def __reduce__(self):
+            fn, args = super().__reduce__()
+            return fn, args, {"class_name": ["EDMPrecond"], "state": 3}
+
+    record = Overwritten(dict(type="class", version=6, module_src="", class_name="EDMPrecond", state={}))
+    path = tmp_path / "overwritten.pkl"
+    with fake_torch_utils():
+        path.write_bytes(pickle.dumps({"ema": record}, protocol=4))
+    assert_refused_snapshot(path, "whose fields are overwritten after construction")
+
+
+class _ShadowedOrderedDict:
+    """Pickles as an OrderedDict with instance attributes ``get`` and ``items`` (BUILD after SETITEMS)."""
+
+    def __init__(self, pairs):
+        self.pairs = dict(pairs)
+
+    def __reduce__(self):
+        import collections
+
+        return collections.OrderedDict, (), {"get": 3, "items": 3}, None, iter(self.pairs.items())
+
+
+def test_dicts_whose_methods_are_shadowed(tmp_path, no_allocation):
+    kwargs = _ShadowedOrderedDict(dict(BASE, **TINY))
+    path = crafted(tmp_path, kwargs, modules=_ShadowedOrderedDict({}), parameters=_ShadowedOrderedDict({}))
+    assert_refused_snapshot(path, "do not fit EDMPrecond", "missing")
+
+
+def test_container_without_state(tmp_path, no_allocation):
+    from edm_pickle import _Container
+
+    path = crafted(tmp_path, modules={"model": _Container(torch.nn.ModuleDict, None)})
+    assert_refused_snapshot(path, "do not fit EDMPrecond", "missing")
+
+
 # --- the conversion cache ---------------------------------------------------------------------------------
 
 

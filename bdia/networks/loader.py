@@ -37,6 +37,7 @@ import math
 import os
 import pickle
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -136,14 +137,24 @@ class PersistentRecord:
         self.module_src_sha256 = hashlib.sha256(meta["module_src"].encode()).hexdigest()
         self.state = meta["state"]
 
+    def __setstate__(self, state):  # a crafted BUILD opcode must not replace the checked fields
+        raise SnapshotError("refused a persistent record whose fields are overwritten after construction")
+
     def __repr__(self):
         return f"PersistentRecord({self.class_name!r})"
+
+
+def _reconstruct_persistent_obj(meta):
+    # What the pickle's name for EDM's reconstructor resolves to: a function, not the class, so that a crafted
+    # NEWOBJ opcode cannot create a PersistentRecord without running (and passing) its checks.
+    return PersistentRecord(meta)
 
 
 class ContainerRecord:
     """An ``nn.ModuleDict`` / ``nn.ModuleList`` / ``nn.Sequential`` child, kept as data."""
 
     class_name = "container"
+    state = types.MappingProxyType({})  # created by NEWOBJ without a BUILD: no children, no tensors
 
     def __init__(self, *args):
         self.state = {}
@@ -160,6 +171,10 @@ def _container(name):
 
 class EasyDict(dict):
     """Stand-in for ``dnnlib.util.EasyDict`` (a dict with attribute access)."""
+
+    def __setstate__(self, state):  # EasyDicts pickle without instance state; refuse attributes smuggled in
+        if state:
+            raise SnapshotError("refused an EasyDict with instance attributes")
 
     def __getattr__(self, name):
         try:
@@ -198,7 +213,7 @@ def _numpy_dtype(*args):
 
 
 _ALLOWED_GLOBALS = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): PersistentRecord,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
@@ -273,12 +288,21 @@ def read_snapshot(path, file=None) -> object:
 _KEY = re.compile(r"[A-Za-z0-9_]{1,100}")
 
 
-def _mapping(value, where: str) -> dict:
+# Untrusted dicts are read with dict's own methods (``dict.get(d, k)``, ``dict.items(d)``): an OrderedDict from a
+# pickle may carry instance attributes named ``get`` or ``items`` that would shadow the methods.
+
+
+def _mapping(value, where: str) -> list:
+    """The (key, value) pairs of an untrusted dict (``None`` = empty)."""
     if value is None:
-        return {}
-    if not isinstance(value, dict):
+        return []
+    if not isinstance(value, (dict, types.MappingProxyType)):
         raise SnapshotError(f"'{where}' is a {type(value).__name__}, expected a dict")
-    return value
+    return list(dict.items(value) if isinstance(value, dict) else value.items())
+
+
+def _field(state, key):
+    return dict.get(state, key) if isinstance(state, dict) else state.get(key)
 
 
 def _check_key(key, where: str) -> str:
@@ -309,7 +333,7 @@ def _collect_tensors(record, classes) -> "collections.OrderedDict[str, torch.Ten
             raise SnapshotError(f"unknown EDM class name {_short_repr(name)} at '{where}'; known: {sorted(classes)}")
         state = rec.state
         for group in ("_parameters", "_buffers"):
-            for key, tensor in _mapping(state.get(group), f"{where}.{group}").items():
+            for key, tensor in _mapping(_field(state, group), f"{where}.{group}"):
                 full = prefix + _check_key(key, f"{where}.{group}")
                 if tensor is None:
                     continue
@@ -321,7 +345,7 @@ def _collect_tensors(record, classes) -> "collections.OrderedDict[str, torch.Ten
                 if len(out) > MAX_TENSORS:
                     raise SnapshotError(f"the snapshot has more than {MAX_TENSORS} tensors (limit)")
         children = []
-        for key, child in _mapping(state.get("_modules"), f"{where}._modules").items():
+        for key, child in _mapping(_field(state, "_modules"), f"{where}._modules"):
             full = prefix + _check_key(key, f"{where}._modules")
             if child is None:
                 continue
@@ -350,7 +374,7 @@ def _plain(value, what: str = "constructor arguments"):
             inner = path_ids | {id(v)}
             if isinstance(v, dict):
                 result = {}
-                for k, item in v.items():
+                for k, item in dict.items(v):
                     if not isinstance(k, str):
                         raise SnapshotError(f"the {what} have a key {_short_repr(k)} that is not a string")
                     result[k] = convert(item, depth + 1, inner)
@@ -537,15 +561,16 @@ def network_from_record(record: PersistentRecord, classes=None, file_size: int |
     if not isinstance(record, PersistentRecord):
         raise SnapshotError(f"expected an EDM network record, got {type(record).__name__}")
     state = record.state
-    init_args = state.get("_init_args")
+    init_args = _field(state, "_init_args")
     if init_args is None:
         init_args = ()
     if not isinstance(init_args, (tuple, list)):
         raise SnapshotError(f"{record.class_name!r} has _init_args of type {type(init_args).__name__}, expected a tuple")
     if init_args:
         raise SnapshotError(f"{record.class_name!r} was recorded with positional arguments, which EDM networks do not use")
-    recorded = _mapping(state.get("_init_kwargs"), "_init_kwargs")
-    init_kwargs = _plain(recorded)
+    recorded = _field(state, "_init_kwargs")
+    _mapping(recorded, "_init_kwargs")  # a dict (or None)
+    init_kwargs = _plain(recorded if recorded is not None else {})
     check_constructor_arguments(record.class_name, init_kwargs)
     tensors = _collect_tensors(record, classes)
     declared = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -760,7 +785,7 @@ def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key:
                 if net is not None:
                     return net.to(device)
         snapshot = read_snapshot(path, f)
-    record = snapshot.get("ema") if isinstance(snapshot, dict) else snapshot
+    record = dict.get(snapshot, "ema") if isinstance(snapshot, dict) else snapshot
     if record is None:
         keys = sorted(_short_repr(k, 30) for k in list(snapshot)[:20])
         raise SnapshotError(f"{path}: the snapshot has no 'ema' network (keys: {keys})")
