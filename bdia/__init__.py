@@ -7,7 +7,8 @@
     noise_pair = bdia.invert(denoiser, pair, sigmas, solver="bdia_edm", gamma=0.5)
 
 Stable Diffusion (diffusers components, our solver loop): ``bdia.load_sd("sd15")`` or ``load_sd(path=...)``;
-the drop-in diffusers scheduler is ``bdia.schedulers.BDIADDIMScheduler`` (not imported here: it loads diffusers).
+the drop-in diffusers schedulers are ``bdia.BDIADDIMScheduler`` and ``bdia.BDIADDIMInverseScheduler`` (from
+``bdia.schedulers``, imported on first use: they load diffusers).
 """
 
 from . import networks
@@ -44,3 +45,13 @@ from .solvers import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY_SCHEDULERS = ("BDIADDIMScheduler", "BDIADDIMInverseScheduler", "BDIAInvertedPair")
+
+
+def __getattr__(name):  # the diffusers schedulers import diffusers, so ``import bdia`` does not load them
+    if name in _LAZY_SCHEDULERS:
+        from . import schedulers
+
+        return getattr(schedulers, name)
+    raise AttributeError(f"module 'bdia' has no attribute {name!r}")

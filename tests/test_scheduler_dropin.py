@@ -401,3 +401,8 @@ def test_diffedit_inversion_and_pipeline_regeneration_round_trip(tiny_sd_dir, ga
         results.append(((again - z0).abs().max() / z0.abs().max()).item())
     print(f"gamma={gamma}: relative error with the pair {results[0]:.1e}, without {results[1]:.1e}")
     assert results[0] < 1e-4 and results[1] > 1e-2, results
+
+
+def test_package_exports_the_schedulers_lazily():
+    assert bdia.BDIADDIMScheduler is BDIADDIMScheduler and bdia.BDIADDIMInverseScheduler is BDIADDIMInverseScheduler
+    assert bdia.BDIAInvertedPair is BDIAInvertedPair
