@@ -704,3 +704,26 @@ def test_every_constructor_argument_name_has_a_rule():
         names |= {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self"}
     # in_channels / out_channels of the U-Nets are set by the preconditioner, never recorded for it
     assert names - {"in_channels", "out_channels"} == ruled
+
+
+def test_compressed_storage_blob_is_refused_before_it_expands(tmp_path):
+    # A nested torch.save archive whose data entry is deflated: 4 MB of zeros in a few KB of snapshot.
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(1_000_000).untyped_storage(), buf)
+    archive = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w") as out:
+        for info in archive.infolist():
+            out.writestr(info.filename, archive.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+
+    class Storage:  # pickles as torch.storage._load_from_bytes(<deflated archive>)
+        def __reduce__(self):
+            return torch.storage._load_from_bytes, (deflated.getvalue(),)
+
+    path = tmp_path / "deflated.pkl"
+    path.write_bytes(pickle.dumps({"ema": Storage()}, protocol=4))
+    assert path.stat().st_size < 50_000
+    assert_refused_snapshot(path, "is compressed", "refused: it could expand")

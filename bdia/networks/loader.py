@@ -183,10 +183,30 @@ class EasyDict(dict):
             raise AttributeError(name) from e
 
 
+def _check_stored_zip(data):
+    """Refuse a nested ``torch.save`` archive with compressed entries (a few KB of deflated zeros would
+    expand to GB of storage: memory not paid for by the file's size) or entries larger than the archive."""
+    import zipfile
+
+    try:
+        entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise SnapshotError(f"a tensor storage inside the snapshot is not a readable archive ({_brief(e, 120)})") from None
+    if len(entries) > MAX_TENSORS + 16:
+        raise SnapshotError(f"a tensor storage inside the snapshot is an archive of {len(entries):,} entries")
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+        raise SnapshotError("a tensor storage inside the snapshot is compressed (torch.save never compresses; "
+                            "refused: it could expand far beyond the file's size)")
+    if sum(e.file_size for e in entries) > len(data):
+        raise SnapshotError("a tensor storage inside the snapshot declares more bytes than it holds")
+
+
 def _load_storage_from_bytes(data: bytes):
     # torch.storage._load_from_bytes would call torch.load(weights_only=False); we use torch's restricted path.
     if not isinstance(data, (bytes, bytearray)):
         raise SnapshotError("tensor storage record is not a byte string")
+    if bytes(data[:2]) == b"PK":  # torch.save's zip format: it writes every entry uncompressed ("stored")
+        _check_stored_zip(data)
     try:
         return torch.load(io.BytesIO(data), weights_only=True)
     except Exception as e:
