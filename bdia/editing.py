@@ -58,6 +58,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .denoisers import ClassifierFreeGuidance, CountingDenoiser
+from .imageio import quantize, save_image_grid
+from .runfolder import atomic_write, claim_run_folder, environment_info, mark_state
 from .schedules import as_sigmas, vp_alpha
 from .solvers import invert, sample
 
@@ -563,8 +565,6 @@ def edit_run(
     import numpy as np
 
     from .metrics.reconstruction import latent_metrics, pixel_metrics
-    from .run import atomic_write, environment_info, quantize, save_image_grid
-    from .runfolder import claim_run_folder, mark_state
 
     methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in METHODS]

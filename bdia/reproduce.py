@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from .imageio import parse_seeds
 from .tables import write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
@@ -186,8 +187,6 @@ def _compose(config_name: str, overrides: Sequence[str]):
 
 def planned_images(cfg) -> int:
     """Images a job makes: one per seed, or for text-to-image one per (prompt, seed)."""
-    from .run import parse_seeds
-
     if cfg.get("seeds") is None:
         return 1  # scripts/edit.py: one real image per run
     count = len(parse_seeds(str(cfg.get("seeds"))))

@@ -25,12 +25,16 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 __all__ = [
     "IMAGES_DIR",
@@ -46,6 +50,7 @@ __all__ = [
     "prepare_run_folder",
     "image_complete",
     "settings_mismatch",
+    "environment_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -320,3 +325,49 @@ def jsonable(value) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------------------------------------
+# What produced a run (env.json).
+
+
+def _package_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("bdia")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info(device=None, world_size: int = 1) -> dict:
+    """What produced a run: git commit (and whether the tree had uncommitted changes), versions, device,
+    number of processes."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    versions = {"python": platform.python_version(), "bdia": _package_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("hydra", "omegaconf", "sklearn", "PIL", "wandb"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            versions[name] = module.__version__
+    device = torch.device(device or "cpu")
+    info = {
+        "git_sha": sha,
+        "git_dirty": None if status is None else bool(status),
+        "versions": versions,
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": int(world_size),
+    }
+    return info

@@ -47,26 +47,12 @@ from tqdm.auto import tqdm
 from . import solvers as _solvers
 from .denoisers import CountingDenoiser
 from .distributed import DistContext, resolve_device
+from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, png_bytes, quantize, read_png, save_image_grid
 from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
-from .runfolder import check_out_dir, mark_state
-from .run import (
-    IMAGES_DIR,
-    RECORDS_DIR,
-    FixedBatchDenoiser,
-    StackedRandomGenerator,
-    _check_grid_options,
-    _check_network_batch,
-    _jsonable,
-    _png_bytes,
-    _prepare_out_dir,
-    _write_json,
-    atomic_write,
-    format_seeds,
-    image_complete,
-    parse_seeds,
-    quantize,
-    save_image_grid,
-)
+from .run import FixedBatchDenoiser, _check_grid_options, _check_network_batch, _prepare_out_dir
+from .runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, image_complete, mark_state
+from .runfolder import jsonable as _jsonable
+from .runfolder import write_json as _write_json
 
 __all__ = ["TEXT2IMAGE_SOLVERS", "RECOMMENDED_GAMMA", "text_to_image", "text2image_from_config", "image_name"]
 
@@ -246,7 +232,7 @@ def text_to_image(
                 if keep_inner:
                     record["z_inner"] = z_inner[i]
                 with atomic_write(out_dir / IMAGES_DIR / f"{name}.png") as f:
-                    f.write(_png_bytes(images[i].transpose(1, 2, 0)))
+                    f.write(png_bytes(images[i].transpose(1, 2, 0)))
                 with atomic_write(out_dir / RECORDS_DIR / f"{name}.npz") as f:
                     np.savez(f, **record)
             bar.update(len(batch))
@@ -294,12 +280,10 @@ def text_to_image(
 
 
 def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
-    from .run import _read_png
-
     images, nfe, z_end, z_inner, missing = [], [], [], [], []
     for name in names:
         try:
-            images.append(_read_png(out_dir / IMAGES_DIR / f"{name}.png", image_shape))
+            images.append(read_png(out_dir / IMAGES_DIR / f"{name}.png", image_shape))
             with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
                 nfe.append(int(record["nfe"]))
                 if save_states:

@@ -30,6 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..imageio import quantize
+from ..runfolder import atomic_write
+
 __all__ = [
     "ASSET_WEIGHTS",
     "ASSET_CARD",
@@ -82,8 +85,6 @@ def split_fingerprint(split: str = "test") -> str:
 def digits_uint8(split: str = "test", image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """The digits of ``split`` quantised like generated images (``bdia.run.quantize``): uint8
     ``[n, 1, image_size, image_size]`` and labels ``[n]``."""
-    from ..run import quantize
-
     x, labels = digits_split(split, image_size)
     return quantize(x).numpy(), labels.numpy()
 
@@ -182,8 +183,6 @@ class DigitsFeatures(nn.Module):
 def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int, max_noise: float) -> torch.Tensor:
     """Random integer shifts in [-max_shift, max_shift] (zero = background -1 padding), Gaussian grain with a
     per-image std uniform in [0, max_noise], then the uint8 round trip every evaluated image takes."""
-    from ..run import quantize
-
     b, _, h, w = x.shape
     if max_shift:
         padded = F.pad(x, (max_shift,) * 4, value=-1.0)
@@ -200,8 +199,6 @@ def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int, max_no
 def evaluate_accuracy(model: DigitsClassifier, split: str = "test", noise_std: float = 0.0, seed: int = 0) -> float:
     """Accuracy on a split's quantised digits (optionally with Gaussian grain of ``noise_std`` added before
     quantisation, like the analytic model's samples)."""
-    from ..run import quantize
-
     x, labels = digits_split(split, model.config["image_size"])
     if noise_std:
         x = x + noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
@@ -249,8 +246,6 @@ def train_digits_classifier(epochs: int = 30, batch_size: int = 64, lr: float = 
                 print(f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.4f}", flush=True)
         model.eval().requires_grad_(False)
         with torch.no_grad():  # fix the feature scale: mean squared feature 1 on the (clean) training digits
-            from ..run import quantize
-
             raw = model.body(_uint8_to_float(quantize(x_train)))
             model.feature_scale.fill_(float(raw.pow(2).mean().rsqrt()))
         seconds = time.perf_counter() - started
@@ -289,8 +284,6 @@ def save_digits_classifier(model: DigitsClassifier, report: dict, path=None) -> 
     """Write ``path`` (safetensors, default the shipped asset) and its ``.json`` card (``report`` plus the
     weights' sha256)."""
     from safetensors.torch import save_file
-
-    from ..run import atomic_write
 
     weights = Path(path) if path is not None else ASSET_WEIGHTS
     weights.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from ..distributed import is_main_process
 from .images import open_images
+from ..runfolder import atomic_write
 
 __all__ = ["find_runs", "evaluate_run", "evaluate_runs", "merge_metrics_json", "flatten_numbers"]
 
@@ -71,8 +72,6 @@ def _jsonable(value):
 
 def merge_metrics_json(run_dir, results: Mapping[str, Any]) -> dict:
     """Merge ``results`` (metric name -> dict) into ``run_dir/metrics.json["evaluation"]``; atomic rewrite."""
-    from ..run import atomic_write
-
     path = Path(run_dir) / "metrics.json"
     data = {}
     if path.is_file():

@@ -21,7 +21,6 @@ Statistics are float64 sums all-reduced over torchrun ranks (:func:`feature_stat
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from ..download import AssetUnavailableError, cache_dir, fetch_file
 from ..networks.registry import FID_REF_ROOT
 from .frechet import frechet_distance, kernel_distance
 from .images import ImageSource, open_images
+from ..imageio import parse_seeds
+from ..runfolder import atomic_write
 
 __all__ = ["EDM_FID_REFS", "FID", "DigitsFD", "ReferenceStats", "load_reference", "EDM_SEED_BLOCKS",
            "write_reference_stats"]
@@ -168,8 +169,6 @@ def load_reference(ref, extractor=None, batch_size: int = 250, need_features: bo
 
 
 def _parse_blocks(blocks: Sequence) -> list[list[int]]:
-    from ..run import parse_seeds
-
     return [parse_seeds(b) for b in blocks]
 
 
@@ -405,7 +404,6 @@ def write_reference_stats(images, extractor, out, batch_size: int = 250, save_fe
     Returns the JSON card."""
     import json
 
-    from ..run import atomic_write
     from ..distributed import is_main_process
     from .features import feature_statistics
 
