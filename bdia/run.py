@@ -1,22 +1,23 @@
-"""A sampling run as plain functions: seeds, per-image noise and labels, quantisation, image grids, run outputs.
+"""The sampling driver: one image per seed from a denoiser into a run folder, resumable and sharded over ranks.
 
 ``scripts/sample.py`` is a thin Hydra shell around :func:`bdia.app.sample_from_config`, which calls
 :func:`sample_run`; tests call these functions directly.
 
-Conventions (EDM's ``generate.py``, ``shared/DESIGN.md`` section 4):
+Conventions (EDM's ``generate.py``; ``docs/design.md``):
 
 * seeds are a list or a range spec (``"0-63"``, ``"0,5,7-9"``); image k's noise, then its class label, come
-  from its own ``torch.Generator`` seeded with k, so an image does not depend on the batch size, on the other
-  seeds or on the number of processes (torchrun: rank r of K samples ``seeds[r::K]``);
+  from its own ``torch.Generator`` seeded with k (:mod:`bdia.imageio`), so an image does not depend on the
+  batch size, on the other seeds or on the number of processes (torchrun: rank r of K samples ``seeds[r::K]``);
 * networks are called on a fixed number of rows (:class:`FixedBatchDenoiser`), so their float32 rounding does
   not change with the batch size either;
 * images are quantised as ``(x * 127.5 + 128).clip(0, 255).to(uint8)`` and saved as PNG;
 * every run folder holds ``metrics.json`` (NFE measured, not assumed), ``env.json`` and the resolved config.
 
-Resume: each image is written on its own (``images/<seed>.png`` and ``records/<seed>.npz``, each atomically:
-a temporary name, then ``os.replace``), so a killed run leaves only complete files; running the same command
-again skips the seeds already there. ``settings.json`` records what determines the images (solver, grid,
-model …); a rerun with other settings into the same folder is refused instead of mixing images.
+Run folders and resume (:mod:`bdia.runfolder`): each image is written on its own (``images/<seed>.png`` and
+``records/<seed>.npz``, each atomically), so a killed run leaves only complete files; running the same command
+again skips the seeds already complete. ``settings.json`` records what determines the images (solver, grid,
+model …); a rerun with other or unreadable settings is refused instead of mixing images, and a folder that is
+not this app's run folder is never written.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ always ours (:func:`bdia.sample` / :func:`bdia.invert`), never ``scheduler.step`
                     cond={"encoder_hidden_states": embeds})
     images = sd.decode_latents(x_to_z(x, sigmas[-1]))      # [-1, 1]
 
-Coordinates (``shared/DESIGN.md`` section 2): VP latents ``z = alpha x0 + sigma_z eps`` (what the UNet sees and
+Coordinates (``docs/design.md``): VP latents ``z = alpha x0 + sigma_z eps`` (what the UNet sees and
 what diffusers' pipelines carry), EDM-scaled state ``x = z / alpha`` with ``sigma = sigma_z / alpha`` (what our
 solvers carry), ``alpha = 1 / sqrt(1 + sigma**2)``. diffusers draws its initial latents as unit normals in
 z-space, so the matching initial state is ``x = z / alpha(sigmas[0]) = z * sqrt(1 + sigmas[0]**2)`` — not
