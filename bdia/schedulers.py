@@ -380,6 +380,13 @@ class BDIADDIMInverseScheduler(_BDIABase):
     ``clip_sample`` / ``thresholding`` warn: both directions clip ``x0`` identically, so regenerating from the
     pair stays exact, but the inverted latents are no longer an inversion of the sampling ODE (clipping is
     pixel-space DDPM practice; latent models use neither).
+
+    Exactness needs the sampler to see the same model outputs as the inversion: a pipeline that alters the noise
+    prediction while inverting (DiffEdit's ``num_reg_steps > 0``, Pix2Pix-Zero's default ``num_reg_steps=5``) or
+    the latents while sampling (Pix2Pix-Zero's cross-attention guidance) still runs, but does not regenerate
+    exactly. Differences from ``DDIMInverseScheduler``: the timesteps (see ``set_timesteps``; DDIM's inverse
+    evaluates the model one grid level above the latent's) and ``gamma``. ``initial_alpha_cumprod`` (its name
+    there) is ``final_alpha_cumprod``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -391,6 +398,7 @@ class BDIADDIMInverseScheduler(_BDIABase):
                           "when sampling, so regeneration from the inverted pair stays exact, but the inverted "
                           "latents are not an inversion of the sampling ODE (set clip_sample=False and "
                           "thresholding=False, as latent diffusion models do)", UserWarning, stacklevel=2)
+        self.initial_alpha_cumprod = self.final_alpha_cumprod  # DDIMInverseScheduler's name for the clean level
         self.grid: np.ndarray | None = None
         self.inverted_pair: BDIAInvertedPair | None = None
 
