@@ -450,7 +450,8 @@ class BDIADDIMInverseScheduler(_BDIABase):
         else:
             ahead = self.grid[self.grid > t]
             if len(ahead) == 0:
-                raise ValueError(f"timestep {t} is the top of the grid {self.grid.tolist()}: nothing above to invert to")
+                raise ValueError(f"timestep {t} is the top of the grid {self.grid.tolist()}: nothing above it to "
+                                 "invert to")
             t_out = int(ahead[0])
             x0, eps = self._x0_and_eps(model_output, sample, self.alphas_cumprod[t])
             work = torch.promote_types(sample.dtype, torch.float32)

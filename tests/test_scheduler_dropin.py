@@ -110,7 +110,8 @@ def test_rescaled_zero_snr_schedule_really_ends_at_zero():
     """Not only DDIM's attributes: the closed form of the rescaling (sqrt(abar) shifted to 0 at T, scaled back to
     its value at 0)."""
     plain = BDIADDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    rescaled = BDIADDIMScheduler.from_config(DDIMScheduler.from_config(plain.config, rescale_betas_zero_snr=True).config)
+    ddim_rescaled = DDIMScheduler.from_config(plain.config, rescale_betas_zero_snr=True)
+    rescaled = BDIADDIMScheduler.from_config(ddim_rescaled.config)
     assert rescaled.config.rescale_betas_zero_snr is True
     assert rescaled.alphas_cumprod[-1] == 0.0 and plain.alphas_cumprod[-1] > 1e-5
     root = plain.alphas_cumprod.to(torch.float64).sqrt()
@@ -340,7 +341,8 @@ def test_inverse_timesteps_and_first_step_are_ddim_inversion():
     abar = inverse.alphas_cumprod.to(torch.float64)
     a1, a_final, a2 = abar[1], abar[0], abar[101]  # SD: set_alpha_to_one=False, the clean level is abar[0]
     x0 = (z1.double() - (1 - a1).sqrt() * eps1) / a1.sqrt()
-    expected = (z0.double() - (a_final.sqrt() * x0 + (1 - a_final).sqrt() * eps1)) / 0.8 + a2.sqrt() * x0 + (1 - a2).sqrt() * eps1
+    back = a_final.sqrt() * x0 + (1 - a_final).sqrt() * eps1
+    expected = (z0.double() - back) / 0.8 + a2.sqrt() * x0 + (1 - a2).sqrt() * eps1
     torch.testing.assert_close(z2.double(), expected, rtol=1e-5, atol=1e-5)  # float32 latents
 
 
