@@ -84,7 +84,8 @@ def digits_network(path: str | None = None):
     except SnapshotError as e:  # refused by the loader's checks (limits, header, shapes): its one line
         raise ValueError(f"{'model=digits' if local == DIGITS_WEIGHTS else 'model.path'}: {e}") from None
     except Exception as e:  # safetensors / metadata problems: say which file
-        raise ValueError(f"model.path={path}: not a network written by scripts/train.py ({type(e).__name__}: {e})") from None
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"model.path={path}: not a network written by scripts/train.py ({type(e).__name__}: {detail})") from None
 
 
 def load_model(model_cfg: Mapping[str, Any] | Any):
