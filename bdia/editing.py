@@ -52,8 +52,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -65,6 +65,14 @@ from .solvers import invert, sample
 
 __all__ = [
     "METHODS",
+    "METHOD_REGISTRY",
+    "InversionMethod",
+    "Inverted",
+    "BDIAOptions",
+    "DDIMInversionOptions",
+    "EDICTOptions",
+    "NullTextOptions",
+    "method_options",
     "EDICTPair",
     "NullTextInversion",
     "MethodResult",
@@ -86,7 +94,6 @@ __all__ = [
     "edit_run",
 ]
 
-METHODS = ("bdia", "ddim", "edict", "null_text")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +394,120 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --------------------------------------------------------------------------------------------------
+# The registry: each method's options and its invert function; regeneration comes back with the inversion.
+
+
+@dataclass(frozen=True)
+class BDIAOptions:
+    """BDIA-DDIM. ``gamma``: the BDIA weight; inversion amplifies round-off like ``gamma**-N``, so editing uses
+    [0.92, 1]."""
+
+    gamma: float = 0.96
+
+
+@dataclass(frozen=True)
+class DDIMInversionOptions:
+    """DDIM inversion. ``ddim_inversion_guidance``: the inversion's guidance (default the run's guidance scale;
+    1 gives null-text's pivot); regeneration uses the run's guidance scale."""
+
+    ddim_inversion_guidance: float | None = None
+
+
+@dataclass(frozen=True)
+class EDICTOptions:
+    """EDICT. ``p``: the mixing weight of the coupled chains; ``leapfrog``: alternate which chain goes first."""
+
+    p: float = 0.93
+    leapfrog: bool = True
+
+
+@dataclass(frozen=True)
+class NullTextOptions:
+    """Null-text inversion. Adam on the unconditional embedding: at most ``num_inner_steps`` iterations per step,
+    learning rate ``lr``, stopping once the loss is below ``early_stop`` (+ a per-step growth)."""
+
+    num_inner_steps: int = 10
+    lr: float = 1e-2
+    early_stop: float = 1e-5
+
+
+class Inverted(NamedTuple):
+    """What an invert function returns: the image's ``representation`` (tensors), ``regenerate(cond)`` (the clean
+    state under the conditioning ``cond``), the method's ``settings`` to record, and backward passes used."""
+
+    representation: dict
+    regenerate: Callable[[dict], torch.Tensor]
+    settings: dict
+    backward_passes: int = 0
+
+
+class EditSetup(NamedTuple):
+    """What every method shares: the counted unguided denoiser, its guided version at ``guidance_scale``, and
+    the unconditional embedding."""
+
+    counted: "RowCountingDenoiser"
+    cfg: object
+    uncond_embeds: torch.Tensor
+    guidance_scale: float
+
+
+def _invert_bdia(setup: EditSetup, x_clean, grid, source: dict, o: BDIAOptions) -> Inverted:
+    pair = invert(setup.cfg, x_clean, grid, solver="bdia_ddim", gamma=o.gamma, cond=source, dtype=None)
+    regenerate = lambda cond: sample(setup.cfg, pair, grid, solver="bdia_ddim", gamma=o.gamma, cond=cond, dtype=None)  # noqa: E731
+    return Inverted({"x_end": pair.x_end, "x_inner": pair.x_inner}, regenerate, {"gamma": o.gamma})
+
+
+def _invert_ddim(setup: EditSetup, x_clean, grid, source: dict, o: DDIMInversionOptions) -> Inverted:
+    w_inv = setup.guidance_scale if o.ddim_inversion_guidance is None else float(o.ddim_inversion_guidance)
+    x_noise = ddim_invert(guided(setup.counted, w_inv, setup.uncond_embeds), x_clean, grid, source)
+    regenerate = lambda cond: sample(setup.cfg, x_noise, grid, solver="ddim", cond=cond, dtype=None)  # noqa: E731
+    return Inverted({"x_noise": x_noise}, regenerate, {"inversion_guidance": w_inv})
+
+
+def _invert_edict(setup: EditSetup, x_clean, grid, source: dict, o: EDICTOptions) -> Inverted:
+    pair = edict_invert(setup.cfg, x_clean, grid, source, p=o.p, leapfrog=o.leapfrog)
+    regenerate = lambda cond: edict_sample(setup.cfg, pair, grid, cond, p=o.p, leapfrog=o.leapfrog).x  # noqa: E731
+    return Inverted({"x": pair.x, "y": pair.y}, regenerate, {"p": o.p, "leapfrog": o.leapfrog})
+
+
+def _invert_null_text(setup: EditSetup, x_clean, grid, source: dict, o: NullTextOptions) -> Inverted:
+    inv = null_text_invert(setup.counted, x_clean, grid, source["encoder_hidden_states"], setup.uncond_embeds,
+                           setup.guidance_scale, num_inner_steps=o.num_inner_steps, lr=o.lr, early_stop=o.early_stop)
+    regenerate = lambda cond: null_text_sample(setup.counted, inv.x_noise, grid, cond["encoder_hidden_states"],  # noqa: E731
+                                               inv.uncond_embeds, setup.guidance_scale)
+    settings = {"num_inner_steps": o.num_inner_steps, "lr": o.lr, "early_stop": o.early_stop,
+                "inner_steps": inv.inner_steps}
+    return Inverted({"x_noise": inv.x_noise, "uncond_embeds": torch.stack(inv.uncond_embeds)}, regenerate, settings,
+                    inv.backward_passes)
+
+
+class InversionMethod(NamedTuple):
+    """A registry entry: the options dataclass and ``invert(setup, x_clean, grid, source_cond, options)``."""
+
+    options: type
+    invert: Callable[..., Inverted]
+
+
+#: The editing methods by name (:func:`invert_and_edit` is the harness over them).
+METHOD_REGISTRY = {
+    "bdia": InversionMethod(BDIAOptions, _invert_bdia),
+    "ddim": InversionMethod(DDIMInversionOptions, _invert_ddim),
+    "edict": InversionMethod(EDICTOptions, _invert_edict),
+    "null_text": InversionMethod(NullTextOptions, _invert_null_text),
+}
+METHODS = tuple(METHOD_REGISTRY)
+
+
+def method_options(method: str, settings: Mapping[str, Any] | None = None):
+    """The options dataclass of ``method`` filled from ``settings`` (keys of other methods are ignored)."""
+    if method not in METHOD_REGISTRY:
+        raise ValueError(f"unknown editing method {method!r}; choose from {', '.join(METHODS)}")
+    options = METHOD_REGISTRY[method].options
+    names = {f.name for f in fields(options)}
+    return options(**{k: v for k, v in (settings or {}).items() if k in names})
+
+
 def invert_and_edit(
     method: str,
     base,
@@ -396,35 +517,35 @@ def invert_and_edit(
     uncond_embeds: torch.Tensor,
     edit_embeds: torch.Tensor | None = None,
     guidance_scale: float = 7.5,
-    gamma: float = 0.96,
     strength: float = 1.0,
-    p: float = 0.93,
-    leapfrog: bool = True,
-    num_inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
-    ddim_inversion_guidance: float | None = None,
+    options=None,
+    **option_values,
 ) -> MethodResult:
-    """Invert ``x_clean`` under the source prompt, reconstruct it, and (with ``edit_embeds``) edit it.
+    """Invert ``x_clean`` under the source prompt, reconstruct it, and (with ``edit_embeds``) edit it, measuring
+    each phase.
 
-    ``base``: the unguided denoiser (``D(x, sigma, encoder_hidden_states=e)``); ``x_clean``: clean states at
-    ``sigmas[-1]`` (:func:`latent_to_state` of the encoded images), batch B; embeddings ``[B or 1, L, D]``.
-    ``strength``: the fraction of steps inverted and regenerated (:func:`tail_sigmas`). Guidance ``guidance_scale``
-    for every guided call (null-text's pivot is at guidance 1 by construction). ``ddim_inversion_guidance``: the
-    guidance of the DDIM inversion (default ``guidance_scale``; 1 gives null-text's pivot, the baseline its paper
-    shows failing at ``guidance_scale > 1``); DDIM regenerates at ``guidance_scale``.
+    ``method``: a :data:`METHOD_REGISTRY` name; its options as the dataclass ``options`` or as keywords (e.g.
+    ``gamma=0.96`` for ``bdia``; keywords of the other methods are accepted and ignored, so one settings dict
+    serves every method). ``base``: the unguided denoiser (``D(x, sigma, encoder_hidden_states=e)``);
+    ``x_clean``: clean states at ``sigmas[-1]`` (:func:`latent_to_state` of the encoded images), batch B;
+    embeddings ``[B or 1, L, D]``. ``strength``: the fraction of steps inverted and regenerated
+    (:func:`tail_sigmas`). Every guided call uses ``guidance_scale`` (null-text's pivot is at guidance 1 by
+    construction; DDIM inversion's guidance is its option).
 
     Representations: ``bdia`` -- ``x_end``, ``x_inner`` (the pair at the top of the grid); ``ddim`` -- ``x_noise``;
     ``edict`` -- ``x``, ``y``; ``null_text`` -- ``x_noise`` and ``uncond_embeds`` (stacked ``[N, ...]``).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; choose from {', '.join(METHODS)}")
+    known = {f.name for entry in METHOD_REGISTRY.values() for f in fields(entry.options)}
+    unknown = sorted(set(option_values) - known)
+    if unknown:
+        raise ValueError(f"unknown editing option(s) {unknown}; options: {', '.join(sorted(known))}")
+    options = method_options(method, option_values) if options is None else options
+    if not isinstance(options, METHOD_REGISTRY[method].options):
+        raise ValueError(f"{method} takes {METHOD_REGISTRY[method].options.__name__}, got {type(options).__name__}")
     grid = tail_sigmas(sigmas, strength)
     counted = RowCountingDenoiser(base)
+    setup = EditSetup(counted, guided(counted, guidance_scale, uncond_embeds), uncond_embeds, guidance_scale)
     source = {"encoder_hidden_states": source_embeds}
-    edit = None if edit_embeds is None else {"encoder_hidden_states": edit_embeds}
-    cfg = guided(counted, guidance_scale, uncond_embeds)
-    state = {}
 
     def phase(fn):
         counted.reset()
@@ -433,49 +554,19 @@ def invert_and_edit(
         out = fn()
         _synchronize(x_clean.device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        backward = state.pop("backward", 0)
+        backward = out.backward_passes if isinstance(out, Inverted) else 0
         return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward,
                      "seconds": seconds, "cpu_seconds": cpu_seconds}
 
-    settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
-                "dtype": str(x_clean.dtype).replace("torch.", "")}
-    if method == "bdia":
-        settings["gamma"] = gamma
-        pair, c_inv = phase(lambda: invert(cfg, x_clean, grid, solver="bdia_ddim", gamma=gamma, cond=source, dtype=None))
-        regen = lambda cond: sample(cfg, pair, grid, solver="bdia_ddim", gamma=gamma, cond=cond, dtype=None)  # noqa: E731
-        representation = {"x_end": pair.x_end, "x_inner": pair.x_inner}
-    elif method == "ddim":
-        w_inv = guidance_scale if ddim_inversion_guidance is None else float(ddim_inversion_guidance)
-        settings["inversion_guidance"] = w_inv
-        x_noise, c_inv = phase(lambda: ddim_invert(guided(counted, w_inv, uncond_embeds), x_clean, grid, source))
-        regen = lambda cond: sample(cfg, x_noise, grid, solver="ddim", cond=cond, dtype=None)  # noqa: E731
-        representation = {"x_noise": x_noise}
-    elif method == "edict":
-        settings.update(p=p, leapfrog=leapfrog)
-        pair, c_inv = phase(lambda: edict_invert(cfg, x_clean, grid, source, p=p, leapfrog=leapfrog))
-        regen = lambda cond: edict_sample(cfg, pair, grid, cond, p=p, leapfrog=leapfrog).x  # noqa: E731
-        representation = {"x": pair.x, "y": pair.y}
-    else:
-        settings.update(num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop)
-
-        def run():
-            out = null_text_invert(counted, x_clean, grid, source_embeds, uncond_embeds, guidance_scale,
-                                   num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop)
-            state["backward"] = out.backward_passes
-            return out
-
-        inv, c_inv = phase(run)
-        settings["inner_steps"] = inv.inner_steps
-        regen = lambda cond: null_text_sample(counted, inv.x_noise, grid, cond["encoder_hidden_states"],  # noqa: E731
-                                              inv.uncond_embeds, guidance_scale)
-        representation = {"x_noise": inv.x_noise, "uncond_embeds": torch.stack(inv.uncond_embeds)}
-
-    reconstruction, c_rec = phase(lambda: regen(source))
-    edited, c_edit = (None, None) if edit is None else phase(lambda: regen(edit))
+    inverted, c_inv = phase(lambda: METHOD_REGISTRY[method].invert(setup, x_clean, grid, source, options))
+    reconstruction, c_rec = phase(lambda: inverted.regenerate(source))
     cost = {"inversion": c_inv, "reconstruction": c_rec}
-    if c_edit is not None:
-        cost["edit"] = c_edit
-    return MethodResult(method, reconstruction, edited, representation, cost, settings)
+    edited = None
+    if edit_embeds is not None:
+        edited, cost["edit"] = phase(lambda: inverted.regenerate({"encoder_hidden_states": edit_embeds}))
+    settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
+                "dtype": str(x_clean.dtype).replace("torch.", ""), **inverted.settings}
+    return MethodResult(method, reconstruction, edited, inverted.representation, cost, settings)
 
 
 # --------------------------------------------------------------------------------------------------

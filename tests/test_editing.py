@@ -299,3 +299,27 @@ def test_unknown_method_is_a_value_error(setup64):
     with pytest.raises(ValueError, match="unknown editing method"):
         run("p2p", setup64)
     assert set(METHODS) == {"bdia", "ddim", "edict", "null_text"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry.
+
+
+def test_registry_options_are_one_dataclass_per_method_and_mistakes_are_refused(setup64):
+    from bdia.editing import METHOD_REGISTRY, METHODS, BDIAOptions, EDICTOptions, method_options
+
+    assert METHODS == tuple(METHOD_REGISTRY) == ("bdia", "ddim", "edict", "null_text")
+    settings = {"gamma": 0.93, "p": 0.9, "leapfrog": False, "num_inner_steps": 3}
+    assert method_options("bdia", settings) == BDIAOptions(gamma=0.93)
+    assert method_options("edict", settings) == EDICTOptions(p=0.9, leapfrog=False)
+    with pytest.raises(ValueError, match="unknown editing method"):
+        method_options("pix2pix")
+    with pytest.raises(ValueError, match=r"unknown editing option\(s\) \['gama'\]"):
+        run("bdia", setup64, gama=0.9)
+    with pytest.raises(ValueError, match="bdia takes BDIAOptions, got EDICTOptions"):
+        run("bdia", setup64, options=EDICTOptions())
+    # The dataclass and the keywords are the same request.
+    by_keywords = run("bdia", setup64, gamma=0.94)
+    by_options = run("bdia", setup64, options=BDIAOptions(gamma=0.94))
+    assert torch.equal(by_keywords.reconstruction, by_options.reconstruction)
+    assert by_options.settings["gamma"] == 0.94
