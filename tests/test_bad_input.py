@@ -379,3 +379,32 @@ def test_bad_inputs_do_not_break_a_later_good_run(finished_run, tmp_path, monkey
     assert cli(monkeypatch, tmp_path, *DIGITS, f"out_dir={finished_run}") is None
     assert json.loads((finished_run / "metrics.json").read_text())["num_resumed"] == 4
     assert snapshot(finished_run / "images") == before
+
+
+@pytest.mark.parametrize("architecture, needle", [
+    ({"channels": [16, 4096 * 64], "feature_dim": 64, "image_size": 16, "num_classes": 10}, "channels must be two integers"),
+    ({"channels": [16, 32], "feature_dim": 10**9, "image_size": 16, "num_classes": 10}, "feature_dim must be an integer"),
+    ({"channels": [16, 32], "feature_dim": 64, "image_size": True, "num_classes": 10}, "image_size must be an integer"),
+    ({"channels": [16, 32], "depth": 3}, "no valid 'architecture'"),
+    ([1, 2], "no valid 'architecture'"),
+])
+def test_digits_classifier_card_is_bounded_before_building(tmp_path, architecture, needle):
+    from bdia.metrics.digits_classifier import ASSET_WEIGHTS, load_digits_classifier
+
+    weights = tmp_path / "clf.safetensors"
+    weights.write_bytes(ASSET_WEIGHTS.read_bytes())
+    weights.with_suffix(".json").write_text(json.dumps({"architecture": architecture}))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=needle):
+        load_digits_classifier(weights)
+    assert snapshot(tmp_path) == before
+
+
+def test_digits_classifier_with_foreign_weights_is_one_line(tmp_path):
+    from bdia.metrics.digits_classifier import ASSET_CARD, load_digits_classifier
+
+    weights = tmp_path / "clf.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a valid, empty safetensors file
+    weights.with_suffix(".json").write_text(Path(ASSET_CARD).read_text())
+    with pytest.raises(ValueError, match="does not hold this classifier's weights"):
+        load_digits_classifier(weights)

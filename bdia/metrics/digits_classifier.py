@@ -143,10 +143,41 @@ def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:
         raise AssetUnavailableError(None, missing, config_key="metrics.digits.weights",
                                     reason="no such file (train it with scripts/train_digits_classifier.py)",
                                     what="digits classifier")
-    card = json.loads(card_path.read_text())
-    model = DigitsClassifier(**card["architecture"])
-    model.load_state_dict(load_file(str(weights)))
+    if card_path.stat().st_size > 2**20:
+        raise ValueError(f"metrics.digits.weights: {card_path} is larger than a weights card can be (1 MiB)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"metrics.digits.weights: {card_path} is not a readable JSON card ({e})") from None
+    model = DigitsClassifier(**_checked_architecture(card, card_path))  # sizes bounded before allocation
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # safetensors' and torch's errors for damaged or mismatched files
+        raise ValueError(f"metrics.digits.weights: {weights} does not hold this classifier's weights "
+                         f"({' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def _checked_architecture(card, card_path) -> dict:
+    """The card's ``architecture``, each argument of the expected type and within bounds far above the shipped
+    classifier's (channels 16/32, 64 features, 16 px, 10 classes)."""
+    bounds = {"feature_dim": (1, 4096), "image_size": (4, 256), "num_classes": (1, 1000)}
+    arch = card.get("architecture") if isinstance(card, dict) else None
+    if not isinstance(arch, dict) or set(arch) - {"channels", *bounds}:
+        raise ValueError(f"metrics.digits.weights: {card_path} has no valid 'architecture' "
+                         f"(keys: channels, {', '.join(bounds)})")
+
+    def is_int(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    channels = arch.get("channels", [16, 32])
+    if not (isinstance(channels, list) and len(channels) == 2 and all(is_int(c, 1, 1024) for c in channels)):
+        raise ValueError(f"metrics.digits.weights: {card_path}: channels must be two integers in 1..1024, got {channels!r}")
+    for name, (low, high) in bounds.items():
+        if name in arch and not is_int(arch[name], low, high):
+            raise ValueError(f"metrics.digits.weights: {card_path}: {name} must be an integer in {low}..{high}, "
+                             f"got {arch[name]!r}")
+    return arch
 
 
 class DigitsFeatures(nn.Module):

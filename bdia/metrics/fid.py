@@ -20,7 +20,6 @@ Statistics are float64 sums all-reduced over torchrun ranks (:func:`feature_stat
 
 from __future__ import annotations
 
-import hashlib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from ..distributed import resolve_device
-from ..download import AssetUnavailableError, cache_dir, fetch_file
+from ..download import AssetUnavailableError, cache_dir, fetch_file, sha256_of
 from ..networks.registry import FID_REF_ROOT
 from .frechet import frechet_distance, kernel_distance
 from .images import ImageSource, open_images
@@ -48,14 +47,6 @@ EDM_FID_REFS = {
 _EDM_ALIASES = {"cifar10": "cifar10-32x32", "ffhq": "ffhq-64x64", "afhqv2": "afhqv2-64x64", "imagenet": "imagenet-64x64"}
 EDM_SEED_BLOCKS = ("0-49999", "50000-99999", "100000-149999")
 DIGITS_REFS = ("digits-test", "digits-train", "digits-all", "digits-even", "digits-odd")
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
