@@ -394,7 +394,7 @@ def _edm_options(backward, space, sigma_data):
 
 
 def bdia_edm(
-    denoiser, x_init, sigmas, gamma=0.5, backward="exp", space="vp", sigma_data=0.5, class_labels=None, cond=None,
+    denoiser, x_init, sigmas, gamma=0.5, backward="exp", space="vp", sigma_data=1.0, class_labels=None, cond=None,
     progress=False,
 ) -> StatePair:
     """BDIA over EDM's deterministic Heun sampler:
@@ -418,7 +418,7 @@ def invert_bdia_ddim(denoiser, x_last, sigmas, gamma=1.0, class_labels=None, con
 
 
 def invert_bdia_edm(
-    denoiser, x_last, sigmas, gamma=0.5, backward="exp", space="vp", sigma_data=0.5, class_labels=None, cond=None,
+    denoiser, x_last, sigmas, gamma=0.5, backward="exp", space="vp", sigma_data=1.0, class_labels=None, cond=None,
     progress=False,
 ) -> StatePair:
     """Exact inverse of :func:`bdia_edm`; arguments as :func:`invert_bdia_ddim` and :func:`bdia_edm`."""

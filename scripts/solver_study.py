@@ -33,7 +33,7 @@ import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bdia  # noqa: E402
+from bdia.analytic import digits_gmm  # noqa: E402
+from bdia.metrics.digits_classifier import DigitsFeatures, digits_uint8  # noqa: E402
+from bdia.metrics.frechet import frechet_distance  # noqa: E402
+from bdia.models import digits_network  # noqa: E402
+from bdia.run import quantize, seed_noise  # noqa: E402
 
 COMMAND = "make study  (= .venv/bin/python scripts/solver_study.py)"
 NFE_TARGETS = (5, 9, 15, 25, 35)
@@ -127,7 +132,7 @@ CANDIDATES = (
     _edm("lte", "vp", "exp", 0.5),
     _edm(0.5, "vp", "heun", 0.5),
 )
-SMOKE_CANDIDATES = (Candidate("edm"), _edm(0.5, "x", "euler"), _edm(0.5, "vp", "exp", 0.5), _edm("lte", "vp", "exp", 0.5))
+SMOKE_CANDIDATES = (Candidate("edm"), _edm(0.5, "x", "euler"), _edm(0.5, "vp", "exp", 1.0), _edm("lte", "vp", "exp", 1.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,17 +141,11 @@ SMOKE_CANDIDATES = (Candidate("edm"), _edm(0.5, "x", "euler"), _edm(0.5, "vp", "
 
 def make_denoiser(problem: str):
     if problem == "mixture":
-        from bdia.analytic import digits_gmm
-
         return digits_gmm(num_components=MIXTURE_COMPONENTS)
-    from bdia.models import digits_network
-
     return digits_network()
 
 
 def initial_noise(num_seeds: int) -> torch.Tensor:
-    from bdia.run import seed_noise
-
     return seed_noise(range(num_seeds), (1, 16, 16), SIGMA_MAX)
 
 
@@ -158,8 +157,6 @@ class FD:
     """FD in the shipped digits classifier's features against the held-out digits (not FID)."""
 
     def __init__(self):
-        from bdia.metrics.digits_classifier import DigitsFeatures, digits_uint8
-
         self.features = DigitsFeatures()
         self.ref = self._stats(torch.from_numpy(digits_uint8("test")[0]))
 
@@ -169,9 +166,6 @@ class FD:
         return f.mean(0), np.cov(f, rowvar=False)
 
     def __call__(self, x) -> float:
-        from bdia.metrics.frechet import frechet_distance
-        from bdia.run import quantize
-
         mu, cov = self._stats(quantize(x))
         return float(frechet_distance(mu, cov, *self.ref))
 
@@ -302,7 +296,7 @@ def choose_default(verdict: dict) -> tuple[str, bool]:
 # The run.
 
 
-def run(num_seeds=500, nfe_targets=NFE_TARGETS, out_dir=REPO_ROOT / "results", reference_steps=150,
+def run(num_seeds=256, nfe_targets=NFE_TARGETS, out_dir=REPO_ROOT / "results", reference_steps=150,
         check_seeds=64, candidates=CANDIDATES, problems=PROBLEMS, workers=2, roundtrip=True, progress=True):
     start = time.perf_counter()
     nfe_targets = tuple(sorted(nfe_targets))
@@ -478,6 +472,9 @@ def write_markdown(rows, candidates, problems, ref_info, roundtrips, verdict, ch
     if chosen:
         lines.append(f"**Chosen: {chosen}** — "
                      + ("meets the bar." if meets else "no candidate meets the bar; this is the best by the score."))
+        current = _edm(**{k: v for k, v in bdia.solvers.BDIA_EDM_DEFAULTS.items()})
+        lines.append(f"bdia.bdia_edm's default in this checkout (`bdia.solvers.BDIA_EDM_DEFAULTS`): {current.label} — "
+                     + ("the chosen one." if current.label == chosen else "**differs from the chosen one: update it.**"))
         lines.append("")
     if roundtrips:
         lines += ["## Round trip (float64, mixture, N = 18, 16 seeds: sample → invert → sample)", "",
@@ -498,7 +495,7 @@ def write_markdown(rows, candidates, problems, ref_info, roundtrips, verdict, ch
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-seeds", type=int, default=500, help="initial noises per problem (default 500)")
+    parser.add_argument("--num-seeds", type=int, default=256, help="initial noises per problem (default 256)")
     parser.add_argument("--nfe-targets", type=int, nargs="+", default=list(NFE_TARGETS))
     parser.add_argument("--reference-steps", type=int, default=150, help="EDM steps of the reference (default 150)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default 2)")
