@@ -12,7 +12,6 @@ the drop-in diffusers schedulers are ``bdia.BDIADDIMScheduler`` and ``bdia.BDIAD
 """
 
 from . import networks
-from .networks.sd import SD_MODELS, StableDiffusion, load_sd, x_to_z, z_to_x
 from .denoisers import (
     ClassifierFreeGuidance,
     CountingDenoiser,
@@ -20,6 +19,7 @@ from .denoisers import (
     GaussianMixtureDenoiser,
     VPEpsDenoiser,
 )
+from .networks.sd import SD_MODELS, StableDiffusion, load_sd, x_to_z, z_to_x
 from .schedules import (
     SD_SCHEDULE,
     karras_sigmas,

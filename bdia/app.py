@@ -19,8 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .configs import build_metrics, instantiate
 from .distributed import init_distributed
 from .download import AssetUnavailableError
+from .logger import NullLogger
+from .metrics.evaluate import evaluate_run
 from .models import load_model
 from .networks.loader import SnapshotError
 from .run import _validate_grid, sample_run
@@ -66,23 +69,6 @@ def one_line(error: BaseException | str) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # The run.
-
-
-class _NoLogger:
-    def start(self, *args, **kwargs):
-        pass
-
-    def log_metrics(self, *args, **kwargs):
-        pass
-
-    def log_image(self, *args, **kwargs):
-        pass
-
-    def log_table(self, *args, **kwargs):
-        pass
-
-    def finish(self, *args, **kwargs):
-        pass
 
 
 def _run_name(out_dir: str) -> str:
@@ -137,20 +123,13 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
     check_out_dir(settings["out_dir"], "sample")  # cheap checks first: nothing is loaded for a refused run
     _validate_grid(**{k: settings[k] for k in _GRID_KEYS if k in settings})
     model_cfg = config.get("model")
-    try:
-        denoiser = load_model(model_cfg)
-    except TypeError as e:  # e.g. model.foo=1: an argument the loader does not have
-        raise ValueError(f"model: {e}") from None
+    denoiser = load_model(model_cfg)
     model_info = {k: v for k, v in (model_cfg or {}).items() if not k.startswith("_")}
     model_info = {"config": choices.get("model"), "target": (model_cfg or {}).get("_target_"), **model_info}
 
-    evaluators = _build_metrics(cfg)  # built before sampling: a bad metric option fails before any image is drawn
+    evaluators = build_metrics(cfg.get("metrics"))  # built before sampling: a bad metric option fails before any image is drawn
 
-    logger = _NoLogger()
-    if ctx.is_main and config.get("logger"):
-        from hydra.utils import instantiate
-
-        logger = instantiate(cfg.logger)
+    logger = instantiate(cfg.logger, "logger") if ctx.is_main and config.get("logger") else NullLogger()
     out_dir = str(settings["out_dir"])
     logger.start(config={**config, "choices": choices}, run_dir=out_dir, name=_run_name(out_dir),
                  group=config.get("experiment_name") or "default")
@@ -159,8 +138,6 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
                              config={**config, "choices": choices}, model_info=model_info, dist=ctx)
         evaluation = None
         if evaluators:  # every rank: the metrics shard their images across ranks; rank 0 writes metrics.json
-            from .metrics.evaluate import evaluate_run
-
             evaluation = evaluate_run(out_dir, evaluators, write=True)
         if metrics is not None:
             if evaluation is not None:
@@ -174,28 +151,6 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
         raise
     logger.finish()
     return metrics
-
-
-def _build_metrics(cfg) -> dict:
-    """The ``metrics`` group (``metrics=digits``, ``fid`` …: metric name -> ``_target_`` config) instantiated;
-    ``{}`` for ``metrics=none``. Hydra's wrapper around a metric's own error is removed."""
-    specs = cfg.get("metrics") or {}
-    if not specs:
-        return {}
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    built = {}
-    for name, spec in specs.items():
-        try:
-            built[name] = instantiate(spec)
-        except InstantiationException as e:
-            cause = e.__cause__
-            raise (cause if isinstance(cause, Exception) else e) from None
-        # Fetch feature-network weights now (FID's Inception): offline, a missing file then fails before
-        # any image is drawn instead of after the whole sampling run.
-        getattr(built[name], "extractor", None)
-    return built
 
 
 def _cell(value):

@@ -1,15 +1,18 @@
 """Cached, resumable, verified downloads that fail fast and clearly when offline.
 
-Three entry points:
+The bottom of the project: it imports no other bdia module, so every layer may use it.
 
 * :func:`cache_dir` — where downloads live: ``$BDIA_CACHE`` or ``~/.cache/bdia``.
 * :func:`fetch_file` — one URL to one local file: reuse a cached copy that verifies, otherwise download
   to ``<dest>.partial`` (resuming an existing partial file with an HTTP ``Range`` request), check the size
   and sha256 where known, and move it into place with an atomic :func:`os.replace`.
-* :func:`resolve_checkpoint` — what a ``model.path``-style config value means: an existing local file, an
-  EDM registry name (:mod:`bdia.networks.registry`) or a URL, turned into a local path.
+* :func:`open_regular_file`, :func:`sha256_of` — reading untrusted paths (regular files only).
+* :func:`hub_cache_path` — where huggingface_hub keeps a Hub repository.
 
-Offline behaviour (see DESIGN.md §4, "Offline first"): when ``HF_HUB_OFFLINE`` or ``BDIA_OFFLINE`` is set
+What a ``model.path``-style value means (a local file, an EDM registry name or a URL) is
+:func:`bdia.networks.registry.resolve_checkpoint`.
+
+Offline behaviour: when ``HF_HUB_OFFLINE`` or ``BDIA_OFFLINE`` is set
 to a true value, nothing touches the network; a missing asset raises :class:`AssetUnavailableError`
 at once. Online, there is no retry loop: one attempt with a short timeout. Either way the error is a
 single exception whose message names the URL, the cache path and the config key that takes a local
@@ -44,11 +47,10 @@ __all__ = [
     "sha256_of",
     "DEFAULT_TIMEOUT",
     "cache_dir",
-    "checkpoint_path",
     "fetch_file",
+    "hub_cache_path",
     "is_offline",
     "open_regular_file",
-    "resolve_checkpoint",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -58,7 +60,6 @@ OFFLINE_ENV_VARS = ("BDIA_OFFLINE", "HF_HUB_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
 _CHUNK = 1 << 20
 _USER_AGENT = "bdia-downloader/0.1 (python-urllib)"
-_PATH_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 
 
 class AssetUnavailableError(RuntimeError):
@@ -135,7 +136,7 @@ class NotARegularFileError(ValueError):
     """A path that should be a file is a directory, FIFO, device or socket; refused before reading it."""
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -155,7 +156,7 @@ def open_regular_file(path, what: str = "file"):
     path = os.fspath(path)
 
     def refuse(mode):
-        return NotARegularFileError(f"{what} {path} is {_kind_of(mode)}, not a regular file")
+        return NotARegularFileError(f"{what} {path} is {kind_of(mode)}, not a regular file")
 
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
@@ -189,7 +190,7 @@ def _verify(path: Path, expected_size: int | None, sha256: str | None) -> str | 
     when ``path`` is not a regular file: nothing else is ever hashed)."""
     mode = path.stat().st_mode
     if not stat.S_ISREG(mode):
-        return f"it is {_kind_of(mode)}, not a regular file"
+        return f"it is {kind_of(mode)}, not a regular file"
     size = path.stat().st_size
     if expected_size is not None and size != int(expected_size):
         return f"size mismatch: got {size} bytes, expected {int(expected_size)}"
@@ -329,7 +330,7 @@ def fetch_file(url: str, dest=None, expected_size: int | None = None, sha256: st
             error or timeout. A partially downloaded file is kept for a later resume.
         AssetVerificationError: size or sha256 mismatch (a subclass; the bad file is deleted).
     """
-    dest = Path(dest).expanduser() if dest is not None else cache_dir() / "downloads" / _url_basename(url)
+    dest = Path(dest).expanduser() if dest is not None else cache_dir() / "downloads" / url_basename(url)
     timeout = _default_timeout() if timeout is None else float(timeout)
 
     def unavailable(reason, cls=AssetUnavailableError):
@@ -337,7 +338,7 @@ def fetch_file(url: str, dest=None, expected_size: int | None = None, sha256: st
 
     for existing in (dest, dest.with_name(dest.name + ".partial")):
         if existing.exists() and not existing.is_file():  # a directory, FIFO, device: never read or replaced
-            raise unavailable(f"{existing} is {_kind_of(existing.stat().st_mode)}, not a regular file; remove it "
+            raise unavailable(f"{existing} is {kind_of(existing.stat().st_mode)}, not a regular file; remove it "
                               "or choose another path")
 
     if dest.is_file():
@@ -373,93 +374,17 @@ def fetch_file(url: str, dest=None, expected_size: int | None = None, sha256: st
     return dest
 
 
-def _url_basename(url: str) -> str:
+def hub_cache_path(repo_id: str) -> Path:
+    """Where huggingface_hub caches the Hub repository ``repo_id`` (``models--<org>--<name>`` in its cache)."""
+    try:
+        from huggingface_hub import constants  # optional here: only the SD / CLIP loaders need it
+
+        root = Path(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - huggingface_hub always comes with transformers
+        root = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    return root / f"models--{repo_id.replace('/', '--')}"
+
+
+def url_basename(url: str) -> str:
     name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     return name or hashlib.sha1(url.encode()).hexdigest()[:16]
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------
-
-
-def checkpoint_path(name: str) -> Path:
-    """Where the registry checkpoint ``name`` is (or will be) cached: ``cache_dir()/"edm"/<file>.pkl``."""
-    from .networks.registry import get_checkpoint
-
-    return cache_dir() / "edm" / get_checkpoint(name).filename
-
-
-def _is_url(text: str) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) is not None
-
-
-def _looks_like_path(text: str) -> bool:
-    return ("/" in text or os.sep in text or text.startswith(("~", "."))
-            or text.lower().endswith(_PATH_SUFFIXES))
-
-
-def resolve_checkpoint(name_or_path, config_key: str = "model.path", progress: bool = True,
-                       timeout: float | None = None) -> Path:
-    """Turn a checkpoint reference into an existing local file.
-
-    ``name_or_path`` may be
-
-    * an existing local file → returned as is (``~`` expanded);
-    * a registry name such as ``"edm-cifar10-32x32-cond-vp"`` (``.pkl`` optional) → the cached copy in
-      :func:`checkpoint_path`, downloaded first if needed;
-    * an ``http(s)://`` URL → the registry entry if it is one of NVIDIA's URLs, else cached under
-      ``cache_dir()/"url"/<hash>/``; ``file://`` URLs are read in place;
-    * anything else that looks like a path → :class:`AssetUnavailableError` ("no such file").
-
-    ``config_key`` is the key the value came from; error messages tell the user to set it to a local file.
-
-    Raises:
-        AssetUnavailableError: missing local file, or a checkpoint that is not cached and cannot be
-            downloaded (offline, unreachable, failed verification).
-        ValueError: neither a file, nor a URL, nor a registry name (the message lists the valid names).
-    """
-    from .networks import registry
-
-    text = str(name_or_path).strip()
-    if not text:
-        raise ValueError(f"{config_key} is empty: give a checkpoint name, URL or local file")
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
-
-    if _is_url(text):
-        parsed = urllib.parse.urlparse(text)
-        if parsed.scheme.lower() == "file":
-            local = Path(urllib.parse.unquote(parsed.path))
-            if local.is_file():
-                return local
-            reason = f"it is {_kind_of(local.stat().st_mode)}, not a regular file" if local.exists() else "no such file"
-            raise AssetUnavailableError(None, local, config_key, reason=reason, what=f"{config_key}={text}")
-        ckpt = registry.find_by_url(text)
-        if ckpt is not None:
-            return _fetch_registered(ckpt, config_key, progress, timeout)
-        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-        dest = cache_dir() / "url" / digest / _url_basename(text)
-        return fetch_file(text, dest, progress=progress, timeout=timeout, config_key=config_key,
-                          what=f"checkpoint {_url_basename(text)!r}")
-
-    key = text[:-4] if text.endswith(".pkl") else text
-    if key in registry.CHECKPOINTS and "/" not in text and os.sep not in text:
-        return _fetch_registered(registry.CHECKPOINTS[key], config_key, progress, timeout)
-
-    if path.exists():
-        raise AssetUnavailableError(None, path, config_key, reason=f"it is {_kind_of(path.stat().st_mode)}, not a regular file",
-                                    what=f"{config_key}={text}")
-    if _looks_like_path(text):
-        raise AssetUnavailableError(None, path, config_key, reason="no such file", what=f"{config_key}={text}")
-    try:
-        registry.get_checkpoint(text)
-    except ValueError as e:
-        raise ValueError(f"{config_key}={text!r} is neither an existing file, a URL nor a known checkpoint "
-                         f"name.\n{e}") from None
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _fetch_registered(ckpt, config_key, progress, timeout) -> Path:
-    return fetch_file(ckpt.url, cache_dir() / "edm" / ckpt.filename, expected_size=ckpt.size_bytes,
-                      sha256=ckpt.sha256, progress=progress, timeout=timeout, config_key=config_key,
-                      what=f"EDM checkpoint {ckpt.name!r}")

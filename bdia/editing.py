@@ -59,6 +59,7 @@ import torch
 
 from .denoisers import ClassifierFreeGuidance, CountingDenoiser
 from .imageio import quantize, save_image_grid
+from .metrics.reconstruction import latent_metrics, pixel_metrics
 from .runfolder import atomic_write, claim_run_folder, environment_info, mark_state
 from .schedules import as_sigmas, vp_alpha
 from .solvers import invert, sample
@@ -654,8 +655,6 @@ def edit_run(
     from pathlib import Path
 
     import numpy as np
-
-    from .metrics.reconstruction import latent_metrics, pixel_metrics
 
     methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in METHODS]

@@ -16,7 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from .configs import instantiate
 from .download import AssetUnavailableError
+from .networks import load_edm
+from .networks.loader import SnapshotError, load_network_file
 
 __all__ = ["edm_network", "digits_network", "load_model", "image_shape_of", "label_dim_of", "ModelNotShippedError"]
 
@@ -47,8 +50,6 @@ def edm_network(name: str | None = None, path: str | None = None):
     Raises :class:`bdia.download.AssetUnavailableError` (URL, cache path and ``model.path``) when the file
     is neither there nor downloadable, e.g. offline.
     """
-    from .networks import load_edm
-
     if path is not None and str(path).strip():
         text = str(path).strip()
         source = text if "://" in text else _local_file(text, "model.path")
@@ -66,8 +67,6 @@ def digits_network(path: str | None = None):
     """The embedded digits model: an EDM-style network (``EDMPrecond`` + ``SongUNet``) trained on the training
     split of scikit-learn's digits at 16x16 by ``scripts/train.py``. ``path`` (``model.path=``) takes another
     network written by that script; by default the weights shipped in ``bdia/assets/`` are used."""
-    from .train import load_network
-
     if path is None or not str(path).strip():
         if not DIGITS_WEIGHTS.is_file():
             raise ModelNotShippedError(
@@ -77,10 +76,8 @@ def digits_network(path: str | None = None):
         local = DIGITS_WEIGHTS
     else:
         local = _local_file(path, "model.path")
-    from .networks.loader import SnapshotError
-
     try:
-        return load_network(local)
+        return load_network_file(local)
     except SnapshotError as e:  # refused by the loader's checks (limits, header, shapes): its one line
         raise ValueError(f"{'model=digits' if local == DIGITS_WEIGHTS else 'model.path'}: {e}") from None
     except Exception as e:  # safetensors / metadata problems: say which file
@@ -91,23 +88,13 @@ def digits_network(path: str | None = None):
 def load_model(model_cfg: Mapping[str, Any] | Any):
     """Instantiate a model config (a mapping with ``_target_``) and return the denoiser.
 
-    Hydra wraps exceptions raised by the target in ``InstantiationException``; this re-raises the original
-    one (``AssetUnavailableError``, ``ValueError`` …) so its message reaches the user unchanged.
+    The target's own errors reach the user unchanged (:func:`bdia.configs.instantiate`).
     """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     if model_cfg is None or "_target_" not in model_cfg:
         raise ValueError("model: the config has no _target_ (choose one with model=<name>)")
     if model_cfg["_target_"] == "bdia.networks.sd.load_sd":
         raise ValueError("model: Stable Diffusion is a text-to-image model; use scripts/text2image.py (or scripts/edit.py), not scripts/sample.py")
-    try:
-        return instantiate(model_cfg, _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, Exception):
-            raise cause from None
-        raise
+    return instantiate(model_cfg, "model")
 
 
 def image_shape_of(denoiser) -> tuple[int, ...] | None:

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from .imageio import parse_seeds
+from .logger import WandbLogger
 from .tables import write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
@@ -262,8 +263,6 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
     label = f"make reproduce-{spec['name'].replace('_', '-')}"
     logger = None
     if wandb:
-        from .logger import WandbLogger
-
         table_dir = Path(output or spec["output"]).parent
         table_dir.mkdir(parents=True, exist_ok=True)
         logger = WandbLogger(job_type="table", group=spec["name"])

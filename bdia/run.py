@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import solvers as _solvers
+from .analytic import mixture_metrics
 from .denoisers import CountingDenoiser, DenoiserWrapper, GaussianMixtureDenoiser
 from .distributed import DistContext, barrier, gather, resolve_device, shard
 from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run is their historical home)
@@ -50,9 +51,17 @@ from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run i
     seed_noise,
 )
 from .models import image_shape_of, label_dim_of
-from .runfolder import IMAGES_DIR, RECORDS_DIR, SETTINGS_FILE, atomic_write, environment_info, image_complete  # noqa: F401
+from .runfolder import (  # noqa: F401
+    IMAGES_DIR,
+    RECORDS_DIR,
+    SETTINGS_FILE,
+    atomic_write,
+    environment_info,
+    image_complete,
+    mark_state,
+    prepare_run_folder,
+)
 from .runfolder import jsonable as _jsonable
-from .runfolder import mark_state, prepare_run_folder
 from .runfolder import write_json as _write_json
 from .schedules import karras_sigmas
 
@@ -469,7 +478,5 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
     distinct = sorted(set(nfe.tolist()))
     out = {"nfe": distinct[0] if len(distinct) == 1 else distinct}
     if mixture is not None:
-        from .analytic import mixture_metrics
-
         out["mixture"] = mixture_metrics(mixture, torch.from_numpy(x_end))
     return out

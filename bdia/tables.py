@@ -32,6 +32,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .networks.registry import CHECKPOINTS
+
 __all__ = ["dig", "collect_runs", "table_rows", "render_markdown", "write_table", "line_label", "BASE_SOLVER"]
 
 #: The base solver a BDIA solver reduces to at gamma = 0 (the comparison the summary makes).
@@ -145,8 +147,6 @@ def _format(value, fmt: str) -> str:
 def _published(spec, section: str) -> str | None:
     if spec.get("published") != "registry":
         return None
-    from .networks.registry import CHECKPOINTS
-
     entry = CHECKPOINTS.get(section)
     if entry is None or entry.fid_reported is None:
         return "unknown"

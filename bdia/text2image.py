@@ -45,9 +45,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import solvers as _solvers
+from .configs import build_metrics, instantiate
 from .denoisers import CountingDenoiser
 from .distributed import DistContext, resolve_device
 from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, png_bytes, quantize, read_png, save_image_grid
+from .metrics.clip_score import CLIPScore
+from .metrics.evaluate import evaluate_run
+from .metrics.fid import FID
+from .prompts import describe_prompt_source, load_prompts
 from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
 from .run import FixedBatchDenoiser, _check_grid_options, _check_network_batch, _prepare_out_dir
 from .runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, image_complete, mark_state
@@ -324,24 +329,9 @@ _RUN_KEYS = ("seeds", "guidance_scale", "negative_prompt", "height", "width",
 _PROMPT_KEYS = ("prompts", "prompt_file", "coco_captions", "num_prompts", "prompt_seed")
 
 
-def _instantiate(spec, **kwargs):
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(spec, _convert_="all", **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, TypeError):
-            raise ValueError(f"model: {cause}") from None
-        raise (cause if isinstance(cause, Exception) else e) from None
-
-
 def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
     """Load CLIP weights and FID reference statistics before sampling, so a missing model, reference folder or
     statistics file fails at once rather than after the run."""
-    from .metrics.clip_score import CLIPScore
-    from .metrics.fid import FID
 
     for metric in evaluators.values():
         if isinstance(metric, CLIPScore):
@@ -361,9 +351,6 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     Returns the metrics dict."""
     from omegaconf import OmegaConf
 
-    from .app import _build_metrics
-    from .prompts import describe_prompt_source, load_prompts
-
     config = OmegaConf.to_container(cfg, resolve=True)
     choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
     spec = config.get("solver")
@@ -377,17 +364,15 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     prompt_args = {k: config.get(k) for k in _PROMPT_KEYS}
     prompt_args["prompt_seed"] = prompt_args["prompt_seed"] or 0
     prompts = load_prompts(**prompt_args)
-    evaluators = _build_metrics(cfg)
+    evaluators = build_metrics(cfg.get("metrics"))
     _preload_metric_models(evaluators)
     model_cfg = config.get("model")
     if not model_cfg or "_target_" not in model_cfg:
         raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
-    sd = _instantiate(model_cfg, device=str(device))
+    sd = instantiate(model_cfg, "model", device=str(device))
     settings = {k: config[k] for k in _RUN_KEYS if k in config}
     metrics = text_to_image(sd, prompts, **solver, **settings, config={**config, "choices": choices},
                             prompt_source=describe_prompt_source(**prompt_args))
     if evaluators:
-        from .metrics.evaluate import evaluate_run
-
         metrics["evaluation"] = evaluate_run(settings.get("out_dir", "."), evaluators, write=True)
     return metrics

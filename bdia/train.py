@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .networks import EDMPrecond
+from .networks.loader import load_network_file
 
 __all__ = ["TrainConfig", "edm_loss", "build_network", "train", "save_network", "load_network"]
 
@@ -168,14 +169,5 @@ def save_network(net: EDMPrecond, path, config: TrainConfig, extra: dict | None 
     return path
 
 
-def load_network(path) -> EDMPrecond:
-    """Rebuild a network saved by :func:`save_network` (eval mode, no gradients).
-
-    The file is untrusted input: its size, header, constructor arguments and tensor shapes are checked
-    against :mod:`bdia.networks.loader`'s limits before the network is allocated
-    (:func:`bdia.networks.loader.load_safetensors_network`); refusals raise its one-line ``SnapshotError``."""
-    from .networks.loader import load_safetensors_network
-
-    net, _ = load_safetensors_network(path, default_class="EDMPrecond", allowed=("EDMPrecond",),
-                                      what="network file")
-    return net
+#: Rebuilds a network saved by :func:`save_network` (the file is checked as untrusted input first).
+load_network = load_network_file

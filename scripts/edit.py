@@ -21,31 +21,20 @@ one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` show
 
 from __future__ import annotations
 
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from bdia.app import run_command_line, run_job
+from bdia.configs import instantiate
 from bdia.runfolder import check_out_dir
 
 
 def load_sd_config(model_cfg: dict):
     """Instantiate the ``model`` group (``_target_: bdia.networks.sd.load_sd``), re-raising the loader's own
     error (Hydra wraps it) so that a missing checkpoint reaches the user as its one clear message."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     if not model_cfg or "_target_" not in model_cfg:
         raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
-    try:
-        sd = instantiate(model_cfg, _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, TypeError):  # model.foo=1: an argument the loader does not have
-            raise ValueError(f"model: {cause}") from None
-        if isinstance(cause, Exception):
-            raise cause from None
-        raise
+    sd = instantiate(model_cfg, "model")
     if not all(hasattr(sd, name) for name in ("encode_images", "decode_latents", "encode_prompts", "eps_denoiser")):
         raise ValueError(f"model: {model_cfg['_target_']} is not a Stable Diffusion loader (use model=sd15 ...)")
     return sd

@@ -24,21 +24,15 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.download import AssetUnavailableError  # noqa: E402
+from bdia.app import one_line  # noqa: E402
+from bdia.configs import build_metrics, instantiate  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process  # noqa: E402
+from bdia.download import AssetUnavailableError  # noqa: E402
 from bdia.metrics.evaluate import evaluate_runs, find_runs  # noqa: E402
-
-
-def _one_line(error: BaseException) -> str:
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__  # the metric's own message, not Hydra's wrapper
-    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _summary(results: dict) -> str:
@@ -58,8 +52,8 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
     metrics_cfg = cfg.get("metrics") or {}
     if not metrics_cfg:
         raise ValueError("no metrics selected (metrics=none); choose e.g. metrics=digits or metrics=fid")
-    metrics = {name: instantiate(spec) for name, spec in metrics_cfg.items()}
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    metrics = build_metrics(metrics_cfg)
+    logger = instantiate(cfg.logger, "logger") if cfg.get("logger") else None
     return evaluate_runs(cfg.run_dir, metrics, logger=logger, config=config, name=cfg.get("name"),
                          group=cfg.get("group"), write=bool(cfg.get("write", True)))
 
@@ -69,10 +63,10 @@ def main(cfg: DictConfig) -> dict:
     try:
         init_distributed()
         results = evaluate_from_config(cfg)
-    except (ValueError, InstantiationException, AssetUnavailableError, OSError) as e:
+    except (ValueError, AssetUnavailableError, OSError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit(f"error: {_one_line(e)}")
+        sys.exit(f"error: {one_line(e)}")
     if is_main_process():
         print(_summary(results))
     return results

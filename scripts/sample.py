@@ -27,7 +27,6 @@ checkpoint that cannot be downloaded) end with one line ``error: ...`` on stderr
 
 from __future__ import annotations
 
-
 import hydra
 from omegaconf import DictConfig
 

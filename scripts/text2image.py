@@ -24,7 +24,6 @@ nor downloadable — offline it fails at once) end with one line ``error: ...`` 
 
 from __future__ import annotations
 
-
 import hydra
 from omegaconf import DictConfig
 

@@ -78,9 +78,10 @@ def test_edm_reference_statistics_from_the_cache_and_local_files(offline_caches)
 
 
 def test_clip_weights_offline_fail_at_once(offline_caches):
-    from bdia.metrics.clip_score import _hub_cache_path, load_clip
+    from bdia.download import hub_cache_path
+    from bdia.metrics.clip_score import load_clip
 
-    cache = _hub_cache_path("openai/clip-vit-large-patch14")  # huggingface_hub fixes its cache dir at import
+    cache = hub_cache_path("openai/clip-vit-large-patch14")  # huggingface_hub fixes its cache dir at import
     if cache.exists():
         pytest.skip(f"the model is in this machine's Hugging Face cache ({cache})")
     from transformers import CLIPModel, CLIPProcessor  # noqa: F401  (imported first: time only the load attempt)

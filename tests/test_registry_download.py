@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from bdia import download
-from bdia.download import AssetUnavailableError, AssetVerificationError, fetch_file, resolve_checkpoint
+from bdia.download import AssetUnavailableError, AssetVerificationError, fetch_file
 from bdia.networks import registry
+from bdia.networks.registry import checkpoint_path, resolve_checkpoint
 
 EDM_NAMES = [
     "edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-cond-ve",
@@ -139,14 +140,14 @@ def test_offline_missing_checkpoint_fails_fast_with_one_clear_error(tmp_path, mo
     assert env_var in message
     assert info.value.url == url and info.value.cache_path == cache_path and info.value.config_key == "model.path"
     assert info.value.__cause__ is None  # one error, not a chain of tracebacks
-    assert download.checkpoint_path(name) == cache_path
+    assert checkpoint_path(name) == cache_path
     assert not cache_path.exists() and not (cache_path.parent / f"{name}.pkl.partial").exists()
 
 
 def test_offline_uses_cached_checkpoint_without_network(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("BDIA_CACHE", str(tmp_path))
-    cached = download.checkpoint_path("edm-ffhq-64x64-uncond-ve")
+    cached = checkpoint_path("edm-ffhq-64x64-uncond-ve")
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"snapshot")
     assert resolve_checkpoint("edm-ffhq-64x64-uncond-ve") == cached

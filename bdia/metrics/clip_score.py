@@ -32,24 +32,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..download import AssetUnavailableError, is_offline
 from ..distributed import gather_rows, resolve_device, shard_indices
+from ..download import AssetUnavailableError, hub_cache_path, is_offline
 from .images import open_images
 
 __all__ = ["CLIPScore", "DEFAULT_CLIP_MODEL", "clip_scores", "load_clip", "read_prompts"]
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 PATH_KEY = "metrics.clip.path"
-
-
-def _hub_cache_path(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import constants
-
-        root = Path(constants.HF_HUB_CACHE)
-    except Exception:  # pragma: no cover - huggingface_hub always comes with transformers
-        root = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-    return root / f"models--{repo_id.replace('/', '--')}"
 
 
 def load_clip(path: str = DEFAULT_CLIP_MODEL, device="cpu", dtype=torch.float32):
@@ -74,7 +64,7 @@ def load_clip(path: str = DEFAULT_CLIP_MODEL, device="cpu", dtype=torch.float32)
     url = f"https://huggingface.co/{text}"
 
     def unavailable(reason):
-        return AssetUnavailableError(url, _hub_cache_path(text), PATH_KEY, reason=reason, what=f"CLIP model {text!r}")
+        return AssetUnavailableError(url, hub_cache_path(text), PATH_KEY, reason=reason, what=f"CLIP model {text!r}")
 
     offline = is_offline()
     try:

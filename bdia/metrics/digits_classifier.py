@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import digits_images
+from ..download import AssetUnavailableError
 from ..imageio import quantize
 from ..runfolder import atomic_write
 
@@ -64,8 +66,6 @@ SPLITS = ("train", "test", "all", "even", "odd")
 def digits_split(split: str = "test", image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 digits ``[n, 1, S, S]`` in ``[-1, 1]`` and labels of one split (see :data:`SPLITS`), from
     :func:`bdia.data.digits_images` (the project's embedded-data preprocessing and fixed split)."""
-    from ..data import digits_images
-
     if split not in SPLITS:
         raise ValueError(f"unknown digits split {split!r}; valid: {', '.join(SPLITS)}")
     if split in ("even", "odd"):
@@ -133,8 +133,6 @@ def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:
     """The shipped classifier (or the safetensors file ``path`` with its ``.json`` card beside it), in eval
     mode, gradients off."""
     from safetensors.torch import load_file
-
-    from ..download import AssetUnavailableError
 
     weights = Path(path).expanduser() if path is not None else ASSET_WEIGHTS
     card_path = weights.with_suffix(".json")

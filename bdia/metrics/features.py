@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..download import AssetUnavailableError, cache_dir, fetch_file
 from ..distributed import gather_rows, is_main_process, shard_indices
+from ..download import AssetUnavailableError, cache_dir, fetch_file
 from .frechet import FeatureStats
 from .images import ImageSource, open_images
 

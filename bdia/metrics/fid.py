@@ -28,13 +28,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..distributed import resolve_device
+from ..distributed import is_main_process, resolve_device
 from ..download import AssetUnavailableError, cache_dir, fetch_file, sha256_of
+from ..imageio import parse_seeds
 from ..networks.registry import FID_REF_ROOT
+from ..runfolder import atomic_write
+from .digits_classifier import DigitsFeatures, digits_uint8
+from .features import BACKENDS, CLEAN_FID_MODES, feature_statistics, inception_extractor
 from .frechet import frechet_distance, kernel_distance
 from .images import ImageSource, open_images
-from ..imageio import parse_seeds
-from ..runfolder import atomic_write
 
 __all__ = ["EDM_FID_REFS", "FID", "DigitsFD", "ReferenceStats", "load_reference", "EDM_SEED_BLOCKS",
            "write_reference_stats"]
@@ -74,8 +76,6 @@ class ReferenceStats:
 
 
 def _from_images(images, extractor, batch_size, source, need_features, path=None, sha=None) -> ReferenceStats:
-    from .features import feature_statistics
-
     stats, features = feature_statistics(images, extractor, batch_size=batch_size, return_features=need_features)
     return ReferenceStats(stats.mu, stats.sigma, source, stats.n, path, sha, features, extractor.name)
 
@@ -134,8 +134,6 @@ def load_reference(ref, extractor=None, batch_size: int = 250, need_features: bo
                           what="reference statistics")
         return _load_npz(path, text, extractor, batch_size, need_features, config_key)
     if text in DIGITS_REFS:
-        from .digits_classifier import digits_uint8
-
         if extractor is None or not str(getattr(extractor, "name", "")).startswith("digits"):
             raise ValueError(f"{config_key}={text}: the digits references need the digits-classifier features")
         images, _ = digits_uint8(text.split("-", 1)[1])
@@ -199,8 +197,6 @@ class _FeatureDistance:
         return self.reference_for(self.ref_spec)
 
     def _distances(self, images, prefix: str = "", ref: ReferenceStats | None = None) -> dict:
-        from .features import feature_statistics
-
         stats, features = feature_statistics(images, self.extractor, self.batch_size, return_features=self.kid,
                                              progress=self.progress)
         ref = ref if ref is not None else self.reference
@@ -242,8 +238,6 @@ class FID(_FeatureDistance):
                  seed_blocks: Sequence = EDM_SEED_BLOCKS, kid: bool = False, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, kid_seed: int = 2020, fd_method: str = "eigh", batch_size: int = 250,
                  device="auto", progress: bool = True):
-        from .features import BACKENDS, CLEAN_FID_MODES
-
         super().__init__(ref, batch_size, kid, kid_subsets, kid_subset_size, kid_seed, fd_method, progress,
                          "metrics.fid.ref")
         if backend not in BACKENDS:
@@ -266,8 +260,6 @@ class FID(_FeatureDistance):
     @property
     def extractor(self):
         if self._extractor is None:
-            from .features import inception_extractor
-
             self._extractor = inception_extractor(self.backend, self.weights, self.mode, self.device, self.progress)
         return self._extractor
 
@@ -342,8 +334,6 @@ class DigitsFD(_FeatureDistance):
     def __init__(self, ref="digits-test", weights=None, kid: bool = True, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, kid_seed: int = 2020, real_floor: bool = True, fd_method: str = "eigh",
                  batch_size: int = 500, device="cpu", progress: bool = False):
-        from .digits_classifier import DigitsFeatures
-
         super().__init__(ref, batch_size, kid, kid_subsets, kid_subset_size, kid_seed, fd_method, progress,
                          "metrics.digits.ref")
         self.real_floor = bool(real_floor)
@@ -351,8 +341,6 @@ class DigitsFD(_FeatureDistance):
         self._floors: dict = {}  # real-data floors do not depend on the run: computed once per size
 
     def __call__(self, images, run_dir=None) -> dict:
-        from .digits_classifier import digits_uint8
-
         source = open_images(images)
         out = self._distances(source)
         if self.real_floor:
@@ -372,8 +360,6 @@ class DigitsFD(_FeatureDistance):
         }
 
     def _halves_floor(self) -> dict:
-        from .digits_classifier import digits_uint8
-        from .features import feature_statistics
 
         even, _ = digits_uint8("even")
         odd, _ = digits_uint8("odd")
@@ -395,8 +381,6 @@ def write_reference_stats(images, extractor, out, batch_size: int = 250, save_fe
     Returns the JSON card."""
     import json
 
-    from ..distributed import is_main_process
-    from .features import feature_statistics
 
     stats, features = feature_statistics(images, extractor, batch_size, return_features=save_features,
                                          progress=progress)

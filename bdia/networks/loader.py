@@ -44,11 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..download import NotARegularFileError, open_regular_file
+from .edm import EDM_CLASSES, _make_unet
+from .registry import resolve_checkpoint
+
 __all__ = [
     "load_edm",
     "read_snapshot",
     "network_from_record",
     "load_safetensors_network",
+    "load_network_file",
     "check_constructor_arguments",
     "plan_network",
     "PersistentRecord",
@@ -268,8 +273,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _open_regular(path: Path, what: str):
     """``open_regular_file`` with its refusals and OS errors as one-line :class:`SnapshotError`."""
-    from ..download import NotARegularFileError, open_regular_file
-
     try:
         return open_regular_file(path, what)
     except NotARegularFileError as e:
@@ -498,8 +501,6 @@ def plan_network(class_name: str, kwargs, classes=None) -> dict:
     """Names and shapes of the tensors (``state_dict``) the network ``class_name(**kwargs)`` has, found
     without allocating it: the arguments are checked (:func:`check_constructor_arguments`), the inner U-Net
     is built on the ``meta`` device, and a total above :data:`MAX_PARAMETERS` is refused."""
-    from . import edm
-
     check_constructor_arguments(class_name, kwargs)
     classes = classes or _default_classes()
     cls = classes.get(class_name)
@@ -518,7 +519,7 @@ def plan_network(class_name: str, kwargs, classes=None) -> dict:
     wide = class_name == "iDDPMPrecond"
     try:
         with torch.device("meta"):
-            unet = edm._make_unet(
+            unet = _make_unet(
                 args["model_type"], img_resolution=args["img_resolution"], in_channels=args["img_channels"],
                 out_channels=args["img_channels"] * (2 if wide else 1), label_dim=args["label_dim"], **model_kwargs,
             )
@@ -554,9 +555,7 @@ def _check_fit(class_name: str, planned: dict, shapes: dict) -> None:
 
 
 def _default_classes():
-    from . import edm
-
-    return edm.EDM_CLASSES
+    return EDM_CLASSES
 
 
 def _build(class_name, init_kwargs, state_dict, classes):
@@ -785,8 +784,6 @@ def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key:
     classes = classes or _default_classes()
     path = Path(source)
     if not path.exists():
-        from ..download import resolve_checkpoint
-
         path = Path(resolve_checkpoint(str(source), config_key=config_key))
     cache_path = path.with_name(path.name + CACHE_SUFFIX)
     with _open_regular(path, "EDM snapshot") as f:
@@ -824,3 +821,11 @@ def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key:
                 "using the converted network without caching"
             )
     return net.to(device)
+
+
+def load_network_file(path):
+    """A network saved by :func:`bdia.train.save_network` (``EDMPrecond``, eval mode, no gradients). The file is
+    untrusted input: its size, header, constructor arguments and tensor shapes are checked before the network is
+    allocated (:func:`load_safetensors_network`); refusals raise the one-line :class:`SnapshotError`."""
+    net, _ = load_safetensors_network(path, default_class="EDMPrecond", allowed=("EDMPrecond",), what="network file")
+    return net

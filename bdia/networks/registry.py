@@ -28,8 +28,15 @@ settings stored here.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
+import urllib.parse
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..download import AssetUnavailableError, cache_dir, fetch_file, kind_of, url_basename
 
 __all__ = [
     "BASELINE_ROOT",
@@ -39,8 +46,10 @@ __all__ = [
     "EDM_ROOT",
     "FID_REF_ROOT",
     "checkpoint_names",
+    "checkpoint_path",
     "find_by_url",
     "get_checkpoint",
+    "resolve_checkpoint",
 ]
 
 EDM_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
@@ -243,3 +252,91 @@ def find_by_url(url: str) -> Checkpoint | None:
         if ckpt.url == url:
             return ckpt
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# A checkpoint reference (name, URL or file) -> a local file.
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where the registry checkpoint ``name`` is (or will be) cached: ``cache_dir()/"edm"/<file>.pkl``."""
+    return cache_dir() / "edm" / get_checkpoint(name).filename
+
+
+#: File name endings that make a config value a path (not a registry name) when no such file exists.
+_PATH_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+
+
+def _is_url(text: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) is not None
+
+
+def _looks_like_path(text: str) -> bool:
+    return ("/" in text or os.sep in text or text.startswith(("~", "."))
+            or text.lower().endswith(_PATH_SUFFIXES))
+
+
+def resolve_checkpoint(name_or_path, config_key: str = "model.path", progress: bool = True,
+                       timeout: float | None = None) -> Path:
+    """Turn a checkpoint reference into an existing local file.
+
+    ``name_or_path`` may be
+
+    * an existing local file → returned as is (``~`` expanded);
+    * a registry name such as ``"edm-cifar10-32x32-cond-vp"`` (``.pkl`` optional) → the cached copy in
+      :func:`checkpoint_path`, downloaded first if needed;
+    * an ``http(s)://`` URL → the registry entry if it is one of NVIDIA's URLs, else cached under
+      ``cache_dir()/"url"/<hash>/``; ``file://`` URLs are read in place;
+    * anything else that looks like a path → :class:`AssetUnavailableError` ("no such file").
+
+    ``config_key`` is the key the value came from; error messages tell the user to set it to a local file.
+
+    Raises:
+        AssetUnavailableError: missing local file, or a checkpoint that is not cached and cannot be
+            downloaded (offline, unreachable, failed verification).
+        ValueError: neither a file, nor a URL, nor a registry name (the message lists the valid names).
+    """
+    text = str(name_or_path).strip()
+    if not text:
+        raise ValueError(f"{config_key} is empty: give a checkpoint name, URL or local file")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+
+    if _is_url(text):
+        parsed = urllib.parse.urlparse(text)
+        if parsed.scheme.lower() == "file":
+            local = Path(urllib.parse.unquote(parsed.path))
+            if local.is_file():
+                return local
+            reason = f"it is {kind_of(local.stat().st_mode)}, not a regular file" if local.exists() else "no such file"
+            raise AssetUnavailableError(None, local, config_key, reason=reason, what=f"{config_key}={text}")
+        ckpt = find_by_url(text)
+        if ckpt is not None:
+            return _fetch_registered(ckpt, config_key, progress, timeout)
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        dest = cache_dir() / "url" / digest / url_basename(text)
+        return fetch_file(text, dest, progress=progress, timeout=timeout, config_key=config_key,
+                          what=f"checkpoint {url_basename(text)!r}")
+
+    key = text[:-4] if text.endswith(".pkl") else text
+    if key in CHECKPOINTS and "/" not in text and os.sep not in text:
+        return _fetch_registered(CHECKPOINTS[key], config_key, progress, timeout)
+
+    if path.exists():
+        raise AssetUnavailableError(None, path, config_key, reason=f"it is {kind_of(path.stat().st_mode)}, not a regular file",
+                                    what=f"{config_key}={text}")
+    if _looks_like_path(text):
+        raise AssetUnavailableError(None, path, config_key, reason="no such file", what=f"{config_key}={text}")
+    try:
+        get_checkpoint(text)
+    except ValueError as e:
+        raise ValueError(f"{config_key}={text!r} is neither an existing file, a URL nor a known checkpoint "
+                         f"name.\n{e}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _fetch_registered(ckpt, config_key, progress, timeout) -> Path:
+    return fetch_file(ckpt.url, cache_dir() / "edm" / ckpt.filename, expected_size=ckpt.size_bytes,
+                      sha256=ckpt.sha256, progress=progress, timeout=timeout, config_key=config_key,
+                      what=f"EDM checkpoint {ckpt.name!r}")

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from ..denoisers import ClassifierFreeGuidance, VPEpsDenoiser
-from ..download import AssetUnavailableError, is_offline
+from ..download import AssetUnavailableError, hub_cache_path, is_offline
 from ..schedules import make_alphas_cumprod, vp_alpha, vp_sigmas
 
 __all__ = [
@@ -254,12 +254,6 @@ def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
 # Loading.
 
 
-def _hub_cache_path(repo_id: str) -> Path:
-    from ..metrics.clip_score import _hub_cache_path as cache_path
-
-    return cache_path(repo_id)
-
-
 def _hub_reachable(timeout: float = 3.0) -> str | None:
     """``None`` if the Hub's host accepts a TCP connection within ``timeout`` seconds, else why not."""
     try:
@@ -354,7 +348,7 @@ def load_sd(name: str | None = "sd15", path: str | None = None, dtype=torch.floa
     url = f"https://huggingface.co/{repo_id}"
 
     def unavailable(reason):
-        return AssetUnavailableError(url, _hub_cache_path(repo_id), PATH_KEY, reason=reason,
+        return AssetUnavailableError(url, hub_cache_path(repo_id), PATH_KEY, reason=reason,
                                      what=f"Stable Diffusion checkpoint {repo_id!r}")
 
     try:

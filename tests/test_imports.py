@@ -1,0 +1,101 @@
+"""The package's import graph: layers import downward only, so there are no cycles, and imports inside
+functions are kept for genuinely optional heavy dependencies (each says why)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "bdia"
+
+#: Project imports allowed inside a function, with the reason.
+LAZY = {
+    ("bdia", "bdia.schedulers"): "the diffusers schedulers: `import bdia` must not load diffusers",
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules) -> tuple[set[str], set[str]]:
+    """(module-level, function-level) project modules that ``name`` imports (a parent package is not counted)."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    is_package = path.name == "__init__.py"
+    module_level, in_functions = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            targets = [f"{source}.{alias.name}" for alias in node.names] + [source]
+        elif isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            continue
+        found = {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
+        found = {t for t in found if not any(o != t and o.startswith(t + ".") for o in found)} or found
+        (module_level if id(node) in top else in_functions).update(found)
+    return module_level, in_functions
+
+
+def _graph():
+    modules = _modules()
+    graph, lazy = {}, {}
+    for name, path in modules.items():
+        module_level, in_functions = _imports(name, path, modules)
+        graph[name] = module_level | in_functions
+        lazy[name] = in_functions
+    return graph, lazy
+
+
+def _cycle(graph) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, _ = _graph()
+    assert len(graph) > 30  # the whole package was read
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_inside_functions_are_only_the_declared_lazy_ones():
+    _, lazy = _graph()
+    found = {(name, target) for name, targets in lazy.items() for target in targets}
+    assert found <= set(LAZY), sorted(found - set(LAZY))
