@@ -368,36 +368,49 @@ def write_csv(rows, path: Path) -> None:
             writer.writerow({**row, "rms_error": f"{row['rms_error']:.6e}", "fd": f"{row['fd']:.6g}"})
 
 
-def _style(c: Candidate, chosen):
+def _style(c: Candidate, chosen, index, count):
     if c.label == "edm":
-        return dict(color="black", linewidth=2.6, linestyle="-", marker="o", zorder=5)
+        return dict(color="black", linewidth=3.0, linestyle="-", marker="o", zorder=5)
     if c.label == chosen:
-        return dict(color="tab:red", linewidth=2.6, linestyle="-", marker="s", zorder=6)
+        return dict(color="tab:red", linewidth=3.0, linestyle="-", marker="s", zorder=6)
     if c.solver in ("ddim", "bdia_ddim"):
-        return dict(color="tab:blue" if c.solver == "ddim" else "tab:cyan", linewidth=1.2, linestyle=":", marker=".")
-    kw = c.kw
-    colour = {"euler": "tab:orange", "taylor": "tab:purple", "exp": "tab:green", "heun": "tab:brown"}[kw.get("backward", "euler")]
-    return dict(color=colour, linewidth=1.1, linestyle="--" if kw.get("space") == "x" else "-", marker="x", alpha=0.75)
+        return dict(color="tab:blue" if c.solver == "ddim" else "tab:cyan", linewidth=1.4, linestyle=":", marker=".")
+    return dict(color=plt.cm.tab20(index / max(count - 1, 1)), linewidth=1.1, marker="x", alpha=0.85,
+                linestyle="--" if c.kw.get("space") == "x" else "-")
 
 
 def write_plot(rows, candidates, problems, chosen, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 7.2), squeeze=False)
+    nfes = [t for t in NFE_TARGETS if t in {r["nfe"] for r in rows}]
     for ax, problem in zip(axes[0], problems):
-        for c in candidates:
+        for i, c in enumerate(candidates):
             data = sorted((r for r in rows if r["label"] == c.label and r["problem"] == problem), key=lambda r: r["nfe"])
             if data:
                 ax.loglog([r["nfe"] for r in data], [r["rms_error"] for r in data], markersize=4,
-                          label=c.label + ("  (default)" if c.label == chosen else ""), **_style(c, chosen))
+                          label=c.label + ("  (default)" if c.label == chosen else ""), **_style(c, chosen, i, len(candidates)))
         ax.set_title({"mixture": f"analytic digits mixture ({MIXTURE_COMPONENTS} components)",
                       "digits": "embedded digits network"}.get(problem, problem))
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.minorticks_off()
         ax.set_xlabel("NFE (measured)")
         ax.set_ylabel("trajectory RMS error vs fine reference")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left", ncol=1)
-    fig.suptitle("BDIA-EDM candidates vs EDM (Karras grid; dashed: x-space, solid: VP coordinates)")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("BDIA-EDM formulations vs EDM (black); red: the default. Dashed: x-space, solid: VP coordinates")
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows :func:`write_csv` wrote (numbers back as numbers, ``nfe_target`` from the budget list)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["nfe"], r["num_steps"] = int(r["nfe"]), int(r["num_steps"])
+        r["rms_error"], r["fd"] = float(r["rms_error"]), float(r["fd"])
+    return rows
 
 
 def _e(v: float) -> str:
@@ -501,7 +514,15 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default 2)")
     parser.add_argument("--smoke", action="store_true", help="a few candidates, for tests")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "results"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw solver_study.png from solver_study.csv")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        out = Path(args.out_dir)
+        rows = read_csv(out / "solver_study.csv")
+        chosen = next((line.split("**Chosen: ")[1].split("**")[0] for line in (out / "solver_study.md").read_text().splitlines()
+                       if line.startswith("**Chosen: ")), None)
+        write_plot(rows, CANDIDATES, PROBLEMS, chosen, out / "solver_study.png")
+        return
     result = run(num_seeds=args.num_seeds, nfe_targets=args.nfe_targets, out_dir=args.out_dir,
                  reference_steps=args.reference_steps, workers=args.workers,
                  candidates=SMOKE_CANDIDATES if args.smoke else CANDIDATES)
