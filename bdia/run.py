@@ -23,7 +23,6 @@ not this app's run folder is never written.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import time
@@ -32,12 +31,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import solvers as _solvers
 from .analytic import mixture_metrics
 from .denoisers import CountingDenoiser, DenoiserWrapper, GaussianMixtureDenoiser
-from .distributed import DistContext, barrier, gather, resolve_device, shard
+from .distributed import DistContext, resolve_device
+from .driver import BatchResult, drive, finish
 from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run is their historical home)
     StackedRandomGenerator,
     class_labels_for,
@@ -59,7 +58,6 @@ from .runfolder import (  # noqa: F401
     environment_info,
     image_complete,
     mark_state,
-    prepare_run_folder,
 )
 from .runfolder import jsonable as _jsonable
 from .runfolder import write_json as _write_json
@@ -219,33 +217,6 @@ def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = (), shape: S
     return [seed for seed in seeds if image_complete(out_dir, _seed_name(seed), need, shape)]
 
 
-def _prepare_out_dir(out_dir: Path, settings: dict, resume: bool, ctx: DistContext, config, device,
-                     assembled: Sequence[str] = _ASSEMBLED_OUTPUTS, app: str = "sample",
-                     extra_records: Mapping[str, str] | None = None) -> None:
-    """:func:`bdia.runfolder.prepare_run_folder` for a sampling app: checks on every rank, then rank 0 writes
-    ``settings.json``, ``config.yaml`` (``config``), ``env.json`` and ``extra_records`` (name -> text)."""
-    from omegaconf import OmegaConf
-
-    records = {}
-    if config is not None:
-        records["config.yaml"] = lambda: OmegaConf.to_yaml(OmegaConf.create(_jsonable(dict(config))))
-    records["env.json"] = lambda: json.dumps(environment_info(device, ctx.world_size), indent=2) + "\n"
-    for name, text in (extra_records or {}).items():
-        records[name] = lambda text=text: text
-    prepare_run_folder(out_dir, settings, resume, app, is_main=ctx.is_main, barrier=lambda: barrier(ctx),
-                       assembled=assembled, records=records)
-
-
-def _write_image(out_dir: Path, seed: int, image_chw: np.ndarray, record: dict) -> None:
-    """One finished image: the PNG, then its record (NFE, class, states). Each file appears atomically; the
-    record, written last, marks the seed as done."""
-    name = _seed_name(seed)
-    with atomic_write(out_dir / IMAGES_DIR / f"{name}.png") as f:
-        f.write(png_bytes(image_chw.transpose(1, 2, 0)))
-    with atomic_write(out_dir / RECORDS_DIR / f"{name}.npz") as f:
-        np.savez(f, **record)
-
-
 def sample_run(
     denoiser,
     solver: str = "bdia_edm",
@@ -341,75 +312,56 @@ def sample_run(
         "device_type": device.type,
         "model": dict(model_info) if model_info is not None else None,
     })
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, settings, resume, ctx, config, device)
-
-    mine = shard(seeds, ctx)
-    done = set(seeds_done(out_dir, mine, need, shape))
-    todo = [s for s in mine if s not in done]
-    if ctx.is_main and done:
-        log.info("resuming %s: %d of rank 0's %d seeds already written", out_dir, len(done), len(mine))
-
     if isinstance(denoiser, torch.nn.Module):
         denoiser = denoiser.to(device)
-    net = denoiser if network_batch is None else FixedBatchDenoiser(denoiser, network_batch)
-    counter = CountingDenoiser(net)
-    nfe_per_batch: list[int] = []
-    sampling_seconds = 0.0
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    desc = f"{solver} rank 0/{ctx.world_size}" if ctx.world_size > 1 else solver
-    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="img",
-              disable=not (progress and ctx.is_main)) as bar:
-        for batch_seeds in batches:
-            rng = StackedRandomGenerator(batch_seeds, device)
-            x_init = rng.randn(shape, dtype=torch.float64) * sigmas[0].to(device)
-            label_idx, labels = class_labels_for(rng, label_dim, class_idx)
-            kwargs = dict(solver_kwargs)
-            if solver == "edm":
-                kwargs["randn_like"] = rng.randn_like
-            counter.reset()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = _solvers.sample(counter, x_init, sigmas, solver=solver, gamma=gamma, class_labels=labels,
-                                      return_pair=keep_inner, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            sampling_seconds += time.perf_counter() - t0
-            nfe_per_batch.append(counter.nfe)
-            x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
-            images = quantize(x_end).cpu().numpy()
-            x_end = x_end.cpu().numpy() if keep_x else None
-            x_inner = x_inner.cpu().numpy() if keep_inner else None
-            label_idx = label_idx.cpu().numpy() if label_idx is not None else None
-            for i, seed in enumerate(batch_seeds):
-                record = {"nfe": np.int64(counter.nfe), "class_label": np.int64(-1 if label_idx is None else label_idx[i])}
-                if keep_x:
-                    record["x_end"] = x_end[i]
-                if keep_inner:
-                    record["x_inner"] = x_inner[i]
-                _write_image(out_dir, seed, images[i], record)
-            bar.update(len(batch_seeds))
+    counter = CountingDenoiser(denoiser if network_batch is None else FixedBatchDenoiser(denoiser, network_batch))
 
-    barrier(ctx)
-    stats = gather(ctx, {"sampled": len(todo), "seconds": sampling_seconds, "nfe_per_batch": nfe_per_batch})
-    if not ctx.is_main:
-        barrier(ctx)  # wait for rank 0 to write the shared outputs
-        return None
-    try:
-        assembled = _assemble(out_dir, seeds, shape, label_dim, sigmas, save_states, keep_inner,
+    def solve(batch_seeds) -> BatchResult:
+        rng = StackedRandomGenerator(batch_seeds, device)
+        x_init = rng.randn(shape, dtype=torch.float64) * sigmas[0].to(device)
+        label_idx, labels = class_labels_for(rng, label_dim, class_idx)
+        kwargs = dict(solver_kwargs, randn_like=rng.randn_like) if solver == "edm" else solver_kwargs
+        counter.reset()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = _solvers.sample(counter, x_init, sigmas, solver=solver, gamma=gamma, class_labels=labels,
+                                  return_pair=keep_inner, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
+        x_end_np = x_end.cpu().numpy() if keep_x else None
+        x_inner_np = x_inner.cpu().numpy() if keep_inner else None
+        label_idx = label_idx.cpu().numpy() if label_idx is not None else None
+        records = []
+        for i in range(len(batch_seeds)):
+            record = {"class_label": np.int64(-1 if label_idx is None else label_idx[i])}
+            if keep_x:
+                record["x_end"] = x_end_np[i]
+            if keep_inner:
+                record["x_inner"] = x_inner_np[i]
+            records.append(record)
+        return BatchResult(quantize(x_end).cpu().numpy(), records, counter.nfe, {"sampling": seconds})
+
+    desc = f"{solver} rank 0/{ctx.world_size}" if ctx.world_size > 1 else solver
+    stats = drive(seeds, [_seed_name(s) for s in seeds], solve, out_dir, app="sample", settings=settings,
+                  resume=resume, batch_size=batch_size, image_shape=shape, need=need, ctx=ctx, config=config,
+                  device=device, assembled=_ASSEMBLED_OUTPUTS, progress=progress, desc=desc)
+
+    def write_outputs() -> dict:
+        assembled = _assemble(Path(out_dir), seeds, shape, label_dim, sigmas, save_states, keep_inner,
                               denoiser if is_mixture else None, grid_nrow, grid_padding, grid_scale)
-        sampled = sum(s["sampled"] for s in stats)
-        seconds = max(s["seconds"] for s in stats)
+        seconds = stats.seconds.get("sampling", 0.0)
         metrics = {
             "solver": solver,
             "gamma": gamma,
             "num_steps": num_steps,
             "solver_options": dict(solver_kwargs),
             "nfe": assembled["nfe"],
-            "nfe_per_batch": [n for s in stats for n in s["nfe_per_batch"]],
+            "nfe_per_batch": stats.nfe_per_batch,
             "num_images": len(seeds),
-            "num_sampled": sampled,
-            "num_resumed": len(seeds) - sampled,
+            "num_sampled": stats.sampled,
+            "num_resumed": len(seeds) - stats.sampled,
             "seeds": format_seeds(seeds),
             "batch_size": batch_size,
             "network_batch": network_batch,
@@ -421,22 +373,20 @@ def sample_run(
             "device": str(device),
             "model": dict(model_info) if model_info is not None else None,
             "sampling_seconds": round(seconds, 4),
-            "images_per_second": round(sampled / seconds, 3) if sampled and seconds > 0 else None,
+            "images_per_second": round(stats.sampled / seconds, 3) if stats.sampled and seconds > 0 else None,
         }
         if "mixture" in assembled:
             metrics["mixture"] = assembled["mixture"]
         metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
         metrics = _jsonable(metrics)
-        _write_json(out_dir / "metrics.json", metrics)  # the last end-of-run file: its presence marks a finished run
+        _write_json(Path(out_dir) / "metrics.json", metrics)  # the last end-of-run file: it marks a finished run
         mark_state(out_dir, "sample", "complete")
-        log.info(
-            "%s: %d images (%d sampled now, %d resumed), NFE %s, %.2f s sampling (%s images/s) -> %s",
-            solver, len(seeds), sampled, len(seeds) - sampled, metrics["nfe"], seconds,
-            metrics["images_per_second"], out_dir,
-        )
-    finally:
-        barrier(ctx)
-    return metrics
+        log.info("%s: %d images (%d sampled now, %d resumed), NFE %s, %.2f s sampling (%s images/s) -> %s", solver,
+                 len(seeds), stats.sampled, len(seeds) - stats.sampled, metrics["nfe"], seconds,
+                 metrics["images_per_second"], out_dir)
+        return metrics
+
+    return finish(ctx, write_outputs)
 
 
 def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_inner, mixture, grid_nrow, grid_padding,

@@ -42,20 +42,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import solvers as _solvers
 from .configs import build_metrics, instantiate
 from .denoisers import CountingDenoiser
-from .distributed import DistContext, resolve_device
-from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, png_bytes, quantize, read_png, save_image_grid
+from .distributed import DistContext, init_distributed
+from .driver import BatchResult, drive, finish
+from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, quantize, read_png, save_image_grid
 from .metrics.clip_score import CLIPScore
 from .metrics.evaluate import evaluate_run
 from .metrics.fid import FID
 from .prompts import describe_prompt_source, load_prompts
 from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
-from .run import FixedBatchDenoiser, _check_grid_options, _check_network_batch, _prepare_out_dir
-from .runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, image_complete, mark_state
+from .run import FixedBatchDenoiser, _check_grid_options, _check_network_batch
+from .runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, mark_state
 from .runfolder import jsonable as _jsonable
 from .runfolder import write_json as _write_json
 
@@ -122,7 +122,8 @@ def text_to_image(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     prompt_source: Mapping[str, Any] | None = None,
-) -> dict:
+    dist: DistContext | None = None,
+) -> dict | None:
     """Sample one image per (prompt, seed) with Stable Diffusion ``sd`` (:class:`bdia.networks.sd.StableDiffusion`)
     and write the run folder ``out_dir`` (see the module notes). Returns the ``metrics.json`` dict.
 
@@ -142,6 +143,9 @@ def text_to_image(
             ``images.npz``; save_npz: write ``images.npz`` (large for big runs; metrics read ``images/`` too).
         resume: skip images already written; ``False`` removes earlier outputs first.
         config, prompt_source: recorded in the run folder.
+        dist: this process's place among several (:func:`bdia.distributed.init_distributed`): rank r samples
+            items ``r, r + K, …`` (:mod:`bdia.driver`); rank 0 writes the end-of-run files and returns the
+            metrics, the other ranks ``None``.
     """
     started = time.perf_counter()
     prompts = [str(p) for p in prompts]
@@ -181,107 +185,96 @@ def text_to_image(
         "device_type": device.type,
         "model": sd.describe(),
     })
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, settings, resume, DistContext(), config, device, assembled=_ASSEMBLED_OUTPUTS,
-                     app="text2image")
-
+    ctx = dist or DistContext()
+    check_out_dir(out_dir, "text2image")  # before the model is used (the driver checks again on every rank)
     items = [(p, s) for p in range(len(prompts)) for s in seeds]
     names = [image_name(p, s) for p, s in items]
     keep_inner = save_states and bdia_solver
-    need = {"nfe"} | ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
-    done = {name for name in names if image_complete(out_dir, name, need, image_shape)}
-    todo = [item for item, name in zip(items, names) if name not in done]
-    if done:
-        log.info("resuming %s: %d of %d images already written", out_dir, len(done), len(items))
+    need = ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
 
     uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
     net = sd.denoiser(guidance_scale, uncond)
-    net = net if network_batch is None else FixedBatchDenoiser(net, network_batch)
-    counter = CountingDenoiser(net)
+    counter = CountingDenoiser(net if network_batch is None else FixedBatchDenoiser(net, network_batch))
     alpha_first = (1 + sigmas[0] ** 2).rsqrt().item()
     alpha_last = (1 + sigmas[-1] ** 2).rsqrt().item()
-    sampling_seconds = decode_seconds = 0.0
-    nfe_per_batch = []
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{solver} text2image", unit="img",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            noise_seeds = [_noise_seed(p, s, len(prompts), noise_per_prompt) for p, s in batch]
-            z_init = StackedRandomGenerator(noise_seeds, device).randn(latent_shape, dtype=torch.float64)
-            x_init = z_init / alpha_first
-            embeds = sd.encode_prompts([prompts[p] for p, _ in batch])
-            counter.reset()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = _solvers.sample(counter, x_init, sigmas, solver=solver, gamma=gamma,
-                                      cond={"encoder_hidden_states": embeds}, return_pair=keep_inner)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
-            x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
-            z_end = x_end * alpha_last
-            images = quantize(sd.decode_latents(z_end)).cpu().numpy()
-            t2 = time.perf_counter()
-            sampling_seconds += t1 - t0
-            decode_seconds += t2 - t1
-            nfe_per_batch.append(counter.nfe)
-            z_inner = None
-            if keep_inner:
-                z_inner = (x_inner * (1 + sigmas[-2] ** 2).rsqrt().item()).cpu().numpy()
-            z_end_np = z_end.cpu().numpy() if save_states else None
-            for i, (p, s) in enumerate(batch):
-                name = image_name(p, s)
-                record = {"nfe": np.int64(counter.nfe), "prompt_index": np.int64(p), "seed": np.int64(s)}
-                if save_states:
-                    record["z_end"] = z_end_np[i]
-                if keep_inner:
-                    record["z_inner"] = z_inner[i]
-                with atomic_write(out_dir / IMAGES_DIR / f"{name}.png") as f:
-                    f.write(png_bytes(images[i].transpose(1, 2, 0)))
-                with atomic_write(out_dir / RECORDS_DIR / f"{name}.npz") as f:
-                    np.savez(f, **record)
-            bar.update(len(batch))
 
-    assembled = _assemble(out_dir, prompts, items, names, image_shape, save_states, keep_inner, save_npz,
-                          grid_nrow or len(seeds), grid_padding)
-    sampled = len(todo)
-    metrics = {
-        "solver": solver,
-        "gamma": gamma,
-        "num_steps": num_steps,
-        "guidance_scale": float(guidance_scale),
-        "negative_prompt": negative_prompt,
-        "nfe": assembled["nfe"],
-        "nfe_note": "network evaluations per image, counted; one guided call (UNet on [uncond, cond]) counts once",
-        "nfe_per_batch": nfe_per_batch,
-        "num_images": len(items),
-        "num_sampled": sampled,
-        "num_resumed": len(items) - sampled,
-        "num_prompts": len(prompts),
-        "prompt_source": dict(prompt_source) if prompt_source is not None else {"source": "list"},
-        "seeds": format_seeds(seeds),
-        "noise_per_prompt": noise_per_prompt,
-        "image_size": [latent_shape[1] * sd.vae_scale_factor, latent_shape[2] * sd.vae_scale_factor],
-        "latent_shape": list(latent_shape),
-        "batch_size": batch_size,
-        "network_batch": network_batch,
-        "sigmas": {"levels": sigmas.tolist(), "timestep_spacing": sd.schedule["timestep_spacing"],
-                   "steps_offset": sd.schedule["steps_offset"], "set_alpha_to_one": sd.schedule["set_alpha_to_one"]},
-        "initial_noise": "z ~ N(0, I) in VP latent space (diffusers' convention), x_init = z / alpha(sigmas[0])",
-        "state_dtype": "float64",
-        "model": sd.describe(),
-        "device": str(device),
-        "sampling_seconds": round(sampling_seconds, 4),
-        "decode_seconds": round(decode_seconds, 4),
-        "images_per_second": round(sampled / (sampling_seconds + decode_seconds), 3) if sampled and sampling_seconds > 0 else None,
-    }
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
-    metrics = _jsonable(metrics)
-    _write_json(out_dir / "metrics.json", metrics)
-    mark_state(out_dir, "text2image", "complete")
-    log.info("%s: %d images (%d sampled now), NFE %s, %.2f s sampling -> %s", solver, len(items), sampled,
-             metrics["nfe"], sampling_seconds, out_dir)
-    return metrics
+    def solve(batch) -> BatchResult:
+        noise_seeds = [_noise_seed(p, s, len(prompts), noise_per_prompt) for p, s in batch]
+        z_init = StackedRandomGenerator(noise_seeds, device).randn(latent_shape, dtype=torch.float64)
+        embeds = sd.encode_prompts([prompts[p] for p, _ in batch])
+        counter.reset()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = _solvers.sample(counter, z_init / alpha_first, sigmas, solver=solver, gamma=gamma,
+                                  cond={"encoder_hidden_states": embeds}, return_pair=keep_inner)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
+        z_end = x_end * alpha_last
+        images = quantize(sd.decode_latents(z_end)).cpu().numpy()
+        t2 = time.perf_counter()
+        z_end_np = z_end.cpu().numpy() if save_states else None
+        z_inner = (x_inner * (1 + sigmas[-2] ** 2).rsqrt().item()).cpu().numpy() if keep_inner else None
+        records = []
+        for i, (p, s) in enumerate(batch):
+            record = {"prompt_index": np.int64(p), "seed": np.int64(s)}
+            if save_states:
+                record["z_end"] = z_end_np[i]
+            if keep_inner:
+                record["z_inner"] = z_inner[i]
+            records.append(record)
+        return BatchResult(images, records, counter.nfe, {"sampling": t1 - t0, "decode": t2 - t1})
+
+    stats = drive(items, names, solve, out_dir, app="text2image", settings=settings, resume=resume,
+                  batch_size=batch_size, image_shape=image_shape, need=need, ctx=ctx, config=config, device=device,
+                  assembled=_ASSEMBLED_OUTPUTS, progress=progress, desc=f"{solver} text2image")
+
+    def write_outputs() -> dict:
+        assembled = _assemble(Path(out_dir), prompts, items, names, image_shape, save_states, keep_inner, save_npz,
+                              grid_nrow or len(seeds), grid_padding)
+        sampling_seconds, decode_seconds = stats.seconds.get("sampling", 0.0), stats.seconds.get("decode", 0.0)
+        sampled = stats.sampled
+        metrics = {
+            "solver": solver,
+            "gamma": gamma,
+            "num_steps": num_steps,
+            "guidance_scale": float(guidance_scale),
+            "negative_prompt": negative_prompt,
+            "nfe": assembled["nfe"],
+            "nfe_note": "network evaluations per image, counted; one guided call (UNet on [uncond, cond]) counts once",
+            "nfe_per_batch": stats.nfe_per_batch,
+            "num_images": len(items),
+            "num_sampled": sampled,
+            "num_resumed": len(items) - sampled,
+            "num_prompts": len(prompts),
+            "prompt_source": dict(prompt_source) if prompt_source is not None else {"source": "list"},
+            "seeds": format_seeds(seeds),
+            "noise_per_prompt": noise_per_prompt,
+            "image_size": [latent_shape[1] * sd.vae_scale_factor, latent_shape[2] * sd.vae_scale_factor],
+            "latent_shape": list(latent_shape),
+            "batch_size": batch_size,
+            "network_batch": network_batch,
+            "world_size": ctx.world_size,
+            "sigmas": {"levels": sigmas.tolist(), "timestep_spacing": sd.schedule["timestep_spacing"],
+                       "steps_offset": sd.schedule["steps_offset"], "set_alpha_to_one": sd.schedule["set_alpha_to_one"]},
+            "initial_noise": "z ~ N(0, I) in VP latent space (diffusers' convention), x_init = z / alpha(sigmas[0])",
+            "state_dtype": "float64",
+            "model": sd.describe(),
+            "device": str(device),
+            "sampling_seconds": round(sampling_seconds, 4),
+            "decode_seconds": round(decode_seconds, 4),
+            "images_per_second": round(sampled / (sampling_seconds + decode_seconds), 3) if sampled and sampling_seconds > 0 else None,
+        }
+        metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
+        metrics = _jsonable(metrics)
+        _write_json(Path(out_dir) / "metrics.json", metrics)
+        mark_state(out_dir, "text2image", "complete")
+        log.info("%s: %d images (%d sampled now), NFE %s, %.2f s sampling -> %s", solver, len(items), sampled,
+                 metrics["nfe"], sampling_seconds, out_dir)
+        return metrics
+
+    return finish(ctx, write_outputs)
 
 
 def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
@@ -343,12 +336,13 @@ def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
             metric.reference_for(metric.ref_spec)  # cached; computed once from a folder
 
 
-def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict:
+def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
     """Run ``scripts/text2image.py`` for a composed ``configs/text2image.yaml`` config: load the model
     (``model`` group, :func:`bdia.networks.sd.load_sd`), the prompts and the metrics (``metrics`` group, built
     and their weights loaded before sampling), sample (:func:`text_to_image`), evaluate the run folder
     (:func:`bdia.metrics.evaluate.evaluate_run`, merged into ``metrics.json`` under ``evaluation``).
-    Returns the metrics dict."""
+    Under torchrun (``distributed: auto``) the items are sharded over the ranks (:mod:`bdia.driver`). Returns
+    the metrics dict on rank 0, ``None`` on the other ranks."""
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -360,7 +354,7 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
         raise ValueError(f"unknown solver {solver['solver']!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
     check_out_dir(config.get("out_dir", "."), "text2image")  # before any model is loaded
     _check_grid_options(config.get("grid_nrow"), 1, config.get("grid_padding", 2))
-    device = resolve_device(config.get("device", "auto"))
+    ctx, device = init_distributed(config.get("device", "auto"), config.get("distributed", "auto"))
     prompt_args = {k: config.get(k) for k in _PROMPT_KEYS}
     prompt_args["prompt_seed"] = prompt_args["prompt_seed"] or 0
     prompts = load_prompts(**prompt_args)
@@ -372,7 +366,9 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     sd = instantiate(model_cfg, "model", device=str(device))
     settings = {k: config[k] for k in _RUN_KEYS if k in config}
     metrics = text_to_image(sd, prompts, **solver, **settings, config={**config, "choices": choices},
-                            prompt_source=describe_prompt_source(**prompt_args))
-    if evaluators:
-        metrics["evaluation"] = evaluate_run(settings.get("out_dir", "."), evaluators, write=True)
+                            prompt_source=describe_prompt_source(**prompt_args), dist=ctx)
+    if evaluators:  # every rank: the metrics shard the images over the ranks; rank 0 writes metrics.json
+        evaluation = evaluate_run(settings.get("out_dir", "."), evaluators, write=True)
+        if metrics is not None:
+            metrics["evaluation"] = evaluation
     return metrics

@@ -115,20 +115,20 @@ def test_resume_after_a_failure_midway_completes_the_remaining_seeds(tmp_path, m
     run = tmp_path / "run"
     sample_run(den, out_dir=run, **{**kwargs, "seeds": "0-3"})  # an earlier, finished run with fewer seeds
     assert (run / "metrics.json").is_file()
-    import bdia.run as run_module
+    import bdia.driver as driver_module
 
-    original, written = run_module._write_image, []
+    original, written = driver_module.write_item, []
 
-    def failing(out_dir, seed, image, record):
+    def failing(out_dir, name, image, record):
         if len(written) == 3:
             raise KeyboardInterrupt("killed")  # as if the process died in the second batch
-        written.append(seed)
-        original(out_dir, seed, image, record)
+        written.append(int(name))
+        original(out_dir, name, image, record)
 
-    monkeypatch.setattr(run_module, "_write_image", failing)
+    monkeypatch.setattr(driver_module, "write_item", failing)
     with pytest.raises(KeyboardInterrupt):
         sample_run(den, out_dir=run, **kwargs)
-    monkeypatch.setattr(run_module, "_write_image", original)
+    monkeypatch.setattr(driver_module, "write_item", original)
     assert written == [4, 5, 6]
     # Not mistaken for finished: the marker says the extension is still sampling, while the earlier run's
     # end-of-run files stay as they were, describing the 4 images they were built from.

@@ -246,3 +246,44 @@ def test_make_tiny_sd_script_writes_a_loadable_folder(tmp_path, capsys):
     assert load_sd(path=tmp_path / "tiny").latent_shape() == (4, 8, 8)
     assert main([str(tmp_path / "bad"), "--sample-size", "30"]) == 1
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_processes_match_one_process_bit_for_bit(monkeypatch, tmp_path, tiny_sd_dir):
+    """The sampling driver shards (prompt, seed) items over torchrun ranks (gloo on the CPU): the PNG bytes and
+    the float64 final latents equal one process's with another batch size, and the CLIP score computed on
+    two ranks (features sharded, rows gathered) equals one process's."""
+    import filecmp
+    import subprocess
+    import sys
+
+    from app_helpers import subprocess_env
+
+    clip = build_tiny_clip(tmp_path / "tiny-clip")
+    common = [f"model.path={tiny_sd_dir}", "seeds=0-2", "num_steps=3", "guidance_scale=2", "device=cpu",
+              "progress=false", "save_states=true", "network_batch=2", "prompts=[a red fox,a blue boat]",
+              "metrics=clip", f"metrics.clip.path={clip}", "metrics.clip.device=cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+               "batch_size=2", f"out_dir={tmp_path / 'torchrun'}", *common]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' setting (OMP_NUM_THREADS=1)
+    try:
+        assert cli(monkeypatch, tmp_path, "batch_size=5", f"out_dir={tmp_path / 'single'}", *common) is None
+    finally:
+        torch.set_num_threads(threads)
+    sharded, single = tmp_path / "torchrun", tmp_path / "single"
+    names = sorted(p.name for p in (single / "images").iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in (sharded / "images").iterdir())
+    for name in names:
+        assert filecmp.cmp(sharded / "images" / name, single / "images" / name, shallow=False), name
+    with np.load(sharded / "images.npz") as a, np.load(single / "images.npz") as b:
+        assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["z_end"], b["z_end"])
+        assert list(a["prompts"]) == list(b["prompts"])
+    m_sharded = json.loads((sharded / "metrics.json").read_text())
+    m_single = json.loads((single / "metrics.json").read_text())
+    assert m_sharded["world_size"] == 2 and m_single["world_size"] == 1
+    assert m_sharded["num_images"] == m_single["num_images"] == 6 and m_sharded["nfe"] == m_single["nfe"] == 3
+    # Same images, CLIP features on other batch shapes: float32 rounding (a few ulps) only.
+    assert m_sharded["evaluation"]["clip"]["clip_score"] == pytest.approx(
+        m_single["evaluation"]["clip"]["clip_score"], rel=1e-5)
