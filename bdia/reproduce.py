@@ -197,12 +197,12 @@ def planned_images(cfg) -> int:
     return count
 
 
-def _rank_layout(count: int, ngpu: int, launcher: str) -> str:
+def _rank_layout(count: int, ngpu: int, launcher: str, items: str = "seeds") -> str:
     where = "one SLURM array task" if launcher == "slurm" else ("torchrun" if ngpu > 1 else "one process")
     if ngpu == 1:
         return f"{count} images, {where}"
     per = f"{count // ngpu}" if count % ngpu == 0 else f"{count // ngpu}-{math.ceil(count / ngpu)}"
-    return f"{count} images, {where}: {ngpu} ranks, rank r samples seeds[r::{ngpu}] ({per} each)"
+    return f"{count} images, {where}: {ngpu} ranks, rank r samples {items}[r::{ngpu}] ({per} each)"
 
 
 def planned_nfe(cfg) -> int | None:
@@ -233,7 +233,7 @@ def dry_run_text(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu:
             images = planned_images(job["config"])
             evaluations += (nfe or 0) * images
             lines.append(f"  job: {' '.join(job['overrides'])} | seeds {job['seeds'] or '-'} | "
-                         f"{_rank_layout(images, ngpu, launcher)}{cost}")
+                         f"{_rank_layout(images, ngpu, launcher, 'items' if spec['config'] == 'text2image' else 'seeds')}{cost}")
     lines.append(f"then: python scripts/make_tables.py {spec['name']} -> {spec['output']}.{{md,csv,png}}")
     total = f"total: {len(jobs)} jobs"
     if evaluations:

@@ -255,8 +255,8 @@ def test_table1_mini_smoke_runs_the_text_to_image_path_end_to_end(tmp_path, tiny
     assert all(int(r["num_images"]) == 8 for r in rows)  # 8 prompts x 1 seed
 
 
-def test_text_to_image_tables_refuse_torchrun():
-    spec = load_spec("table1")
+def test_editing_tables_refuse_torchrun():
+    spec = load_spec("table3")  # scripts/edit.py runs one process per job
     with pytest.raises(ValueError, match="one process"):
         sweep_commands(spec, plan_sweeps(spec), ngpu=8)
 
@@ -286,3 +286,17 @@ def test_wandb_is_refused_for_apps_without_a_logger():
 
     with pytest.raises(ValueError, match="no W&B logger"):
         reproduce("table3_mini", dry_run=True, wandb=True)
+
+
+def test_table1_runs_on_several_gpus_and_its_dry_run_shows_the_rank_layout():
+    """text2image shards its (prompt, seed) items over torchrun ranks, so table 1 takes NGPU > 1."""
+    spec = load_spec("table1")
+    sweeps = plan_sweeps(spec)
+    torchrun = sweep_commands(spec, sweeps, ngpu=8, python="python")
+    assert all(c[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"] for c in torchrun)
+    assert all("launcher=torchrun" in c and c[5] == "scripts/text2image.py" for c in torchrun)
+    slurm = sweep_commands(spec, sweeps, ngpu=4, launcher="slurm", python="python")
+    assert all("launcher=slurm" in c and "hydra.launcher.tasks_per_node=4" in c for c in slurm)
+    text = dry_run_text(spec, sweeps, ngpu=8)
+    job_lines = [line for line in text.splitlines() if line.startswith("  job: ")]
+    assert job_lines and all("8 ranks, rank r samples items[r::8] (1250 each)" in line for line in job_lines)
