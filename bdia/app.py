@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from .configs import build_metrics, instantiate
 from .distributed import init_distributed
 from .download import AssetUnavailableError
-from .logger import NullLogger
+from .logger import NullLogger, Table, log_run
 from .metrics.evaluate import evaluate_run
 from .models import load_model
 from .networks.loader import SnapshotError
@@ -71,35 +71,6 @@ def one_line(error: BaseException | str) -> str:
 # The run.
 
 
-def _run_name(out_dir: str) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            name = HydraConfig.get().job.override_dirname
-            if name:
-                return name
-    except Exception:  # no Hydra run (tests, API use)
-        pass
-    return Path(out_dir).name or "run"
-
-
-def _logged_metrics(metrics: Mapping[str, Any]) -> dict:
-    """The numbers worth a chart: scalars and nested scalar groups (mixture quality, evaluation), not lists."""
-    out = {}
-    for key, value in metrics.items():
-        if key == "evaluation":
-            out[key] = {name: {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                        for name, values in value.items()}
-        elif key == "sigmas":
-            out[key] = {k: v for k, v in value.items() if k != "levels"}
-        elif isinstance(value, Mapping):
-            out[key] = {k: v for k, v in value.items() if not isinstance(v, (list, tuple))}
-        elif not isinstance(value, (list, tuple)):
-            out[key] = value
-    return out
-
-
 def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
     """Run ``scripts/sample.py`` for a composed config (``configs/sample.yaml``): join the process group the
     environment describes (``distributed``: auto | required | off), load the model, sample, and log on rank 0.
@@ -129,27 +100,21 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
 
     evaluators = build_metrics(cfg.get("metrics"))  # built before sampling: a bad metric option fails before any image is drawn
 
-    logger = instantiate(cfg.logger, "logger") if ctx.is_main and config.get("logger") else NullLogger()
     out_dir = str(settings["out_dir"])
-    logger.start(config={**config, "choices": choices}, run_dir=out_dir, name=_run_name(out_dir),
-                 group=config.get("experiment_name") or "default")
-    try:
-        metrics = sample_run(denoiser, solver=solver_name, gamma=gamma, num_steps=num_steps, **settings, **solver,
-                             config={**config, "choices": choices}, model_info=model_info, dist=ctx)
-        evaluation = None
-        if evaluators:  # every rank: the metrics shard their images across ranks; rank 0 writes metrics.json
-            evaluation = evaluate_run(out_dir, evaluators, write=True)
-        if metrics is not None:
-            if evaluation is not None:
-                metrics["evaluation"] = evaluation
-            logger.log_metrics(_logged_metrics(metrics))
-            logger.log_image("grid", str(Path(out_dir) / "grid.png"))
-            columns = ["solver", "gamma", "num_steps", "nfe", "num_images", "sampling_seconds", "images_per_second"]
-            logger.log_table("summary", columns, [[_cell(metrics.get(c)) for c in columns]])
-    except BaseException:
-        logger.finish(exit_code=1)
-        raise
-    logger.finish()
+    metrics = sample_run(denoiser, solver=solver_name, gamma=gamma, num_steps=num_steps, **settings, **solver,
+                         config={**config, "choices": choices}, model_info=model_info, dist=ctx)
+    evaluation = None
+    if evaluators:  # every rank: the metrics shard their images across ranks; rank 0 writes metrics.json
+        evaluation = evaluate_run(out_dir, evaluators, write=True)
+    if metrics is not None:
+        if evaluation is not None:
+            metrics["evaluation"] = evaluation
+        # The logger starts once the run folder is the run's own (W&B writes its files into it).
+        logger = instantiate(cfg.logger, "logger") if config.get("logger") else NullLogger()
+        columns = ["solver", "gamma", "num_steps", "nfe", "num_images", "sampling_seconds", "images_per_second"]
+        log_run(logger, {**config, "choices": choices}, out_dir, config.get("experiment_name"), metrics,
+                images={"grid": Path(out_dir) / "grid.png"},
+                tables=[Table("summary", columns, [[_cell(metrics.get(c)) for c in columns]])])
     return metrics
 
 

@@ -36,13 +36,14 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .distributed import launch_rank
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BaseLogger", "NullLogger", "WandbLogger", "flatten_metrics"]
+__all__ = ["BaseLogger", "NullLogger", "WandbLogger", "flatten_metrics", "log_run", "logged_metrics", "run_name",
+           "Table"]
 
 # wandb's own mode names, and the legacy aliases it accepts for them.
 _MODES = ("online", "offline", "disabled")
@@ -150,8 +151,10 @@ class BaseLogger:
     def log_image(self, key: str, path: str | os.PathLike, caption: str | None = None) -> None:
         """Record the image file at ``path`` (PNG) under ``key``."""
 
-    def log_table(self, key: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        """Record a table with the given column names and rows (one list of cells per row)."""
+    def log_table(self, key: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                  image_columns: Sequence[str] = ()) -> None:
+        """Record a table with the given column names and rows (one list of cells per row); the cells of
+        ``image_columns`` are image file paths."""
 
     def finish(self, exit_code: int | None = None) -> None:
         """End the run (``exit_code`` non-zero marks it failed). Safe to call more than once."""
@@ -326,14 +329,24 @@ class WandbLogger(BaseLogger):
         except Exception as e:  # noqa: BLE001
             self._warn(f"log_image({key!r})", e)
 
-    def log_table(self, key: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        """Log a ``wandb.Table``; numpy / torch scalars in the cells become Python numbers."""
+    def log_table(self, key: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                  image_columns: Sequence[str] = ()) -> None:
+        """Log a ``wandb.Table``; numpy / torch scalars in the cells become Python numbers. The cells of
+        ``image_columns`` (image file paths) stay paths in the table, and the images themselves are logged
+        beside it as ``<key>_images`` (one ``wandb.Image`` per row, captioned with the row's other cells):
+        wandb 0.31 stores ``wandb.Image`` cells of a table as the bare word "Image", without the picture."""
         if self.run is None:
             return
         try:
             import wandb
 
-            data = [[_jsonable(cell) for cell in row] for row in rows]
+            rows = [list(row) for row in rows]
+            images = [i for i, c in enumerate(columns) if c in set(image_columns)]
+            data = [[_jsonable(str(cell) if i in images else cell) for i, cell in enumerate(row)] for row in rows]
+            if images:
+                captions = [" | ".join(str(c) for j, c in enumerate(row) if j not in images) for row in rows]
+                media = [wandb.Image(str(row[i]), caption=caption) for row, caption in zip(rows, captions) for i in images]
+                self.run.log({f"{key}_images": media})
             self.run.log({key: wandb.Table(columns=[str(c) for c in columns], data=data)})
         except Exception as e:  # noqa: BLE001
             self._warn(f"log_table({key!r})", e)
@@ -351,3 +364,63 @@ class WandbLogger(BaseLogger):
         _flush_wandb_service()
         if self.sync_dir is not None:
             log.info("W&B offline run saved in %s; upload it later with: %s", self.sync_dir, self.sync_command)
+
+
+# --------------------------------------------------------------------------------------------------
+# What every app logs about a finished run.
+
+
+class Table(NamedTuple):
+    """A table for :func:`log_run`: ``rows`` of cells under ``columns``; ``image_columns`` hold file paths."""
+
+    key: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    image_columns: Sequence[str] = ()
+
+
+def logged_metrics(metrics: Mapping[str, Any]) -> dict:
+    """The numbers worth a chart: scalars and nested scalar groups (mixture quality, evaluation, per-method
+    errors), not lists."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "evaluation":
+            out[key] = {name: {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                        for name, values in value.items()}
+        elif key == "sigmas":
+            out[key] = {k: v for k, v in value.items() if k != "levels"}
+        elif isinstance(value, Mapping):
+            out[key] = {k: v for k, v in value.items() if not isinstance(v, (list, tuple))}
+        elif not isinstance(value, (list, tuple)):
+            out[key] = value
+    return out
+
+
+def run_name(out_dir) -> str:
+    """A logger's run name: the Hydra job's overrides when there are any, else the run folder's name."""
+    try:
+        from hydra.core.hydra_config import HydraConfig  # only set inside a Hydra job
+
+        if HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
+            return HydraConfig.get().job.override_dirname
+    except Exception:  # no Hydra run (tests, API use)
+        pass
+    return Path(out_dir).name or "run"
+
+
+def log_run(logger, config: Mapping[str, Any], run_dir, group: str | None, metrics: Mapping[str, Any],
+            images: Mapping[str, Any] = (), tables: Sequence[Table] = ()) -> None:
+    """Log a finished run: start ``logger`` (its files then go into the run folder, which the run owns by now),
+    its metrics, ``images`` (key -> PNG path) and ``tables``, then finish it."""
+    logger.start(config=config, run_dir=str(run_dir), name=run_name(run_dir), group=group or "default")
+    try:
+        logger.log_metrics(logged_metrics(metrics))
+        for key, path in dict(images).items():
+            logger.log_image(key, str(path))
+        for table in tables:
+            extra = {"image_columns": list(table.image_columns)} if table.image_columns else {}
+            logger.log_table(table.key, list(table.columns), [list(row) for row in table.rows], **extra)
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    logger.finish()

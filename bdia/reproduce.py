@@ -248,7 +248,7 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
     """Run every multirun of table ``name`` (resuming), then write its table. Returns what was done."""
     spec = load_spec(name)
     if wandb and not spec.get("wandb", True):
-        raise ValueError(f"{spec['script']} has no W&B logger; --wandb works for the scripts/sample.py tables")
+        raise ValueError(f"{spec['script']} has no W&B logger (its table spec says wandb: false)")
     extra = list(extra) + (["logger=wandb", f"logger.group={spec['name']}"] if wandb else [])
     sweeps = plan_sweeps(spec, extra, smoke=smoke)
     if dry_run:

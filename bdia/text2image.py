@@ -49,6 +49,7 @@ from .denoisers import CountingDenoiser
 from .distributed import DistContext, init_distributed
 from .driver import BatchResult, drive, finish
 from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, quantize, read_png, save_image_grid
+from .logger import NullLogger, Table, log_run
 from .metrics.clip_score import CLIPScore
 from .metrics.evaluate import evaluate_run
 from .metrics.fid import FID
@@ -367,8 +368,23 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     settings = {k: config[k] for k in _RUN_KEYS if k in config}
     metrics = text_to_image(sd, prompts, **solver, **settings, config={**config, "choices": choices},
                             prompt_source=describe_prompt_source(**prompt_args), dist=ctx)
+    out_dir = Path(settings.get("out_dir", "."))
     if evaluators:  # every rank: the metrics shard the images over the ranks; rank 0 writes metrics.json
-        evaluation = evaluate_run(settings.get("out_dir", "."), evaluators, write=True)
+        evaluation = evaluate_run(out_dir, evaluators, write=True)
         if metrics is not None:
             metrics["evaluation"] = evaluation
+    if metrics is not None:
+        logger = instantiate(cfg.logger, "logger") if config.get("logger") else NullLogger()
+        log_run(logger, {**config, "choices": choices}, out_dir, config.get("experiment_name"), metrics,
+                images={"grid": out_dir / "grid.png"}, tables=[_image_table(out_dir, prompts, metrics)])
     return metrics
+
+
+def _image_table(out_dir: Path, prompts: Sequence[str], metrics: Mapping[str, Any]) -> Table:
+    """One row per image: prompt, seed, the image, and its CLIP score when ``metrics=clip`` computed it."""
+    items = [(p, s) for p in range(len(prompts)) for s in parse_seeds(metrics["seeds"])]  # the run's order
+    rows = [[prompts[p], s, str(out_dir / IMAGES_DIR / f"{image_name(p, s)}.png")] for p, s in items]
+    per_image = (metrics.get("evaluation", {}).get("clip") or {}).get("per_image")
+    scores = per_image if per_image is not None and len(per_image) == len(rows) else [None] * len(rows)
+    return Table("images", ["prompt", "seed", "image", "clip_score"],
+                 [row + [score] for row, score in zip(rows, scores)], image_columns=["image"])

@@ -21,11 +21,14 @@ one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` show
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from bdia.app import run_command_line, run_job
 from bdia.configs import instantiate
+from bdia.logger import NullLogger, Table, log_run
 from bdia.runfolder import check_out_dir
 
 
@@ -48,7 +51,8 @@ def edit_from_config(cfg, choices=None) -> dict:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     model_cfg = config.pop("model", None)
-    config.pop("experiment_name", None)  # names the sweep folder (results/edit/<experiment_name>/) only
+    logger_cfg = config.pop("logger", None)
+    experiment_name = config.pop("experiment_name", None)  # names the sweep folder (results/edit/<name>/) only
     keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
     unknown = sorted(set(config) - set(keys))
     if unknown:
@@ -56,7 +60,27 @@ def edit_from_config(cfg, choices=None) -> dict:
     check_out_dir(config.get("out_dir", "."), "edit")  # before the model is loaded
     sd = load_sd_config(model_cfg)
     model_info = {"config": (choices or {}).get("model"), **sd.describe()}
-    return edit_run(sd, config=OmegaConf.to_container(cfg, resolve=True), model_info=model_info, **config)
+    full_config = OmegaConf.to_container(cfg, resolve=True)
+    metrics = edit_run(sd, config=full_config, model_info=model_info, **config)
+    out_dir = Path(config.get("out_dir", "."))
+    logger = instantiate(logger_cfg, "logger") if logger_cfg else NullLogger()
+    figures = {f"{method}/figure": out_dir / f"{method}.png" for method in metrics["methods"]}
+    log_run(logger, {**full_config, "choices": dict(choices or {})}, out_dir, experiment_name, metrics,
+            images={**figures, "edit_grid": out_dir / "edit_grid.png"}, tables=[edit_table(metrics)])
+    return metrics
+
+
+def edit_table(metrics: dict) -> Table:
+    """One row per method: its cost (NFE, network rows, backward passes, seconds) and errors."""
+    columns = ["method", "nfe_inversion_and_reconstruction", "network_rows", "backward_passes", "seconds",
+               "latent_relative_error", "image_psnr", "edit_vs_reconstruction_psnr"]
+    rows = []
+    for method, m in metrics["methods"].items():
+        phases = m["cost"].values()
+        rows.append([method, m["nfe_inversion_and_reconstruction"], sum(p["network_rows"] for p in phases),
+                     sum(p["backward_passes"] for p in phases), m["seconds_inversion_and_reconstruction"],
+                     m["latent"].get("relative_error"), m["image"].get("psnr"), m["edit_vs_reconstruction"].get("psnr")])
+    return Table("methods", columns, rows)
 
 
 @hydra.main(config_path="../configs", config_name="edit", version_base="1.3")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sd_helpers import tiny_sd_dir  # noqa: F401  (fixture)
 
 from bdia.logger import NullLogger, WandbLogger, flatten_metrics
 
@@ -336,3 +337,83 @@ def test_logger_configs_compose_and_instantiate(option):
                                                 "+logger.settings.console=off"]).logger)
         assert online.configured_mode == "online" and online.tags == ["a", "b"]
         assert online.settings == {"console": "off"}
+
+
+# ------------------------------------------------------------------------------------------------------ the apps
+
+
+def _offline_files(run_dir: Path) -> Path:
+    """The ``files`` folder of the single offline W&B run under ``run_dir/wandb``."""
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0] / "files"
+
+
+def _table(files: Path, key: str) -> dict:
+    (table_file,) = (files / "media" / "table").glob(f"{key}_*.table.json")
+    return json.loads(table_file.read_text())
+
+
+def test_sample_app_logs_to_wandb_offline_into_a_new_run_folder(tmp_path, monkeypatch, wandb_teardown):
+    """W&B writes its files into the run folder only once the run owns it: a new folder is not mistaken for a
+    foreign one, and a rerun resumes it."""
+    from app_helpers import FAST, TINY_GMM, compose, hydra_configs
+
+    from bdia.app import sample_from_config
+
+    _wandb_env(monkeypatch, tmp_path, mode=None)
+    out = tmp_path / "run"
+    with hydra_configs():
+        cfg = compose("experiment=digits_demo", "logger=wandb", *FAST, *TINY_GMM, "metrics=none", f"out_dir={out}")
+    assert sample_from_config(cfg)["num_sampled"] == 2
+    files = _offline_files(out)
+    assert list((files / "media" / "images").glob("grid_*.png"))
+    assert _table(files, "summary")["columns"][:3] == ["solver", "gamma", "num_steps"]
+    assert sample_from_config(cfg)["num_resumed"] == 2  # the folder, wandb/ included, is still the run's own
+
+
+def test_text2image_logs_prompts_images_and_clip_scores_to_wandb_offline(tmp_path, monkeypatch, tiny_sd_dir,
+                                                                         wandb_teardown):
+    from app_helpers import cli
+
+    from bdia.testing import build_tiny_clip
+
+    _wandb_env(monkeypatch, tmp_path, mode=None)
+    clip = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "run"
+    code = cli(monkeypatch, tmp_path, f"model.path={tiny_sd_dir}", "seeds=0-1", "num_steps=2", "device=cpu",
+               "progress=false", "prompts=[a red fox,a blue boat]", "metrics=clip", f"metrics.clip.path={clip}",
+               "metrics.clip.device=cpu", "logger=wandb", f"out_dir={out}",
+               script=Path(__file__).resolve().parents[1] / "scripts" / "text2image.py")
+    assert code is None
+    files = _offline_files(out)
+    table = _table(files, "images")
+    assert table["columns"] == ["prompt", "seed", "image", "clip_score"]
+    assert [row[:2] for row in table["data"]] == [["a red fox", 0], ["a red fox", 1], ["a blue boat", 0],
+                                                  ["a blue boat", 1]]
+    per_image = json.loads((out / "metrics.json").read_text())["evaluation"]["clip"]["per_image"]
+    assert [row[3] for row in table["data"]] == pytest.approx(per_image)
+    assert [Path(row[2]).name for row in table["data"]] == ["p00000_s000000.png", "p00000_s000001.png",
+                                                            "p00001_s000000.png", "p00001_s000001.png"]
+    # The images themselves, as media beside the table (the grid and the 4 images, each stored once).
+    assert len(list((files / "media" / "images").rglob("images_images_*.png"))) == 4
+    assert list((files / "media" / "images").glob("grid_*.png"))
+
+
+def test_edit_logs_each_methods_figure_and_the_cost_table_to_wandb_offline(tmp_path, monkeypatch, tiny_sd_dir,
+                                                                           wandb_teardown):
+    from app_helpers import cli
+
+    _wandb_env(monkeypatch, tmp_path, mode=None)
+    out = tmp_path / "edit"
+    code = cli(monkeypatch, tmp_path, "model=tiny-sd", f"model.path={tiny_sd_dir}", "methods=[bdia,ddim]",
+               "num_steps=3", "image_size=32", "logger=wandb", f"out_dir={out}",
+               script=Path(__file__).resolve().parents[1] / "scripts" / "edit.py")
+    assert code is None
+    files = _offline_files(out)
+    table = _table(files, "methods")
+    assert [row[0] for row in table["data"]] == ["bdia", "ddim"] and table["columns"][1] == "nfe_inversion_and_reconstruction"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert table["data"][0][5] == pytest.approx(metrics["methods"]["bdia"]["latent"]["relative_error"])
+    figures = {str(p.relative_to(files / "media" / "images")).split("_")[0] for p in (files / "media" / "images").rglob("*.png")}
+    assert {"bdia/figure", "ddim/figure", "edit"} <= figures, figures

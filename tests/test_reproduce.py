@@ -281,9 +281,21 @@ def test_table3_mini_smoke_runs_the_editing_path_and_tabulates_every_method(tmp_
     assert (tmp_path / "table3_china.jpg.png").stat().st_size > 500
 
 
-def test_wandb_is_refused_for_apps_without_a_logger():
+@pytest.mark.parametrize("name", ["table1_mini", "table3_mini"])
+def test_wandb_flag_groups_the_sd_tables_too(name):
     from bdia.reproduce import reproduce
 
+    text = reproduce(name, dry_run=True, smoke=True, wandb=True)["dry_run"]
+    commands = [line for line in text.splitlines() if line.startswith("multirun ")]
+    assert commands and all(f"logger=wandb logger.group={name}" in line for line in commands)
+
+
+def test_wandb_is_refused_for_apps_without_a_logger(monkeypatch):
+    import bdia.reproduce
+    from bdia.reproduce import reproduce
+
+    spec = {**load_spec("table3_mini"), "wandb": False}  # a spec whose script has no logger
+    monkeypatch.setattr(bdia.reproduce, "load_spec", lambda name: spec)
     with pytest.raises(ValueError, match="no W&B logger"):
         reproduce("table3_mini", dry_run=True, wandb=True)
 
