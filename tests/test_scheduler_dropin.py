@@ -408,3 +408,31 @@ def test_diffedit_inversion_and_pipeline_regeneration_round_trip(tiny_sd_dir, ga
 def test_package_exports_the_schedulers_lazily():
     assert bdia.BDIADDIMScheduler is BDIADDIMScheduler and bdia.BDIADDIMInverseScheduler is BDIADDIMInverseScheduler
     assert bdia.BDIAInvertedPair is BDIAInvertedPair
+
+
+def test_invert_and_regenerate_with_a_loaded_pipeline_is_exact_in_float64(tiny_sd_dir):
+    """bdia.schedulers.invert_with_pipeline on a real StableDiffusionPipeline object (float64): encode a photo,
+    invert under the prompt with guidance, regenerate through the pipeline's own __call__: the latent comes back
+    to float64 round-off; an edit prompt regenerates something else; the pipeline keeps its scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    from bdia.editing import load_image
+    from bdia.schedulers import invert_with_pipeline, regenerate_with_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler = pipe.scheduler
+    pixels = load_image("china.jpg", 32).to(torch.float64) / 127.5 - 1
+    z0 = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    pair = invert_with_pipeline(pipe, pixels, "a photo of a temple", num_inference_steps=10, gamma=0.96,
+                                guidance_scale=3.0)
+    assert pair.upper.dtype == torch.float64 and (pair.upper - z0).abs().max() > 0.5
+    again = regenerate_with_pipeline(pipe, pair, "a photo of a temple", num_inference_steps=10, guidance_scale=3.0,
+                                     output_type="latent").images
+    error = ((again - z0).abs().max() / z0.abs().max()).item()
+    assert error < 1e-10, error
+    edited = regenerate_with_pipeline(pipe, pair, "a watercolor of a temple", num_inference_steps=10,
+                                      guidance_scale=3.0, output_type="latent").images
+    assert ((edited - z0).abs().max() / z0.abs().max()).item() > 1e-3
+    assert pipe.scheduler is scheduler
+    assert torch.equal(invert_with_pipeline(pipe, z0, "a photo of a temple", 10, 0.96, 3.0).upper, pair.upper)
