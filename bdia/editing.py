@@ -59,6 +59,7 @@ import torch
 
 from .denoisers import ClassifierFreeGuidance, CountingDenoiser
 from .imageio import quantize, save_image_grid
+from .metrics.clip_score import clip_edit_metrics, load_clip
 from .metrics.reconstruction import latent_metrics, pixel_metrics
 from .runfolder import atomic_write, claim_run_folder, environment_info, mark_state
 from .schedules import as_sigmas, vp_alpha
@@ -631,6 +632,7 @@ def edit_run(
     early_stop: float = 1e-5,
     ddim_inversion_guidance: float | None = None,
     image_size: int | None = None,
+    clip_path: str | None = None,
     grid_scale: int = 1,
     config: dict | None = None,
     model_info: dict | None = None,
@@ -644,9 +646,11 @@ def edit_run(
       sigmas, solver="bdia_ddim", gamma=gamma, return_pair=True)`` regenerates the image; other methods'
       representations in ``<method>_inversion.npz``;
     * ``metrics.json``: per method the latent round-trip errors (``relative_error``, ``max_abs_error``, ``mse`` of
-      ``z``), image errors against the original (``psnr``, ``mse``) and against the VAE's own reconstruction
-      (``image_vs_vae``), the measured cost per phase (NFE, network rows, backward passes, seconds) and settings
-      (gamma, N, dtype ...); ``env.json``; ``config.yaml`` when ``config`` is given.
+      ``z``), image errors against the original (``psnr``, ``ssim``, ``mse``) and against the VAE's own
+      reconstruction (``image_vs_vae``), the measured cost per phase (NFE, network rows, backward passes, seconds)
+      and settings (gamma, N, dtype ...), and with ``clip_path`` (a CLIP model: Hub id or folder) the edit's CLIP
+      score against the edit prompt and its CLIP directional similarity (``clip``); ``env.json``;
+      ``config.yaml`` when ``config`` is given.
 
     Image-space numbers include the VAE: ``vae`` in metrics.json is the encode/decode error alone.
     Returns the metrics.
@@ -671,6 +675,7 @@ def edit_run(
     source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
     uncond = sd.encode_prompts([""])
     vae_images = sd.decode_latents(z0)
+    clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None  # before any work: a missing model fails at once
     metrics = {
         "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
         "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
@@ -699,6 +704,9 @@ def edit_run(
             "cost": cost,
             "settings": {**result.settings, "sigma_top": float(grid[0])},
         }
+        if clip is not None:
+            metrics["methods"][method]["clip"] = clip_edit_metrics(*clip, original, quantize(edit_images),
+                                                                   source_prompt, edit_prompt)
         tiles = torch.cat([original, quantize(recon_images), quantize(edit_images)])
         rows.append(tiles)
         save_image_grid(tiles, out_dir / f"{method}.png", nrow=3, padding=1, scale=grid_scale)

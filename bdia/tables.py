@@ -11,7 +11,8 @@ folders belong to a table and what to show:
 * ``metrics``: ``[{key, label, format}]``, the first is the plotted one; lower is better unless ``higher_is_better``;
   ``fresh_only``: shown only for runs that resumed nothing (timings);
 * ``floors``: ``[{key, label}]``: reference values printed beside the rows (e.g. the real-data FD floor);
-* ``explode``: a key holding one dict per method (``scripts/edit.py``'s ``methods``): one record per method;
+* ``explode``: a key holding one dict per method (``scripts/edit.py``'s ``methods``): one record per method, with
+  the method's keys at the top (where the run's own keys do not take them) and all of them under ``<explode>.``;
 * ``figure``: a file in each run folder (e.g. ``edit_grid.png``) copied beside the table, one per section;
 * ``published``: ``registry`` shows the FID that EDM's repository states for the section's checkpoint (its own
   column, with its NFE and source); anything else is left out.
@@ -68,7 +69,9 @@ def collect_runs(run_roots: Iterable[str | Path], explode: str | None = None) ->
                 continue
             parent = {k: v for k, v in record.items() if k != explode}
             for name, values in (record.get(explode) or {}).items():
-                runs.append({**values, **parent, "method": name})  # the run's keys (image, ...) win
+                # The run's keys (image, ...) win; the method's own dict stays reachable under the explode key
+                # (``methods.image.psnr`` where the run's ``image`` is the photo's name).
+                runs.append({**values, **parent, "method": name, explode: values})
     return runs
 
 

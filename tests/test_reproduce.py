@@ -262,10 +262,13 @@ def test_editing_tables_refuse_torchrun():
 
 
 def test_table3_mini_smoke_runs_the_editing_path_and_tabulates_every_method(tmp_path, tiny_sd_dir):
+    from bdia.testing import build_tiny_clip
+
     out = tmp_path / "table3"
+    clip = build_tiny_clip(tmp_path / "clip")
     result = subprocess.run(
         [sys.executable, "scripts/reproduce.py", "table3_mini", "--smoke", "--runs-root", str(tmp_path / "runs"),
-         "--output", str(out), f"model.path={tiny_sd_dir}"],
+         "--output", str(out), f"model.path={tiny_sd_dir}", f"clip_path={clip}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -276,6 +279,10 @@ def test_table3_mini_smoke_runs_the_editing_path_and_tabulates_every_method(tmp_
     assert errors["bdia γ=0.96"] < 1e-10 and errors["bdia γ=0.92"] < 1e-10 and errors["edict"] < 1e-10
     assert errors["ddim"] > 1e-3  # DDIM inversion is approximate
     assert all(r["section"] == "china.jpg" and r["column"] == "10" for r in rows)
+    with out.with_suffix(".csv").open() as f:
+        labels = {r["metric"] for r in csv.DictReader(f) if r["value"] not in ("", None)}
+    assert {"PSNR of the reconstruction (dB)", "SSIM of the reconstruction", "CLIP score of the edit",
+            "CLIP directional similarity of the edit"} <= labels
     text = out.with_suffix(".md").read_text()
     assert "## china.jpg" in text and "![china.jpg](table3_china.jpg.png)" in text
     assert (tmp_path / "table3_china.jpg.png").stat().st_size > 500

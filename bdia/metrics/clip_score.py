@@ -36,17 +36,17 @@ from ..distributed import gather_rows, resolve_device, shard_indices
 from ..download import AssetUnavailableError, hub_cache_path, is_offline
 from .images import open_images
 
-__all__ = ["CLIPScore", "DEFAULT_CLIP_MODEL", "clip_scores", "load_clip", "read_prompts"]
+__all__ = ["CLIPScore", "DEFAULT_CLIP_MODEL", "clip_edit_metrics", "clip_scores", "load_clip", "read_prompts"]
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 PATH_KEY = "metrics.clip.path"
 
 
-def load_clip(path: str = DEFAULT_CLIP_MODEL, device="cpu", dtype=torch.float32):
+def load_clip(path: str = DEFAULT_CLIP_MODEL, device="cpu", dtype=torch.float32, config_key: str = PATH_KEY):
     """``(CLIPModel, CLIPProcessor)`` from a local folder or a Hub id (cache first; offline: cache only).
 
-    Raises :class:`AssetUnavailableError` with the Hub URL, the cache path and ``metrics.clip.path`` when the
-    model is neither a local folder nor in the cache and cannot be downloaded."""
+    Raises :class:`AssetUnavailableError` with the Hub URL, the cache path and ``config_key`` (the config key that
+    takes a local folder) when the model is neither a local folder nor in the cache and cannot be downloaded."""
     from transformers import CLIPModel, CLIPProcessor
 
     text = str(path).strip()
@@ -56,21 +56,21 @@ def load_clip(path: str = DEFAULT_CLIP_MODEL, device="cpu", dtype=torch.float32)
             model = CLIPModel.from_pretrained(local, dtype=dtype)
             processor = CLIPProcessor.from_pretrained(local)
         except (OSError, ValueError) as e:
-            raise AssetUnavailableError(None, local, PATH_KEY, what=f"CLIP model {text!r}",
+            raise AssetUnavailableError(None, local, config_key, what=f"CLIP model {text!r}",
                                         reason=f"not a complete CLIPModel/CLIPProcessor folder ({str(e).splitlines()[0][:120]})") from None
         return model.to(device).eval().requires_grad_(False), processor
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise AssetUnavailableError(None, local, PATH_KEY, reason="no such folder", what=f"{PATH_KEY}={text}")
+        raise AssetUnavailableError(None, local, config_key, reason="no such folder", what=f"{config_key}={text}")
     url = f"https://huggingface.co/{text}"
 
     def unavailable(reason):
-        return AssetUnavailableError(url, hub_cache_path(text), PATH_KEY, reason=reason, what=f"CLIP model {text!r}")
+        return AssetUnavailableError(url, hub_cache_path(text), config_key, reason=reason, what=f"CLIP model {text!r}")
 
     offline = is_offline()
     try:
         model = CLIPModel.from_pretrained(text, dtype=dtype, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(text, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError):
         if offline:
             var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "BDIA_OFFLINE"
             raise unavailable(f"offline mode ({var}=1) and not in the Hugging Face cache") from None
@@ -114,6 +114,37 @@ def clip_scores(model, processor, images, prompts: Sequence[str], batch_size: in
         scores.append((100 * (image_features * text_features).sum(-1)).cpu())
     mine_scores = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
     return gather_rows(mine_scores, len(source))
+
+
+@torch.no_grad()
+def clip_edit_metrics(model, processor, original, edited, source_prompt: str, edit_prompt: str) -> dict:
+    """How well an edit follows its prompt, per image pair (uint8 ``[N, 3, H, W]``), averaged:
+
+    * ``clip_score_edit``: ``100 * cos(E_image(edited), E_text(edit_prompt))`` (the CLIP score of the edit);
+    * ``clip_directional_similarity``: ``cos(E_image(edited) - E_image(original), E_text(edit_prompt) -
+      E_text(source_prompt))`` (Gal et al., StyleGAN-NADA; InstructPix2Pix's measure): does the image move the
+      way the text moves."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    max_tokens = model.config.text_config.max_position_embeddings
+
+    def unit(features):
+        features = _pooled(features).double()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def image_features(images):
+        inputs = processor(images=list(torch.as_tensor(np.asarray(images))), return_tensors="pt")
+        return unit(model.get_image_features(pixel_values=inputs["pixel_values"].to(device, dtype)))
+
+    text = processor(text=[source_prompt, edit_prompt], return_tensors="pt", padding=True, truncation=True,
+                     max_length=max_tokens)
+    t_source, t_edit = unit(model.get_text_features(input_ids=text["input_ids"].to(device),
+                                                    attention_mask=text["attention_mask"].to(device)))
+    i_original, i_edited = image_features(original), image_features(edited)
+    direction_image, direction_text = i_edited - i_original, t_edit - t_source
+    norms = direction_image.norm(dim=-1) * direction_text.norm()
+    directional = (direction_image @ direction_text) / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return {"clip_score_edit": float((100 * i_edited @ t_edit).mean()),
+            "clip_directional_similarity": float(directional.mean())}
 
 
 def read_prompts(run_dir=None, prompts=None, count: int | None = None) -> list[str]:

@@ -11,9 +11,10 @@ in float64:
 * ``max_abs_error``: the largest absolute difference, per image and overall;
 * ``relative_error``: ``||x - y|| / ||x||`` per image (useful in latent space, where scales differ by model).
 
-:func:`pixel_metrics` (``[-1, 1]`` images, ``data_range=2``) and :func:`latent_metrics` (no PSNR) are the two
-spaces of the inversion comparison. LPIPS is **not** provided: the ``lpips`` package downloads its VGG/AlexNet
-backbone from torchvision at run time, which is not offline-safe, and torch-fidelity's LPIPS does the same.
+:func:`pixel_metrics` (``[-1, 1]`` images, ``data_range=2``; PSNR and :func:`ssim`) and :func:`latent_metrics`
+(no PSNR) are the two spaces of the inversion comparison. LPIPS is **not** provided yet: the ``lpips`` package
+downloads its AlexNet/VGG backbone from torchvision at run time; an offline-safe loader (local weights file,
+one-line failure naming URL and cache path) is still to be written.
 
 :class:`Reconstruction` is the metric-config wrapper (``configs/metrics/reconstruction.yaml``): it compares a
 run's uint8 images with a reference run's images, matched by seed.
@@ -28,7 +29,7 @@ import torch
 
 from .images import open_images
 
-__all__ = ["reconstruction_metrics", "pixel_metrics", "latent_metrics", "Reconstruction"]
+__all__ = ["reconstruction_metrics", "pixel_metrics", "latent_metrics", "ssim", "Reconstruction"]
 
 
 def reconstruction_metrics(reference, reconstruction, data_range: float | None = None, per_image: bool = True) -> dict:
@@ -69,8 +70,49 @@ def reconstruction_metrics(reference, reconstruction, data_range: float | None =
 
 
 def pixel_metrics(reference, reconstruction, data_range: float = 2.0, per_image: bool = True) -> dict:
-    """Pixel space: images in ``[-1, 1]`` (EDM convention), PSNR with ``data_range=2``."""
-    return reconstruction_metrics(reference, reconstruction, data_range=data_range, per_image=per_image)
+    """Pixel space: images ``[N, C, H, W]`` in ``[-1, 1]`` (EDM convention), PSNR with ``data_range=2``, and
+    :func:`ssim`."""
+    out = reconstruction_metrics(reference, reconstruction, data_range=data_range, per_image=per_image)
+    values = ssim(reference, reconstruction, data_range=data_range)
+    out["ssim"] = float(values.mean())
+    if per_image:
+        out["ssim_per_image"] = values.tolist()
+    return out
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(reference, reconstruction, data_range: float, window: int = 11, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image, float64 ``[N]``: local means, variances and covariance
+    under an ``window`` x ``window`` Gaussian (``sigma`` 1.5) over the positions where the window fits, per
+    channel, ``SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))`` with
+    ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``, ``L = data_range``; averaged over positions and channels. Images smaller
+    than the window use a window of their size."""
+    x = torch.as_tensor(np.asarray(reference) if not isinstance(reference, torch.Tensor) else reference)
+    y = torch.as_tensor(np.asarray(reconstruction) if not isinstance(reconstruction, torch.Tensor) else reconstruction)
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ssim needs two [N, C, H, W] batches of one shape, got {list(x.shape)} and {list(y.shape)}")
+    x, y = x.detach().cpu().to(torch.float64), y.detach().cpu().to(torch.float64)
+    n, c, h, w = x.shape
+    size = min(window, h, w)
+    g = _gaussian_window(size, sigma)
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, kernel, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return value.flatten(1).mean(1)
 
 
 def latent_metrics(reference, reconstruction, per_image: bool = True) -> dict:
