@@ -60,6 +60,7 @@ import torch
 from .denoisers import ClassifierFreeGuidance, CountingDenoiser
 from .imageio import quantize, save_image_grid
 from .metrics.clip_score import clip_edit_metrics, load_clip
+from .metrics.lpips import LPIPS
 from .metrics.reconstruction import latent_metrics, pixel_metrics
 from .runfolder import atomic_write, claim_run_folder, environment_info, mark_state
 from .schedules import as_sigmas, vp_alpha
@@ -633,6 +634,8 @@ def edit_run(
     ddim_inversion_guidance: float | None = None,
     image_size: int | None = None,
     clip_path: str | None = None,
+    lpips_net: str | None = None,
+    lpips_weights: str | None = None,
     grid_scale: int = 1,
     config: dict | None = None,
     model_info: dict | None = None,
@@ -648,7 +651,9 @@ def edit_run(
     * ``metrics.json``: per method the latent round-trip errors (``relative_error``, ``max_abs_error``, ``mse`` of
       ``z``), image errors against the original (``psnr``, ``ssim``, ``mse``) and against the VAE's own
       reconstruction (``image_vs_vae``), the measured cost per phase (NFE, network rows, backward passes, seconds)
-      and settings (gamma, N, dtype ...), and with ``clip_path`` (a CLIP model: Hub id or folder) the edit's CLIP
+      and settings (gamma, N, dtype ...), with ``lpips_net`` (``alex`` | ``vgg``; backbone weights from
+      ``lpips_weights`` or torchvision's cache, :mod:`bdia.metrics.lpips`) the reconstruction's LPIPS
+      (``image.lpips``), and with ``clip_path`` (a CLIP model: Hub id or folder) the edit's CLIP
       score against the edit prompt and its CLIP directional similarity (``clip``); ``env.json``;
       ``config.yaml`` when ``config`` is given.
 
@@ -675,7 +680,9 @@ def edit_run(
     source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
     uncond = sd.encode_prompts([""])
     vae_images = sd.decode_latents(z0)
-    clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None  # before any work: a missing model fails at once
+    # Before any work, so that a missing model fails at once:
+    clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None
+    perceptual = LPIPS(lpips_net, lpips_weights, sd.device) if lpips_net else None
     metrics = {
         "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
         "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
@@ -704,6 +711,8 @@ def edit_run(
             "cost": cost,
             "settings": {**result.settings, "sigma_top": float(grid[0])},
         }
+        if perceptual is not None:
+            metrics["methods"][method]["image"]["lpips"] = float(perceptual(pixels, recon_images).mean())
         if clip is not None:
             metrics["methods"][method]["clip"] = clip_edit_metrics(*clip, original, quantize(edit_images),
                                                                    source_prompt, edit_prompt)

@@ -113,3 +113,21 @@ def test_script_with_sd15_offline_fails_at_once_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert elapsed < 60  # imports only: no download retries (measured ~10 s on 2 busy cores)
     assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_edit_run_reports_lpips_and_clip_edit_metrics(tiny_sd, tmp_path):  # noqa: F811
+    import torchvision
+
+    from bdia.testing import build_tiny_clip
+
+    torch.manual_seed(0)
+    alexnet = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), alexnet)
+    clip = build_tiny_clip(tmp_path / "clip")
+    metrics = edit_run(tiny_sd, tmp_path / "edit", image="china.jpg", methods=["bdia", "ddim"], num_steps=3,
+                       guidance_scale=3.0, lpips_net="alex", lpips_weights=str(alexnet), clip_path=str(clip))
+    for method in ("bdia", "ddim"):
+        m = metrics["methods"][method]
+        assert m["image"]["lpips"] >= 0 and 0 < m["image"]["ssim"] <= 1
+        assert set(m["clip"]) == {"clip_score_edit", "clip_directional_similarity"}
+        assert -1 <= m["clip"]["clip_directional_similarity"] <= 1

@@ -91,3 +91,69 @@ def test_clip_edit_metrics_equal_the_features_computed_by_hand(tiny_clip):
     assert -1 <= expected <= 1
     same = clip_edit_metrics(model, processor, original, original, "a photo of a cat", "a painting of a cat")
     assert same["clip_directional_similarity"] == 0.0  # no change in the image: no direction
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS: the lpips package with its backbone read from a local file.
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory):
+    """torchvision's AlexNet state dict with random weights (the real ones are a download)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return path
+
+
+def test_lpips_loads_the_backbone_from_a_local_file_into_the_packages_slices(alexnet_file):
+    """Against the lpips package wired by hand: torchvision's AlexNet with the same weights, its feature layers
+    put into the package's slices by index."""
+    import lpips
+    import torchvision
+
+    from bdia.metrics.lpips import LPIPS
+
+    ours = LPIPS("alex", weights=alexnet_file)
+    reference = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()
+    alexnet = torchvision.models.alexnet(weights=None)
+    alexnet.load_state_dict(torch.load(alexnet_file, weights_only=True))
+    for slice_ in (reference.net.slice1, reference.net.slice2, reference.net.slice3, reference.net.slice4,
+                   reference.net.slice5):
+        for name in list(slice_._modules):
+            slice_._modules[name] = alexnet.features[int(name)]
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    with torch.no_grad():
+        expected = reference(x, y).flatten().double()
+    assert torch.allclose(ours(x, y), expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ours(x, x), torch.zeros(3, dtype=torch.float64))
+    assert (ours(x, y) > 0).all() and torch.allclose(ours(x, y), ours(y, x), rtol=1e-5)
+
+
+def test_lpips_offline_without_weights_fails_at_once_naming_url_cache_and_key(tmp_path, monkeypatch):
+    import time
+
+    from bdia.download import AssetUnavailableError
+    from bdia.metrics.lpips import BACKBONES, LPIPS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    started = time.perf_counter()
+    with pytest.raises(AssetUnavailableError) as info:
+        LPIPS("alex")
+    assert time.perf_counter() - started < 10.0  # no download attempt
+    message = str(info.value)
+    assert BACKBONES["alex"] in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "lpips_weights=" in message
+    with pytest.raises(AssetUnavailableError, match="no such file"):
+        LPIPS("alex", weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="net must be one of"):
+        LPIPS("squeeze")
+    bad = tmp_path / "not_alexnet.pth"
+    torch.save({"classifier.0.weight": torch.zeros(2)}, bad)
+    with pytest.raises(ValueError, match="not torchvision's alex"):
+        LPIPS("alex", weights=bad)
