@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 
 #: Bounds on settings that size allocations (network rows per call, solver steps): far above any real run.
 MAX_NETWORK_BATCH = 65536
+#: ``network_batch="auto"``: this many rows per network call, or the number of images when the run is smaller.
+AUTO_NETWORK_BATCH = 64
 MAX_NUM_STEPS = 100_000
 
 
@@ -90,7 +92,7 @@ def _check_network_batch(rows, allow_none: bool = True) -> None:
     if rows is None and allow_none:
         return
     if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_NETWORK_BATCH:
-        raise ValueError(f"network_batch must be an integer in 1..{MAX_NETWORK_BATCH} or null, got {rows!r}")
+        raise ValueError(f"network_batch must be auto, an integer in 1..{MAX_NETWORK_BATCH} or null, got {rows!r}")
 
 
 class FixedBatchDenoiser(DenoiserWrapper):
@@ -231,7 +233,7 @@ def sample_run(
     image_shape: Sequence[int] | None = None,
     device="cpu",
     class_idx: int | None = None,
-    network_batch: int | None = 64,
+    network_batch: int | str | None = "auto",
     save_states: bool = False,
     resume: bool = True,
     grid_nrow: int | None = None,
@@ -257,9 +259,11 @@ def sample_run(
       :func:`bdia.analytic.mixture_metrics`; ``env.json``, ``config.yaml`` (``config``) and ``settings.json``.
 
     Images: latents, then class labels (EDM's order; ``class_idx`` fixes the class) come from one generator
-    per seed; networks see exactly ``network_batch`` rows per call (:class:`FixedBatchDenoiser`; ``None``:
-    the whole batch, faster but float32 rounding then depends on the batch size; analytic mixtures are
-    row-independent and never padded). The grid is ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)``
+    per seed; networks see exactly ``network_batch`` rows per call (:class:`FixedBatchDenoiser`), so float32
+    rounding, and every image, is the same for any ``batch_size`` and process count. ``"auto"`` (default):
+    ``min(64, number of seeds)``, so a small run pays for no padded rows (recorded in ``settings.json``); a
+    number fixes it (larger GPU batches); ``None``: the whole batch, rounding then depends on the batch size.
+    Analytic mixtures are row-independent and never padded. The grid is ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)``
     with ``sigma_min``/``sigma_max`` clamped to the denoiser's range, as EDM's sampler does.
 
     ``resume``: skip seeds whose files are already there (the folder's ``settings.json`` must match, else
@@ -291,6 +295,8 @@ def sample_run(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be true or false, got {flag!r}")
     is_mixture = isinstance(denoiser, GaussianMixtureDenoiser)
+    if network_batch == "auto":  # 64 rows, or fewer for a run with fewer images: no padding tax on small runs
+        network_batch = min(AUTO_NETWORK_BATCH, len(seeds))
     _check_network_batch(network_batch)
     network_batch = None if is_mixture else network_batch  # row-independent float64 maths: no padding needed
     bdia_solver = solver in _solvers.INVERTIBLE_SOLVERS

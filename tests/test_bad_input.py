@@ -281,7 +281,7 @@ def test_bad_settings_fail_in_one_line_before_sampling(tmp_path, monkeypatch, ov
 
 
 @pytest.mark.parametrize("override, needles", [
-    ("network_batch=100000000", ["network_batch must be an integer in 1..65536"]),
+    ("network_batch=100000000", ["network_batch must be auto, an integer in 1..65536"]),
     ("solver.num_steps=1000000000", ["integer num_steps >= 2 and <= 100000"]),
     ("dataset=gmm model.image_size=100000", ["image_size must be an integer in 1..256"]),
 ])
