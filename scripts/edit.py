@@ -21,30 +21,34 @@ one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` show
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bdia.app import run_command_line, run_job
 from bdia.configs import instantiate
+from bdia.distributed import MODES, DistContext, context_from_env, resolve_device
 from bdia.logger import NullLogger, Table, log_run
 from bdia.runfolder import check_out_dir
 
 
-def load_sd_config(model_cfg: dict):
+def load_sd_config(model_cfg: dict, device="cpu"):
     """Instantiate the ``model`` group (``_target_: bdia.networks.sd.load_sd``), re-raising the loader's own
     error (Hydra wraps it) so that a missing checkpoint reaches the user as its one clear message."""
     if not model_cfg or "_target_" not in model_cfg:
         raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
-    sd = instantiate(model_cfg, "model")
+    sd = instantiate(model_cfg, "model", device=str(device))
     if not all(hasattr(sd, name) for name in ("encode_images", "decode_latents", "encode_prompts", "eps_denoiser")):
         raise ValueError(f"model: {model_cfg['_target_']} is not a Stable Diffusion loader (use model=sd15 ...)")
     return sd
 
 
-def edit_from_config(cfg, choices=None) -> dict:
-    """Load the model of ``cfg.model`` and run :func:`bdia.editing.edit_run` with the top-level keys."""
+def edit_from_config(cfg, choices=None) -> dict | None:
+    """Load the model of ``cfg.model`` and run :func:`bdia.editing.edit_run` with the top-level keys (on a
+    multirun under torchrun, only this rank's jobs; ``None`` for the others)."""
     import inspect
 
     from bdia.editing import edit_run
@@ -53,12 +57,18 @@ def edit_from_config(cfg, choices=None) -> dict:
     model_cfg = config.pop("model", None)
     logger_cfg = config.pop("logger", None)
     experiment_name = config.pop("experiment_name", None)  # names the sweep folder (results/edit/<name>/) only
+    ctx = _launch_context(config.pop("distributed", "auto"))
+    device = resolve_device(config.pop("device", "auto"), ctx.local_rank)
+    job = _job_number()
+    if job % ctx.world_size != ctx.rank:  # several processes (torchrun): the jobs of a sweep are dealt out
+        print(f"rank {ctx.rank} of {ctx.world_size}: job {job} is rank {job % ctx.world_size}'s", flush=True)
+        return None
     keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
     check_out_dir(config.get("out_dir", "."), "edit")  # before the model is loaded
-    sd = load_sd_config(model_cfg)
+    sd = load_sd_config(model_cfg, device)
     model_info = {"config": (choices or {}).get("model"), **sd.describe()}
     full_config = OmegaConf.to_container(cfg, resolve=True)
     metrics = edit_run(sd, config=full_config, model_info=model_info, **config)
@@ -68,6 +78,26 @@ def edit_from_config(cfg, choices=None) -> dict:
     log_run(logger, {**full_config, "choices": dict(choices or {})}, out_dir, experiment_name, metrics,
             images={**figures, "edit_grid": out_dir / "edit_grid.png"}, tables=[edit_table(metrics)])
     return metrics
+
+
+def _job_number() -> int:
+    """The job's index in a Hydra multirun (0 for a single run or outside Hydra)."""
+    if not HydraConfig.initialized():
+        return 0
+    job = HydraConfig.get().job
+    return 0 if OmegaConf.is_missing(job, "num") else int(job.num)
+
+
+def _launch_context(distributed: str) -> DistContext:
+    """This process's place among the processes torchrun (or a multi-task SLURM job) started. The edit app needs
+    no process group: each image is a job of its own, and rank r runs the jobs r, r + K, … of a sweep."""
+    if distributed not in MODES:
+        raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {distributed!r}")
+    ctx = DistContext() if distributed == "off" else context_from_env()
+    if distributed == "required" and ctx.world_size == 1 and "RANK" not in os.environ:
+        raise ValueError("distributed=required (launcher=torchrun) but this process was not started by torchrun; "
+                         "run `torchrun --standalone --nproc_per_node=K scripts/edit.py -m ...` or drop launcher=torchrun")
+    return ctx
 
 
 def edit_table(metrics: dict) -> Table:

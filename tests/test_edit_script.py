@@ -131,3 +131,34 @@ def test_edit_run_reports_lpips_and_clip_edit_metrics(tiny_sd, tmp_path):  # noq
         assert m["image"]["lpips"] >= 0 and 0 < m["image"]["ssim"] <= 1
         assert set(m["clip"]) == {"clip_score_edit", "clip_directional_similarity"}
         assert -1 <= m["clip"]["clip_directional_similarity"] <= 1
+
+
+def test_torchrun_deals_the_images_of_a_sweep_out_over_the_ranks(tmp_path, tiny_sd_dir, monkeypatch):  # noqa: F811
+    """Table 3 on several GPUs: under torchrun each rank runs its share of the sweep's jobs (one image each);
+    the folders equal one process's, bit for bit."""
+    import filecmp
+
+    from app_helpers import cli, subprocess_env
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "edit.py"
+    common = ["model=tiny-sd", f"model.path={tiny_sd_dir}", "methods=[bdia,ddim]", "num_steps=3", "image_size=32",
+              "image=china.jpg,flower.jpg", "device=cpu"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), "-m", "launcher=torchrun", "hydra.sweep.dir=ranks", *common],
+                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("is rank") == 2  # each rank skipped the other's job
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' setting
+    try:
+        assert cli(monkeypatch, tmp_path, "-m", "hydra.sweep.dir=single", *common, script=script) is None
+    finally:
+        torch.set_num_threads(threads)
+    folders = sorted(p.name for p in (tmp_path / "single").iterdir() if p.is_dir())
+    assert len(folders) == 2 and folders == sorted(p.name for p in (tmp_path / "ranks").iterdir() if p.is_dir())
+    for folder in folders:
+        a, b = tmp_path / "ranks" / folder, tmp_path / "single" / folder
+        for name in ("bdia.png", "ddim.png", "edit_grid.png"):
+            assert filecmp.cmp(a / name, b / name, shallow=False), (folder, name)
+        with np.load(a / "bdia_pair.npz") as x, np.load(b / "bdia_pair.npz") as y:
+            assert all(np.array_equal(x[k], y[k]) for k in x.files)

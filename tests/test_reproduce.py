@@ -255,8 +255,8 @@ def test_table1_mini_smoke_runs_the_text_to_image_path_end_to_end(tmp_path, tiny
     assert all(int(r["num_images"]) == 8 for r in rows)  # 8 prompts x 1 seed
 
 
-def test_editing_tables_refuse_torchrun():
-    spec = load_spec("table3")  # scripts/edit.py runs one process per job
+def test_one_process_apps_refuse_torchrun(monkeypatch):
+    spec = {**load_spec("table3"), "multi_gpu": False}  # a spec whose script runs on one process
     with pytest.raises(ValueError, match="one process"):
         sweep_commands(spec, plan_sweeps(spec), ngpu=8)
 
