@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results" / "bench")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,7 +61,7 @@ def main(argv=None) -> dict:
               "images": args.images, "solver": "edm", "num_steps": args.steps, "nfe": nfe, "batch_size": 64,
               "threads": args.threads, "cpu": platform.processor() or platform.machine(), "seconds": seconds,
               "median_seconds": median, "ratio_64_rows_to_auto": median["64 rows"] / median["auto"],
-              "command": "python benchmarks/bench_preview.py " + " ".join(argv or [])}
+              "command": " ".join(["python benchmarks/bench_preview.py", *argv])}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "preview.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# The padding tax of an 8-image preview", "",
