@@ -161,6 +161,10 @@ def _validate(solver, gamma, batch_size, solver_kwargs, sigmas) -> None:
         )
     if "backward" in solver_kwargs and solver_kwargs["backward"] not in _solvers.BACKWARD_MAPS:
         raise ValueError(f"backward must be one of {list(_solvers.BACKWARD_MAPS)}, got {solver_kwargs['backward']!r}")
+    if "space" in solver_kwargs and solver_kwargs["space"] not in _solvers.SPACES:
+        raise ValueError(f"space must be one of {list(_solvers.SPACES)}, got {solver_kwargs['space']!r}")
+    if "sigma_data" in solver_kwargs and not (_is_number(solver_kwargs["sigma_data"]) and solver_kwargs["sigma_data"] > 0):
+        raise ValueError(f"sigma_data must be a positive number, got {solver_kwargs['sigma_data']!r}")
     for name in ("s_churn", "s_min", "s_max", "s_noise"):
         value = solver_kwargs.get(name, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

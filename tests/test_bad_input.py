@@ -408,3 +408,16 @@ def test_digits_classifier_with_foreign_weights_is_one_line(tmp_path):
     weights.with_suffix(".json").write_text(Path(ASSET_CARD).read_text())
     with pytest.raises(ValueError, match="does not hold this classifier's weights"):
         load_digits_classifier(weights)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("solver.space=z", "space must be one of"),
+    ("solver.sigma_data=0", "sigma_data must be a positive number"),
+    ("solver.backward=rk4", "backward must be one of"),
+])
+def test_bdia_edm_options_are_checked_before_sampling(tmp_path, monkeypatch, override, needle):
+    import bdia.run
+
+    monkeypatch.setattr(bdia.run._solvers, "sample", lambda *a, **k: pytest.fail("sampled before the check"))
+    assert_one_line(cli(monkeypatch, tmp_path, *DIGITS, "solver=bdia_edm", override, f"out_dir={tmp_path}/run"),
+                    needle)

@@ -179,14 +179,17 @@ def test_table2_mini_smoke_runs_end_to_end_and_writes_its_table(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.with_suffix(".md").read_text()
-    for line in ("| edm |", "| ddim |", "| bdia_edm γ=0.5 |", "| bdia_ddim γ=0.5 |", "| bdia_edm γ=1.0 |", "| bdia_ddim γ=1.0 |"):
-        assert line in text, line  # the smoke cut keeps the first two values of every list (two gammas too)
+    # The smoke cut keeps the first two values of every list (two gammas too); BDIA-EDM lines name their
+    # coordinates and backward map (the default, and the old x-space form beside it).
+    for line in ("| edm |", "| ddim |", "| bdia_edm γ=0.5 vp exp |", "| bdia_edm γ=0.5 x euler |",
+                 "| bdia_edm γ=1.0 x euler |", "| bdia_ddim γ=0.5 |", "| bdia_ddim γ=1.0 |"):
+        assert line in text, line
     assert "NFE 5 | NFE 9" in text
     assert "two disjoint real halves" in text
     with out.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
     fd_rows = [r for r in rows if r["metric"].startswith("FD") and r["column"]]
-    assert len(fd_rows) == 12  # 6 solver lines x 2 NFE values
+    assert len(fd_rows) == 14  # 7 solver lines x 2 NFE values
     assert all(int(r["num_images"]) == 16 and float(r["value"]) > 0 for r in fd_rows)
     assert out.with_suffix(".png").stat().st_size > 1000
     nfe = {(r["solver"], int(r["num_steps"])): int(r["column"]) for r in fd_rows}
