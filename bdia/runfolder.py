@@ -149,7 +149,7 @@ def check_out_dir(out_dir, app: str) -> bool:
         raise RunFolderError(f"out_dir {out_dir} is not writable; choose another out_dir")
     owner = _owner(out_dir)
     if owner is None:
-        if not any(os.scandir(out_dir)):
+        if not _has_files(out_dir):
             return False
         raise RunFolderError(
             f"out_dir {out_dir} exists and is not a bdia run folder (it holds {_listing(out_dir)}); "
@@ -181,7 +181,11 @@ def settings_mismatch(old: Mapping, new: Mapping) -> str:
 
 
 def _has_files(folder: Path) -> bool:
-    return folder.is_dir() and any(os.scandir(folder))
+    """``folder`` is a folder with at least one entry."""
+    if not folder.is_dir():
+        return False
+    with os.scandir(folder) as entries:
+        return next(entries, None) is not None
 
 
 def check_resume(out_dir: Path, settings: Mapping, resume: bool) -> None:
