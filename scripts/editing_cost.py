@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
