@@ -132,3 +132,18 @@ class RecordingLogger:
 
     def finish(self, exit_code=None):
         RecordingLogger.calls.append(("finish", exit_code))
+
+
+def load_script(relative_path: str):
+    """Import a script by path (scripts/ and benchmarks/ are not packages), once per test session."""
+    import importlib.util
+
+    path = REPO / relative_path
+    name = f"_script_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module

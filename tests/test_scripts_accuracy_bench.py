@@ -3,34 +3,18 @@ size: their outputs exist and hold sane fields, and every solver's error against
 with NFE. No timing thresholds."""
 
 import csv
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from app_helpers import load_script
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(relative_path: str):
-    """Import a script by path (scripts/ and benchmarks/ are not packages)."""
-    path = REPO_ROOT / relative_path
-    name = f"_script_{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    return _load("scripts/solver_accuracy.py")
+    return load_script("scripts/solver_accuracy.py")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +73,7 @@ def one_torch_thread():
 
 
 def test_bench_outputs_at_tiny_size(tmp_path, one_torch_thread):
-    bench = _load("benchmarks/bench_solvers.py")
+    bench = load_script("benchmarks/bench_solvers.py")
     report = bench.run(batch=1, steps=3, repeats=1, image_size=16, device="cpu", out_dir=tmp_path)
     saved = json.loads((tmp_path / "solver_overhead.json").read_text())
     assert saved["settings"]["num_steps"] == 3 and saved["machine"]["torch"] and saved["machine"]["device"] == "cpu"
@@ -107,7 +91,7 @@ def test_bench_outputs_at_tiny_size(tmp_path, one_torch_thread):
 
 
 def test_roundtrip_bench_at_tiny_size(tmp_path, one_torch_thread):
-    bench = _load("benchmarks/bench_roundtrip.py")
+    bench = load_script("benchmarks/bench_roundtrip.py")
     report = bench.run(batch=1, steps=[4], gammas=[0.5, 1.0], out_dir=tmp_path)
     rows = json.loads((tmp_path / "roundtrip.json").read_text())["rows"]
     assert len(rows) == 3 * 2 * 2 and rows == report["rows"]  # 3 set-ups x 2 solvers x 2 gammas

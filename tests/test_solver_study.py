@@ -3,31 +3,15 @@ one, every BDIA candidate round-trips exactly at gamma >= 0.9, and the default i
 No timing thresholds, no golden numbers."""
 
 import csv
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(relative_path: str):
-    path = REPO_ROOT / relative_path
-    name = f"_script_{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+from app_helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    return _load("scripts/solver_study.py")
+    return load_script("scripts/solver_study.py")
 
 
 @pytest.fixture(scope="module")
