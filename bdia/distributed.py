@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["DistContext", "context_from_env", "init_distributed", "barrier", "gather", "shard", "resolve_device",
-           "current", "is_main_process", "launch_rank", "shard_indices", "gather_rows"]
+           "current", "is_main_process", "launch_context", "launch_rank", "shard_indices", "gather_rows"]
 
 MODES = ("auto", "required", "off")
 
@@ -105,6 +105,24 @@ def resolve_device(device, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def launch_context(mode: str = "auto") -> DistContext:
+    """This process's place among the processes torchrun (or a multi-task SLURM job) started, without joining
+    a process group. ``mode``: ``"auto"`` reads the environment; ``"required"`` raises ``ValueError`` when no
+    launcher started this process (``launcher=torchrun`` without torchrun); ``"off"``: one process."""
+    if mode not in MODES:
+        raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off":
+        return DistContext()
+    _export_slurm_env(os.environ)
+    ctx = context_from_env()
+    if mode == "required" and ctx.world_size == 1 and "RANK" not in os.environ:
+        raise ValueError(
+            "distributed=required (launcher=torchrun) but this process was not started by torchrun; run "
+            "`torchrun --standalone --nproc_per_node=K scripts/<app>.py ...` or drop launcher=torchrun"
+        )
+    return ctx
+
+
 def init_distributed(device="auto", mode: str = "auto") -> tuple[DistContext, torch.device]:
     """Join the process group that torchrun (or a multi-task SLURM job) describes, once per process.
 
@@ -113,18 +131,10 @@ def init_distributed(device="auto", mode: str = "auto") -> tuple[DistContext, to
     Returns the context and the device this process samples on (``cuda:<local_rank>`` for CUDA).
     The backend is NCCL for CUDA devices and gloo otherwise. The group is destroyed at interpreter exit.
     """
-    if mode not in MODES:
-        raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "off":
-        return DistContext(), resolve_device(device)
-    _export_slurm_env(os.environ)
-    ctx = context_from_env()
-    if mode == "required" and ctx.world_size == 1 and "RANK" not in os.environ:
-        raise ValueError(
-            "distributed=required (launcher=torchrun) but this process was not started by torchrun; run "
-            "`torchrun --standalone --nproc_per_node=K scripts/sample.py ...` or drop launcher=torchrun"
-        )
+    ctx = launch_context(mode)
     device = resolve_device(device, ctx.local_rank)
+    if mode == "off":
+        return ctx, device
     if ctx.world_size == 1:
         return ctx, device
     import torch.distributed as dist

@@ -21,7 +21,6 @@ one line ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` show
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdia.app import run_command_line, run_job
 from bdia.configs import instantiate
-from bdia.distributed import MODES, DistContext, context_from_env, resolve_device
+from bdia.distributed import launch_context, resolve_device
 from bdia.logger import NullLogger, Table, log_run
 from bdia.runfolder import check_out_dir
 
@@ -57,7 +56,7 @@ def edit_from_config(cfg, choices=None) -> dict | None:
     model_cfg = config.pop("model", None)
     logger_cfg = config.pop("logger", None)
     experiment_name = config.pop("experiment_name", None)  # names the sweep folder (results/edit/<name>/) only
-    ctx = _launch_context(config.pop("distributed", "auto"))
+    ctx = launch_context(config.pop("distributed", "auto"))  # no process group: each image is a job of its own
     device = resolve_device(config.pop("device", "auto"), ctx.local_rank)
     job = _job_number()
     if job % ctx.world_size != ctx.rank:  # several processes (torchrun): the jobs of a sweep are dealt out
@@ -86,18 +85,6 @@ def _job_number() -> int:
         return 0
     job = HydraConfig.get().job
     return 0 if OmegaConf.is_missing(job, "num") else int(job.num)
-
-
-def _launch_context(distributed: str) -> DistContext:
-    """This process's place among the processes torchrun (or a multi-task SLURM job) started. The edit app needs
-    no process group: each image is a job of its own, and rank r runs the jobs r, r + K, … of a sweep."""
-    if distributed not in MODES:
-        raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {distributed!r}")
-    ctx = DistContext() if distributed == "off" else context_from_env()
-    if distributed == "required" and ctx.world_size == 1 and "RANK" not in os.environ:
-        raise ValueError("distributed=required (launcher=torchrun) but this process was not started by torchrun; "
-                         "run `torchrun --standalone --nproc_per_node=K scripts/edit.py -m ...` or drop launcher=torchrun")
-    return ctx
 
 
 def edit_table(metrics: dict) -> Table:
