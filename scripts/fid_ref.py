@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bdia.app import one_line  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process, resolve_device  # noqa: E402
 from bdia.download import AssetUnavailableError, cache_dir, is_offline  # noqa: E402
 
@@ -108,7 +109,7 @@ def main(cfg: DictConfig) -> dict:
     except (ValueError, AssetUnavailableError, OSError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit("error: " + " | ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+        sys.exit(f"error: {one_line(e)}")
     if is_main_process():
         print(f"{result['out']}: {result['num_images']} images, {result['feature_extractor']} features, "
               f"sha256 {result.get('sha256', '')[:12]}{' (reused)' if result.get('reused') else ''}")
