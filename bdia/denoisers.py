@@ -25,6 +25,9 @@ __all__ = [
     "DenoiserWrapper",
     "ClassifierFreeGuidance",
     "CountingDenoiser",
+    "FixedBatchDenoiser",
+    "MAX_NETWORK_BATCH",
+    "check_network_batch",
     "GaussianMixtureDenoiser",
     "EmpiricalDenoiser",
 ]
@@ -191,6 +194,54 @@ class CountingDenoiser(DenoiserWrapper):
     def forward(self, x, sigma, class_labels=None, **cond):
         self.nfe += 1
         return self.denoiser(x, sigma, class_labels, **cond)
+
+
+#: Bound on the rows per network call (it sizes allocations): far above any real run.
+MAX_NETWORK_BATCH = 65536
+
+
+def check_network_batch(rows, allow_none: bool = True) -> None:
+    if rows is None and allow_none:
+        return
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_NETWORK_BATCH:
+        raise ValueError(f"network_batch must be auto, an integer in 1..{MAX_NETWORK_BATCH} or null, got {rows!r}")
+
+
+class FixedBatchDenoiser(DenoiserWrapper):
+    """Calls ``denoiser`` on chunks of exactly ``rows`` rows, padding the last chunk with copies of its final
+    row and dropping their outputs.
+
+    Float32 convolutions and matrix products pick their kernels, and so their rounding, by the input's shape
+    (measured on the CPU: EDM's networks give other low bits for the same image in a batch of 1 and of 5).
+    With the shape fixed, row k's output depends on row k alone, so an image is bit-identical whatever the
+    batch size or number of processes. Per-row tensors among ``sigma``, ``class_labels`` and ``cond`` (first
+    dimension = batch) are chunked alongside ``x``.
+    """
+
+    def __init__(self, denoiser, rows: int):
+        super().__init__(denoiser)
+        check_network_batch(rows, allow_none=False)
+        self.rows = rows
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        batch = x.shape[0]
+
+        def take(value, start, stop):
+            if not (isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch):
+                return value
+            part = value[start:stop]
+            missing = self.rows - part.shape[0]
+            if missing:
+                part = torch.cat([part, part[-1:].expand(missing, *part.shape[1:])])
+            return part
+
+        outputs = []
+        for start in range(0, batch, self.rows):
+            stop = min(start + self.rows, batch)
+            chunk = {k: take(v, start, stop) for k, v in cond.items()}
+            out = self.denoiser(take(x, start, stop), take(sigma, start, stop), take(class_labels, start, stop), **chunk)
+            outputs.append(out[: stop - start])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 class GaussianMixtureDenoiser(nn.Module):

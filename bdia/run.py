@@ -34,7 +34,7 @@ import torch
 
 from . import solvers as _solvers
 from .analytic import mixture_metrics
-from .denoisers import CountingDenoiser, DenoiserWrapper, GaussianMixtureDenoiser
+from .denoisers import CountingDenoiser, FixedBatchDenoiser, GaussianMixtureDenoiser, check_network_batch
 from .distributed import DistContext, resolve_device
 from .driver import BatchResult, drive, finish
 from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run is their historical home)
@@ -43,7 +43,6 @@ from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run i
     format_seeds,
     image_grid,
     parse_seeds,
-    png_bytes,
     quantize,
     read_png,
     save_image_grid,
@@ -53,7 +52,6 @@ from .models import image_shape_of, label_dim_of
 from .runfolder import (  # noqa: F401
     IMAGES_DIR,
     RECORDS_DIR,
-    SETTINGS_FILE,
     atomic_write,
     environment_info,
     image_complete,
@@ -81,55 +79,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bounds on settings that size allocations (network rows per call, solver steps): far above any real run.
-MAX_NETWORK_BATCH = 65536
+#: Bound on a setting that sizes allocations (solver steps): far above any real run.
 #: ``network_batch="auto"``: this many rows per network call, or the number of images when the run is smaller.
 AUTO_NETWORK_BATCH = 64
 MAX_NUM_STEPS = 100_000
-
-
-def _check_network_batch(rows, allow_none: bool = True) -> None:
-    if rows is None and allow_none:
-        return
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_NETWORK_BATCH:
-        raise ValueError(f"network_batch must be auto, an integer in 1..{MAX_NETWORK_BATCH} or null, got {rows!r}")
-
-
-class FixedBatchDenoiser(DenoiserWrapper):
-    """Calls ``denoiser`` on chunks of exactly ``rows`` rows, padding the last chunk with copies of its final
-    row and dropping their outputs.
-
-    Float32 convolutions and matrix products pick their kernels, and so their rounding, by the input's shape
-    (measured on the CPU: EDM's networks give other low bits for the same image in a batch of 1 and of 5).
-    With the shape fixed, row k's output depends on row k alone, so an image is bit-identical whatever the
-    batch size or number of processes. Per-row tensors among ``sigma``, ``class_labels`` and ``cond`` (first
-    dimension = batch) are chunked alongside ``x``.
-    """
-
-    def __init__(self, denoiser, rows: int):
-        super().__init__(denoiser)
-        _check_network_batch(rows, allow_none=False)
-        self.rows = rows
-
-    def forward(self, x, sigma, class_labels=None, **cond):
-        batch = x.shape[0]
-
-        def take(value, start, stop):
-            if not (isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch):
-                return value
-            part = value[start:stop]
-            missing = self.rows - part.shape[0]
-            if missing:
-                part = torch.cat([part, part[-1:].expand(missing, *part.shape[1:])])
-            return part
-
-        outputs = []
-        for start in range(0, batch, self.rows):
-            stop = min(start + self.rows, batch)
-            chunk = {k: take(v, start, stop) for k, v in cond.items()}
-            out = self.denoiser(take(x, start, stop), take(sigma, start, stop), take(class_labels, start, stop), **chunk)
-            outputs.append(out[: stop - start])
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +254,7 @@ def sample_run(
     is_mixture = isinstance(denoiser, GaussianMixtureDenoiser)
     if network_batch == "auto":  # 64 rows, or fewer for a run with fewer images: no padding tax on small runs
         network_batch = min(AUTO_NETWORK_BATCH, len(seeds))
-    _check_network_batch(network_batch)
+    check_network_batch(network_batch)
     network_batch = None if is_mixture else network_batch  # row-independent float64 maths: no padding needed
     bdia_solver = solver in _solvers.INVERTIBLE_SOLVERS
     keep_x = save_states or is_mixture  # mixture metrics need the float states

@@ -33,7 +33,6 @@ import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .schedules import as_sigmas, vp_alpha
 
@@ -256,7 +255,11 @@ def _coefficients(p: _Problem, gammas, scale_fn):
 
 
 def _progress(iterable, enabled, desc):
-    return tqdm(iterable, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    if not enabled:  # the core needs only torch and numpy; tqdm draws the bar when asked for one
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch
 
 from . import solvers as _solvers
 from .configs import build_metrics, instantiate
-from .denoisers import CountingDenoiser
+from .denoisers import CountingDenoiser, FixedBatchDenoiser, check_network_batch
 from .distributed import DistContext, init_distributed
 from .driver import BatchResult, drive, finish
 from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, quantize, read_png, save_image_grid
@@ -55,7 +55,7 @@ from .metrics.evaluate import evaluate_run
 from .metrics.fid import FID
 from .prompts import describe_prompt_source, load_prompts
 from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
-from .run import FixedBatchDenoiser, _check_grid_options, _check_network_batch
+from .run import _check_grid_options
 from .runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, mark_state
 from .runfolder import jsonable as _jsonable
 from .runfolder import write_json as _write_json
@@ -96,7 +96,7 @@ def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batc
         raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    _check_network_batch(network_batch)
+    check_network_batch(network_batch)
     _check_grid_options(grid_nrow, 1, grid_padding)
 
 
@@ -137,7 +137,7 @@ def text_to_image(
             (1: none); negative_prompt: the unconditional prompt.
         height, width: image size in pixels (default the model's native size).
         batch_size: images per solver call; network_batch: the networks see exactly this many rows per call
-            (:class:`bdia.run.FixedBatchDenoiser`), making float32 results independent of ``batch_size``;
+            (:class:`bdia.denoisers.FixedBatchDenoiser`), making float32 results independent of ``batch_size``;
             ``None``: the whole batch.
         noise_per_prompt: image ``(p, s)``'s noise from seed ``s * len(prompts) + p`` instead of ``s``.
         save_states: keep the float64 final latents (``z_end``; BDIA also ``z_inner``) in the records and

@@ -22,7 +22,8 @@ from bdia.analytic import digits_gmm
 from bdia.app import one_line, preflight, sample_from_config
 from bdia.distributed import DistContext, context_from_env, shard
 from bdia.networks import load_edm
-from bdia.run import FixedBatchDenoiser, StackedRandomGenerator, class_labels_for, sample_run, seeds_done
+from bdia.denoisers import FixedBatchDenoiser
+from bdia.run import StackedRandomGenerator, class_labels_for, sample_run, seeds_done
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
