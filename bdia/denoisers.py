@@ -25,6 +25,7 @@ __all__ = [
     "DenoiserWrapper",
     "ClassifierFreeGuidance",
     "CountingDenoiser",
+    "RowCountingDenoiser",
     "FixedBatchDenoiser",
     "MAX_NETWORK_BATCH",
     "check_network_batch",
@@ -194,6 +195,23 @@ class CountingDenoiser(DenoiserWrapper):
     def forward(self, x, sigma, class_labels=None, **cond):
         self.nfe += 1
         return self.denoiser(x, sigma, class_labels, **cond)
+
+
+class RowCountingDenoiser(CountingDenoiser):
+    """:class:`CountingDenoiser` that also counts the batch rows the network evaluates (``network_rows``): a
+    guided call on B images runs 2B rows, an unguided one B."""
+
+    def __init__(self, denoiser):
+        super().__init__(denoiser)
+        self.network_rows = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.network_rows = 0
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        self.network_rows += int(x.shape[0])
+        return super().forward(x, sigma, class_labels, **cond)
 
 
 #: Bound on the rows per network call (it sizes allocations): far above any real run.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +25,8 @@ __all__ = [
     "vp_timesteps",
     "vp_sigmas",
     "vp_alpha",
+    "z_to_x",
+    "x_to_z",
     "sigmas_from_alphas_cumprod",
     "sigma_to_timestep",
     "as_sigmas",
@@ -187,6 +188,17 @@ def vp_alpha(sigma):
     if isinstance(sigma, torch.Tensor):
         return (1 + sigma.to(torch.float64) ** 2).rsqrt()
     return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
+
+
+def z_to_x(z: torch.Tensor, sigma) -> torch.Tensor:
+    """VP latent ``z`` at level ``sigma`` -> EDM-scaled state ``x = z / alpha`` (float64). The one z <-> x map:
+    Stable Diffusion's UNet sees ``z``, every solver works on ``x``."""
+    return z.to(torch.float64) / vp_alpha(torch.as_tensor(sigma, dtype=torch.float64)).to(z.device)
+
+
+def x_to_z(x: torch.Tensor, sigma) -> torch.Tensor:
+    """EDM-scaled state ``x`` at level ``sigma`` -> VP latent ``z = alpha x`` (float64)."""
+    return x.to(torch.float64) * vp_alpha(torch.as_tensor(sigma, dtype=torch.float64)).to(x.device)
 
 
 def sigma_to_timestep(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from bdia.networks import EDMPrecond  # noqa: E402
-from bdia.run import sample_run  # noqa: E402
+from bdia.apps.sample import sample_run  # noqa: E402
 
 # EDM's train.py --arch=ddpmpp, CIFAR-10 (55,735,299 parameters with 10 classes).
 DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",

@@ -7,7 +7,7 @@ null-text inversion.
     python scripts/edit.py model.path=/models/stable-diffusion-v1-5 model.dtype=float64   # a local folder, fp64
     python scripts/make_tiny_sd.py && python scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4   # offline demo
 
-Config: ``configs/edit.yaml`` (keys = :func:`bdia.editing.edit_run`'s arguments) and the ``model`` group
+Config: ``configs/edit.yaml`` (keys = :func:`bdia.apps.edit.edit_run`'s arguments) and the ``model`` group
 (``sd15`` default, ``sd14``, ``sd21_base``, ``tiny-sd``; ``model.path`` takes any local diffusers folder).
 
 Output (``out_dir``, default ``results/edit/<overrides>``): ``<method>.png`` (original | reconstruction | edit),
@@ -27,7 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from bdia.app import run_command_line, run_job
+from bdia.apps.cli import run_command_line, run_job
 from bdia.configs import instantiate
 from bdia.distributed import launch_context, resolve_device
 from bdia.logger import NullLogger, Table, log_run
@@ -46,11 +46,11 @@ def load_sd_config(model_cfg: dict, device="cpu"):
 
 
 def edit_from_config(cfg, choices=None) -> dict | None:
-    """Load the model of ``cfg.model`` and run :func:`bdia.editing.edit_run` with the top-level keys (on a
+    """Load the model of ``cfg.model`` and run :func:`bdia.apps.edit.edit_run` with the top-level keys (on a
     multirun under torchrun, only this rank's jobs; ``None`` for the others)."""
     import inspect
 
-    from bdia.editing import edit_run
+    from bdia.apps.edit import edit_run
 
     config = OmegaConf.to_container(cfg, resolve=True)
     model_cfg = config.pop("model", None)

@@ -5,8 +5,8 @@ EDICT and null-text inversion, on one tiny Stable Diffusion, in float64 and floa
     .venv/bin/python scripts/editing_cost.py --num-steps 50 --guidance-scale 7.5 --repeats 1
 
 For one image: encode scikit-learn's china.jpg with the tiny VAE, invert it under a source prompt, regenerate it
-(:func:`bdia.editing.invert_and_edit`, no edit prompt), and record the NFE counted by
-:class:`bdia.editing.RowCountingDenoiser`, the network rows (a guided call on one image = 2 rows), backward passes
+(:func:`bdia.apps.edit.invert_and_edit`, no edit prompt), and record the NFE counted by
+:class:`bdia.denoisers.RowCountingDenoiser`, the network rows (a guided call on one image = 2 rows), backward passes
 (null-text), wall and CPU time (fastest of ``--repeats`` interleaved runs, and as ratios to DDIM inversion +
 regeneration with the same dtypes in the same run) and the latent round-trip error. Rows: network and solver state both float64, both float32,
 and (DDIM, BDIA, EDICT) float32 network with float64 state -- scripts/edit.py's default.
@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import bdia  # noqa: E402
-from bdia.editing import invert_and_edit, latent_to_state, load_image, state_to_latent  # noqa: E402
+from bdia.apps.edit import invert_and_edit, load_image  # noqa: E402
+from bdia.inversion import latent_to_state, state_to_latent
 from bdia.metrics.reconstruction import latent_metrics  # noqa: E402
 from bdia.solvers import gamma_schedule, predicted_roundtrip_error  # noqa: E402
 
@@ -166,7 +167,7 @@ def write_outputs(rows, args, out_dir: Path, wall: float) -> None:
         f"* One image: scikit-learn's `china.jpg`, centre-cropped to 32x32, encoded by the tiny VAE, the latent rescaled "
         f"to unit std (SD's scale; the tiny VAE's is ~0.04). Source prompt \"{SOURCE_PROMPT}\", guidance "
         f"{args.guidance_scale} (empty-prompt unconditional half), N = {args.num_steps} steps, full strength.",
-        "* Inversion + regeneration of that one image per method (`bdia.editing.invert_and_edit`). NFE = network calls "
+        "* Inversion + regeneration of that one image per method (`bdia.apps.edit.invert_and_edit`). NFE = network calls "
         "counted by `RowCountingDenoiser` (a guided call, batched over both halves, counts 1; so does an unguided "
         "call); `rows` = batch rows the UNet ran (a guided call on one image = 2). Null-text's backward passes are "
         "counted separately (each costs about two forward passes); Adam learning rate 1e-2 decayed 1% per step, "

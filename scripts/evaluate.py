@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.app import one_line  # noqa: E402
+from bdia.apps.cli import one_line  # noqa: E402
 from bdia.configs import build_metrics, instantiate  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process  # noqa: E402
 from bdia.download import AssetUnavailableError  # noqa: E402

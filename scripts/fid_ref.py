@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.app import one_line  # noqa: E402
+from bdia.apps.cli import one_line  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process, resolve_device  # noqa: E402
 from bdia.download import AssetUnavailableError, cache_dir, is_offline  # noqa: E402
 

@@ -4,7 +4,7 @@
     python scripts/make_tables.py table2 --runs-root /scratch/results/sample
     python scripts/make_tables.py --all                # every table whose runs exist
 
-Table specs: configs/tables/<name>.yaml (bdia.tables explains the keys).
+Table specs: configs/tables/<name>.yaml (bdia.apps.tables explains the keys).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bdia.reproduce import load_spec, run_roots, spec_names
-from bdia.tables import write_table
+from bdia.apps.reproduce import load_spec, run_roots, spec_names
+from bdia.apps.tables import write_table
 
 
 def main(argv=None) -> int:

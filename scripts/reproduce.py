@@ -6,7 +6,7 @@
     python scripts/reproduce.py table2 --dry-run                # every job (overrides, seeds, ranks); runs nothing
     python scripts/reproduce.py table2_mini --smoke             # smallest size (what the tests run)
 
-Tables are specs in configs/tables/ (bdia.reproduce, bdia.tables). Extra arguments are Hydra overrides given
+Tables are specs in configs/tables/ (bdia.apps.reproduce, bdia.apps.tables). Extra arguments are Hydra overrides given
 to every sweep (e.g. solver.gamma=0.3). The make targets reproduce-table1/2/3 and their -mini twins call this.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bdia.reproduce import reproduce, spec_names
+from bdia.apps.reproduce import reproduce, spec_names
 
 
 def main(argv=None) -> int:

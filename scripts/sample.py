@@ -12,7 +12,7 @@
     python scripts/sample.py --cfg job                        # print the composed config and exit
 
 Configs: ``configs/sample.yaml`` and its groups (dataset/ model/ solver/ metrics/ logger/ launcher/ experiment/).
-The work is done by :func:`bdia.app.sample_from_config` and :func:`bdia.run.sample_run`.
+The work is done by :func:`bdia.apps.sample.sample_from_config` and :func:`bdia.apps.sample.sample_run`.
 
 Output: ``out_dir`` (default ``results/sample/<experiment_name>/<overrides>``) holds ``images/<seed:06d>.png``,
 ``records/<seed:06d>.npz``, ``images.npz``, ``grid.png``, ``metrics.json`` (NFE measured, wall time,
@@ -30,7 +30,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from bdia.app import run_command_line, run_job, sample_from_config
+from bdia.apps.cli import run_command_line, run_job
+from bdia.apps.sample import sample_from_config
 
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")

@@ -47,10 +47,10 @@ import torch  # noqa: E402
 
 import bdia  # noqa: E402
 from bdia.analytic import digits_gmm  # noqa: E402
+from bdia.imageio import quantize, seed_noise  # noqa: E402
 from bdia.metrics.digits_classifier import DigitsFeatures, digits_uint8  # noqa: E402
 from bdia.metrics.frechet import frechet_distance  # noqa: E402
 from bdia.models import digits_network  # noqa: E402
-from bdia.run import quantize, seed_noise  # noqa: E402
 
 COMMAND = "make study  (= .venv/bin/python scripts/solver_study.py)"
 NFE_TARGETS = (5, 9, 15, 25, 35)

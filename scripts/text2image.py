@@ -10,7 +10,7 @@
     python scripts/text2image.py --cfg job                          # print the composed config and exit
 
 Config: ``configs/text2image.yaml`` (groups ``model/``, ``metrics/``, ``experiment/``). The work is done by
-:func:`bdia.text2image.text2image_from_config` and :func:`bdia.text2image.text_to_image`.
+:func:`bdia.apps.text2image.text2image_from_config` and :func:`bdia.apps.text2image.text_to_image`.
 
 Output: ``out_dir`` (default ``results/text2image/<experiment_name>/<overrides>``) holds ``images/*.png``,
 ``records/*.npz``, ``images.npz``, ``grid.png`` (one row per prompt), ``prompts.json``, ``prompts.txt``,
@@ -27,8 +27,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from bdia.app import run_command_line, run_job
-from bdia.text2image import text2image_from_config
+from bdia.apps.cli import run_command_line, run_job
+from bdia.apps.text2image import text2image_from_config
 
 
 @hydra.main(config_path="../configs", config_name="text2image", version_base="1.3")

@@ -1,4 +1,4 @@
-"""Train the embedded digits model with EDM's preconditioning, loss and EMA (``bdia.train``).
+"""Train the embedded digits model with EDM's preconditioning, loss and EMA (``bdia.apps.train``).
 
     python scripts/train.py                                   # configs/train.yaml
     python scripts/train.py train.total_images=20000 out_dir=/tmp/quick
@@ -18,8 +18,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bdia.apps.train import TrainConfig, save_network, train
 from bdia.data import digits_images
-from bdia.train import TrainConfig, save_network, train
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

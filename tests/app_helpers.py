@@ -49,7 +49,7 @@ def write_tiny_edm(path, label_dim: int = 10, resolution: int = 8, seed: int = 0
 
 def write_tiny_digits_network(path) -> Path:
     """A small untrained network in scripts/train.py's format (what model=digits model.path=... reads)."""
-    from bdia.train import TrainConfig, build_network, save_network
+    from bdia.apps.train import TrainConfig, build_network, save_network
 
     config = TrainConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
     torch.manual_seed(0)

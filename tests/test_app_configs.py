@@ -21,7 +21,7 @@ from app_helpers import (
     write_tiny_digits_network,
     write_tiny_edm,
 )
-from bdia.app import sample_from_config
+from bdia.apps.sample import sample_from_config
 from bdia.download import AssetUnavailableError
 from bdia.models import ModelNotShippedError, load_model
 from bdia.networks.registry import CHECKPOINTS

@@ -19,11 +19,12 @@ import bdia
 from app_helpers import REPO, SCRIPT, TINY_GMM, cli, compose, hydra_configs, run_script, subprocess_env, write_tiny_edm
 from app_helpers import one_thread  # noqa: F401  (fixture)
 from bdia.analytic import digits_gmm
-from bdia.app import one_line, preflight, sample_from_config
+from bdia.apps.cli import one_line, preflight
+from bdia.apps.sample import sample_from_config
 from bdia.distributed import DistContext, context_from_env, shard
 from bdia.networks import load_edm
 from bdia.denoisers import FixedBatchDenoiser
-from bdia.run import StackedRandomGenerator, class_labels_for, sample_run, seeds_done
+from bdia.apps.sample import StackedRandomGenerator, class_labels_for, sample_run, seeds_done
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +117,7 @@ def test_resume_after_a_failure_midway_completes_the_remaining_seeds(tmp_path, m
     run = tmp_path / "run"
     sample_run(den, out_dir=run, **{**kwargs, "seeds": "0-3"})  # an earlier, finished run with fewer seeds
     assert (run / "metrics.json").is_file()
-    import bdia.driver as driver_module
+    import bdia.apps.driver as driver_module
 
     original, written = driver_module.write_item, []
 
@@ -196,7 +197,7 @@ def test_saved_states_hold_the_bdia_pair_that_inverts_the_run(tmp_path):
     noise_pair = bdia.invert(den, pair, sigmas, solver="bdia_edm", gamma=0.9)
     expected = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(3)]).double() * 80
     assert (noise_pair.x_end - expected).abs().max() < 1e-9  # back to each seed's own latents
-    assert np.array_equal(data["images"], bdia.run.quantize(pair[0]).numpy())
+    assert np.array_equal(data["images"], bdia.apps.sample.quantize(pair[0]).numpy())
 
 
 # --------------------------------------------------------------------------------------------------

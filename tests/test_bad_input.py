@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from app_helpers import REPO, cli, one_thread, subprocess_env  # noqa: F401  (fixture)
 
-from bdia.run import sample_run
+from bdia.apps.sample import sample_run
 from bdia.runfolder import MARKER_FILE, RunFolderError, image_complete, prepare_run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,7 +76,7 @@ def test_sample_refuses_a_folder_of_another_app(tmp_path, monkeypatch):
 
 
 def test_text2image_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
-    from bdia.text2image import text_to_image
+    from bdia.apps.text2image import text_to_image
 
     folder = tmp_path / "d"
     (folder / "images").mkdir(parents=True)
@@ -104,7 +104,7 @@ def test_text2image_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
 
 
 def test_edit_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
-    from bdia.editing import edit_run
+    from bdia.apps.edit import edit_run
 
     folder = tmp_path / "d"
     folder.mkdir()
@@ -271,12 +271,12 @@ def test_resumed_run_keeps_end_of_run_files_until_it_replaces_them(finished_run)
     ("solver.gamma=true", ["gamma must be a number in [0, 1]"]),
 ])
 def test_bad_settings_fail_in_one_line_before_sampling(tmp_path, monkeypatch, override, needles):
-    import bdia.run
+    import bdia.apps.sample
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before the settings were checked")
 
-    monkeypatch.setattr(bdia.run._solvers, "sample", no_sampling)
+    monkeypatch.setattr(bdia.apps.sample._solvers, "sample", no_sampling)
     assert_one_line(cli(monkeypatch, tmp_path, *DIGITS, override, f"out_dir={tmp_path}/run"), *needles)
 
 
@@ -292,20 +292,20 @@ def test_settings_that_size_allocations_are_bounded(tmp_path, monkeypatch, overr
 
 
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
-    import bdia.run
+    import bdia.apps.sample
 
     def exhausted(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 143760000000000 bytes.")
 
-    monkeypatch.setattr(bdia.run._solvers, "sample", exhausted)
+    monkeypatch.setattr(bdia.apps.sample._solvers, "sample", exhausted)
     message = cli(monkeypatch, tmp_path, *DIGITS, f"out_dir={tmp_path}/run")
     assert_one_line(message, "error: out of memory", "lower batch_size or network_batch")
 
     def bug(*args, **kwargs):
         raise RuntimeError("a programming error")
 
-    monkeypatch.setattr(bdia.run._solvers, "sample", bug)
+    monkeypatch.setattr(bdia.apps.sample._solvers, "sample", bug)
     # Other errors are not dressed up as memory problems: Hydra reports them with their traceback (exit 1).
     assert cli(monkeypatch, tmp_path, *DIGITS, f"out_dir={tmp_path}/run2") == 1
 
@@ -347,7 +347,7 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 
 
 def test_huge_image_for_edit_is_refused_before_decoding(tmp_path):
-    from bdia.editing import load_image
+    from bdia.apps.edit import load_image
 
     bomb = tmp_path / "bomb.png"
     _png_header_only(bomb, 20000, 20000)  # 74 bytes claiming 400 megapixels
@@ -416,8 +416,8 @@ def test_digits_classifier_with_foreign_weights_is_one_line(tmp_path):
     ("solver.backward=rk4", "backward must be one of"),
 ])
 def test_bdia_edm_options_are_checked_before_sampling(tmp_path, monkeypatch, override, needle):
-    import bdia.run
+    import bdia.apps.sample
 
-    monkeypatch.setattr(bdia.run._solvers, "sample", lambda *a, **k: pytest.fail("sampled before the check"))
+    monkeypatch.setattr(bdia.apps.sample._solvers, "sample", lambda *a, **k: pytest.fail("sampled before the check"))
     assert_one_line(cli(monkeypatch, tmp_path, *DIGITS, "solver=bdia_edm", override, f"out_dir={tmp_path}/run"),
                     needle)

@@ -23,7 +23,7 @@ import torch
 
 import bdia.networks.loader as loader
 from bdia import download
-from bdia.app import one_line
+from bdia.apps.cli import one_line
 from bdia.models import digits_network
 from bdia.networks import EDM_CLASSES, EDMPrecond, iDDPMPrecond
 from bdia.networks.loader import CACHE_SUFFIX, CacheWarning, SnapshotError, load_edm
@@ -621,7 +621,7 @@ def test_digits_file_that_is_a_fifo(tmp_path):
 
 
 def test_digits_network_written_by_train_still_loads(tmp_path):
-    from bdia.train import TrainConfig, build_network, load_network, save_network
+    from bdia.apps.train import TrainConfig, build_network, load_network, save_network
 
     config = TrainConfig(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
     torch.manual_seed(0)

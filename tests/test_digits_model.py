@@ -13,7 +13,7 @@ import torch
 
 import bdia
 from bdia.models import DIGITS_WEIGHTS, digits_network
-from bdia.run import quantize
+from bdia.imageio import quantize
 
 EXPECTED = Path(__file__).parent / "data" / "digits_expected.npz"
 SEEDS = list(range(8))

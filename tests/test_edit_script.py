@@ -1,4 +1,4 @@
-"""scripts/edit.py and bdia.editing.edit_run end to end on scikit-learn's china.jpg with the tiny local SD folder;
+"""scripts/edit.py and bdia.apps.edit.edit_run end to end on scikit-learn's china.jpg with the tiny local SD folder;
 model=sd15 offline fails at once with one line."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from PIL import Image
 from sd_helpers import tiny_sd, tiny_sd_dir  # noqa: F401  (session fixtures)
 
 import bdia
-from bdia.app import preflight
-from bdia.editing import METHODS, edit_run, load_image
+from bdia.apps.cli import preflight
+from bdia.inversion import METHODS
+from bdia.apps.edit import edit_run, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "edit.py"

@@ -1,4 +1,4 @@
-"""Inversion and editing (bdia.editing) on tiny Stable Diffusion components through the full CFG path.
+"""Inversion and editing (bdia.apps.edit) on tiny Stable Diffusion components through the full CFG path.
 
 Correctness comes from closed forms and independent transcriptions: EDICT's and DDIM inversion's loops are
 re-written here the way their papers' code writes them (diffusers-style ``alphas_cumprod[t]`` coefficients, the
@@ -16,17 +16,8 @@ import torch
 from sd_helpers import tiny_sd, tiny_sd_dir  # noqa: F401  (session fixtures)
 
 import bdia
-from bdia.editing import (
-    METHODS,
-    edict_invert,
-    edict_sample,
-    invert_and_edit,
-    latent_to_state,
-    null_text_invert,
-    state_to_latent,
-    tail_sigmas,
-    vp_eps,
-)
+from bdia.inversion import METHODS, edict_invert, edict_sample, latent_to_state, null_text_invert, state_to_latent, tail_sigmas, vp_eps
+from bdia.apps.edit import invert_and_edit
 
 N = 10
 W = 3.0  # guidance scale
@@ -169,7 +160,7 @@ def _eps_cfg(sd, z, t, source, uncond, w):
 
 def test_ddim_invert_matches_the_null_text_ddim_loop(sd64, setup64):
     """Null-text's ``ddim_loop``/``next_step``: from timestep t - T/N to t with eps(z, t) of the current latent."""
-    from bdia.editing import ddim_invert
+    from bdia.inversion import ddim_invert
 
     s = setup64
     cfg = bdia.ClassifierFreeGuidance(s["base"], W, {"encoder_hidden_states": s["uncond"]})
@@ -283,7 +274,7 @@ def test_null_text_early_stop_and_loss_target(setup64, null_text_result):
     stopped = null_text_invert(s["base"], s["x"], s["sigmas"], cond, s["uncond"], W, num_inner_steps=5, early_stop=1e9)
     assert stopped.inner_steps == [1] * N  # the first loss is already below the threshold
     # the optimised embedding makes the guided DDIM step land nearer the pivot than the empty prompt's
-    from bdia.editing import ddim_invert, ddim_z, guided
+    from bdia.inversion import ddim_invert, ddim_z, guided
 
     levels = s["sigmas"].tolist()
     pivot = ddim_invert(s["base"], s["x"], levels, {"encoder_hidden_states": cond}, return_trajectory=True)
@@ -306,7 +297,7 @@ def test_unknown_method_is_a_value_error(setup64):
 
 
 def test_registry_options_are_one_dataclass_per_method_and_mistakes_are_refused(setup64):
-    from bdia.editing import METHOD_REGISTRY, METHODS, BDIAOptions, EDICTOptions, method_options
+    from bdia.inversion import METHOD_REGISTRY, METHODS, BDIAOptions, EDICTOptions, method_options
 
     assert METHODS == tuple(METHOD_REGISTRY) == ("bdia", "ddim", "edict", "null_text")
     settings = {"gamma": 0.93, "p": 0.9, "leapfrog": False, "num_inner_steps": 3}

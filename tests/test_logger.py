@@ -359,7 +359,7 @@ def test_sample_app_logs_to_wandb_offline_into_a_new_run_folder(tmp_path, monkey
     foreign one, and a rerun resumes it."""
     from app_helpers import FAST, TINY_GMM, compose, hydra_configs
 
-    from bdia.app import sample_from_config
+    from bdia.apps.sample import sample_from_config
 
     _wandb_env(monkeypatch, tmp_path, mode=None)
     out = tmp_path / "run"

@@ -226,7 +226,7 @@ def test_evaluate_app_in_process_with_the_null_logger(tmp_path):
 
 
 def test_evaluate_bad_metric_option_is_reported_as_the_metrics_own_message(tmp_path):
-    from bdia.app import one_line
+    from bdia.apps.cli import one_line
 
     sys.path.insert(0, str(REPO / "scripts"))
     try:

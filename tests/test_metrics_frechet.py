@@ -99,7 +99,7 @@ def test_polynomial_mmd2_matches_a_direct_double_sum():
 def digit_sets():
     """Two image sets: 'generated' = train digits with grain (uint8), reference = held-out digits."""
     from bdia.metrics.digits_classifier import digits_split
-    from bdia.run import quantize
+    from bdia.imageio import quantize
 
     x, _ = digits_split("train")
     noisy = x[:300] + 0.08 * torch.randn(x[:300].shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bdia.reproduce import (
+from bdia.apps.reproduce import (
     REPO_ROOT,
     dry_run_text,
     expand_sweep,
@@ -23,7 +23,7 @@ from bdia.reproduce import (
     split_values,
     sweep_commands,
 )
-from bdia.tables import render_markdown, table_rows
+from bdia.apps.tables import render_markdown, table_rows
 from sd_helpers import tiny_sd_dir  # noqa: F401  (session fixture)
 
 TABLE2_MODELS = {
@@ -203,7 +203,7 @@ def test_planned_nfe_matches_the_solvers_measured_counts():
 
     import bdia
     from bdia.denoisers import CountingDenoiser
-    from bdia.reproduce import planned_nfe
+    from bdia.apps.reproduce import planned_nfe
 
     means = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
     for name, backward in (("ddim", None), ("bdia_ddim", None), ("edm", None), ("bdia_edm", "euler"), ("bdia_edm", "heun")):
@@ -217,8 +217,8 @@ def test_planned_nfe_matches_the_solvers_measured_counts():
 
 
 def test_wandb_flag_groups_every_run_of_a_table_and_logs_one_summary(tmp_path, capsys):
-    from bdia.reproduce import reproduce
-    from bdia.tables import log_table_to_logger
+    from bdia.apps.reproduce import reproduce
+    from bdia.apps.tables import log_table_to_logger
 
     text = reproduce("table2_mini", dry_run=True, smoke=True, wandb=True)["dry_run"]
     job_lines = [line for line in text.splitlines() if line.startswith("  job: ")]
@@ -293,7 +293,7 @@ def test_table3_mini_smoke_runs_the_editing_path_and_tabulates_every_method(tmp_
 
 @pytest.mark.parametrize("name", ["table1_mini", "table3_mini"])
 def test_wandb_flag_groups_the_sd_tables_too(name):
-    from bdia.reproduce import reproduce
+    from bdia.apps.reproduce import reproduce
 
     text = reproduce(name, dry_run=True, smoke=True, wandb=True)["dry_run"]
     commands = [line for line in text.splitlines() if line.startswith("multirun ")]
@@ -301,11 +301,11 @@ def test_wandb_flag_groups_the_sd_tables_too(name):
 
 
 def test_wandb_is_refused_for_apps_without_a_logger(monkeypatch):
-    import bdia.reproduce
-    from bdia.reproduce import reproduce
+    import bdia.apps.reproduce
+    from bdia.apps.reproduce import reproduce
 
     spec = {**load_spec("table3_mini"), "wandb": False}  # a spec whose script has no logger
-    monkeypatch.setattr(bdia.reproduce, "load_spec", lambda name: spec)
+    monkeypatch.setattr(bdia.apps.reproduce, "load_spec", lambda name: spec)
     with pytest.raises(ValueError, match="no W&B logger"):
         reproduce("table3_mini", dry_run=True, wandb=True)
 

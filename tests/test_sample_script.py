@@ -1,4 +1,4 @@
-"""The sampling run (bdia.run), the analytic digits model (bdia.analytic) and the scripts/sample.py shell."""
+"""The sampling run (bdia.apps.sample), the analytic digits model (bdia.analytic) and the scripts/sample.py shell."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 import bdia
 from bdia.analytic import digits_gmm, gmm_toy, mixture_metrics
-from bdia.run import format_seeds, image_grid, parse_seeds, quantize, sample_run, save_image_grid, seed_noise
+from bdia.apps.sample import format_seeds, image_grid, parse_seeds, quantize, sample_run, save_image_grid, seed_noise
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "sample.py"

@@ -416,7 +416,7 @@ def test_invert_and_regenerate_with_a_loaded_pipeline_is_exact_in_float64(tiny_s
     to float64 round-off; an edit prompt regenerates something else; the pipeline keeps its scheduler."""
     from diffusers import StableDiffusionPipeline
 
-    from bdia.editing import load_image
+    from bdia.apps.edit import load_image
     from bdia.schedulers import invert_with_pipeline, regenerate_with_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dtype=torch.float64)

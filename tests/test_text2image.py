@@ -1,4 +1,4 @@
-"""Text-to-image (bdia.prompts, bdia.text2image, scripts/text2image.py) on the tiny SD folder: prompt sources,
+"""Text-to-image (bdia.prompts, bdia.apps.text2image, scripts/text2image.py) on the tiny SD folder: prompt sources,
 run folders, resume, parity of the decoded images with diffusers' own pipeline, the Hydra app and its sweep
 folders, CLIP score end to end, and the offline failures."""
 
@@ -15,7 +15,7 @@ from app_helpers import cli as app_cli
 from sd_helpers import PROMPTS, build_tiny_clip, tiny_sd, tiny_sd_dir  # noqa: F401  (fixtures)
 
 from bdia.prompts import coco_captions, load_prompts, read_prompt_file
-from bdia.text2image import image_name, text_to_image
+from bdia.apps.text2image import image_name, text_to_image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "text2image.py"

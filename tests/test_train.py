@@ -7,7 +7,7 @@ import torch
 
 import bdia
 from bdia.data import TEST_SIZE, digits_images
-from bdia.train import TrainConfig, build_network, edm_loss, load_network, save_network, train
+from bdia.apps.train import TrainConfig, build_network, edm_loss, load_network, save_network, train
 
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
             batch_size=8, total_images=64, lr_rampup_images=16, ema_halflife_images=32,
@@ -59,7 +59,7 @@ def test_training_is_deterministic_and_reloads(tmp_path):
 
 
 def test_ema_half_life_with_ramp_up():
-    from bdia.train import _ema_beta
+    from bdia.apps.train import _ema_beta
 
     config = TrainConfig(ema_halflife_images=50_000, ema_rampup_ratio=0.05)
     # early on the half-life is 5% of the images seen; later the configured 50k images

@@ -4,7 +4,7 @@ The project's embedded data set is ``sklearn.datasets.load_digits()`` (1797 8x8 
 EDM's pixel range ``[-1, 1]`` and resized bilinearly to 16x16, with a fixed train / held-out split: both come
 from :func:`bdia.data.digits_images` (the preprocessing :func:`bdia.analytic.digits_gmm` also uses; a test
 checks they agree). Images enter the classifier quantised like every generated image
-(``bdia.run.quantize``: uint8), so real and generated digits take one path.
+(``bdia.imageio.quantize``: uint8), so real and generated digits take one path.
 
 The classifier is trained on the ``"train"`` split only by ``scripts/train_digits_classifier.py``; its weights
 ship in ``bdia/assets/digits_classifier.safetensors`` beside ``digits_classifier.json`` (architecture,
@@ -83,7 +83,7 @@ def split_fingerprint(split: str = "test") -> str:
 
 
 def digits_uint8(split: str = "test", image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The digits of ``split`` quantised like generated images (``bdia.run.quantize``): uint8
+    """The digits of ``split`` quantised like generated images (``bdia.imageio.quantize``): uint8
     ``[n, 1, image_size, image_size]`` and labels ``[n]``."""
     x, labels = digits_split(split, image_size)
     return quantize(x).numpy(), labels.numpy()
@@ -286,7 +286,7 @@ def train_digits_classifier(epochs: int = 30, batch_size: int = 64, lr: float = 
             "data": {
                 "source": "sklearn.datasets.load_digits (1797 8x8 images) via bdia.data.digits_images",
                 "preprocessing": f"x / 16 * 2 - 1, bilinear resize to {image_size}x{image_size} "
-                                 "(align_corners=False), clamp [-1, 1], quantised to uint8 as bdia.run.quantize",
+                                 "(align_corners=False), clamp [-1, 1], quantised to uint8 as bdia.imageio.quantize",
                 "split": "bdia.data's fixed split: trained on 'train', accuracy on the held-out 'test'",
                 "num_train": int(len(x_train)),
                 "num_test": int(len(digits_split("test", image_size)[0])),

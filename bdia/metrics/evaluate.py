@@ -32,7 +32,7 @@ def find_runs(path) -> list[Path]:
     """``path`` itself if it is a run folder (holds ``images.npz``), else every folder below it that holds
     ``images.npz`` (a sweep), sorted.
 
-    Only finished runs count: ``bdia.run.sample_run`` writes ``metrics.json`` last, so a folder with
+    Only finished runs count: ``bdia.apps.sample.sample_run`` writes ``metrics.json`` last, so a folder with
     ``images.npz`` but no ``metrics.json`` is unfinished — an error for a single run, skipped (with a warning)
     in a sweep, so that evaluating never creates the marker of a finished run. Raises ``ValueError`` if there
     is no finished run."""

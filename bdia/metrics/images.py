@@ -4,7 +4,7 @@ Every source is an :class:`ImageSource`: ``len(source)`` images of one shape ``[
 C = 1 or 3), optional per-image ``seeds``, and ``source.batch(indices)`` returning a uint8 tensor
 ``[B, C, H, W]``. Folders of image files are read lazily, batch by batch.
 
-* a **run folder** (``bdia.run.sample_run``'s output): ``images.npz`` (``images`` uint8 ``[N, C, H, W]``,
+* a **run folder** (``bdia.apps.sample.sample_run``'s output): ``images.npz`` (``images`` uint8 ``[N, C, H, W]``,
   ``seeds``); if it has none, its ``images/`` folder;
 * an **.npz** file: ``images`` (NCHW or NHWC), or ``arr_0`` (NHWC, the layout of ADM's reference batches),
   and ``seeds`` when present;

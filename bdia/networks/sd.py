@@ -42,7 +42,7 @@ import torch
 
 from ..denoisers import ClassifierFreeGuidance, VPEpsDenoiser
 from ..download import AssetUnavailableError, hub_cache_path, is_offline
-from ..schedules import make_alphas_cumprod, vp_alpha, vp_sigmas
+from ..schedules import make_alphas_cumprod, vp_sigmas, x_to_z, z_to_x  # noqa: F401  (z/x: re-exported)
 
 __all__ = [
     "SD_MODELS",
@@ -66,16 +66,6 @@ PATH_KEY = "model.path"
 
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
-
-
-def z_to_x(z: torch.Tensor, sigma) -> torch.Tensor:
-    """VP latent ``z`` at level ``sigma`` -> EDM-scaled state ``x = z / alpha`` (float64)."""
-    return z.to(torch.float64) / vp_alpha(torch.as_tensor(sigma, dtype=torch.float64)).to(z.device)
-
-
-def x_to_z(x: torch.Tensor, sigma) -> torch.Tensor:
-    """EDM-scaled state ``x`` at level ``sigma`` -> VP latent ``z = alpha x`` (float64)."""
-    return x.to(torch.float64) * vp_alpha(torch.as_tensor(sigma, dtype=torch.float64)).to(x.device)
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
 """Reproduce a paper table: run its Hydra multiruns (on 1..N GPUs, locally or on SLURM), then build the table.
 
-A table is a spec in ``configs/tables/<name>.yaml`` (see :mod:`bdia.tables` for the display keys):
+A table is a spec in ``configs/tables/<name>.yaml`` (see :mod:`bdia.apps.tables` for the display keys):
 
     name: table2_mini
     script: scripts/sample.py          # the Hydra app every sweep runs
@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from .imageio import parse_seeds
-from .logger import WandbLogger
+from ..imageio import parse_seeds
+from ..logger import WandbLogger
 from .tables import write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",

@@ -1,6 +1,6 @@
 """Results tables and plots built from run folders' ``metrics.json`` — never from hand-written numbers.
 
-A *table spec* (``configs/tables/<name>.yaml``, read by :func:`bdia.reproduce.load_spec`) says which run
+A *table spec* (``configs/tables/<name>.yaml``, read by :func:`bdia.apps.reproduce.load_spec`) says which run
 folders belong to a table and what to show:
 
 * ``sweeps``: lists of Hydra overrides (one multirun each); every ``experiment=<name>`` in them names a run
@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .networks.registry import CHECKPOINTS
+from ..networks.registry import CHECKPOINTS
 
 __all__ = ["dig", "collect_runs", "table_rows", "render_markdown", "write_table", "line_label", "BASE_SOLVER"]
 
@@ -305,7 +305,7 @@ def _copy_figures(spec, runs, output: Path) -> dict[str, Path]:
 
 def write_table(spec: Mapping[str, Any], roots: Sequence[str | Path], output: str | Path | None = None,
                 command: str | None = None, plot: bool = True, logger=None) -> dict[str, Path]:
-    """Collect the run folders under ``roots`` (:func:`bdia.reproduce.run_roots` of the spec), write
+    """Collect the run folders under ``roots`` (:func:`bdia.apps.reproduce.run_roots` of the spec), write
     ``<output>.md``, ``.csv`` and ``.png``; return their paths. ``logger`` (started, e.g. a W&B run): also gets
     the rows as one summary table."""
     roots = [Path(r) for r in roots]

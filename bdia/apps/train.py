@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .networks import EDMPrecond
-from .networks.loader import load_network_file
+from ..networks import EDMPrecond
+from ..networks.loader import load_network_file
 
 __all__ = ["TrainConfig", "edm_loss", "build_network", "train", "save_network", "load_network"]
 

@@ -1,6 +1,6 @@
 """The one sampling driver of the apps: work items into a run folder, resumable and sharded over ranks.
 
-An app (``bdia.run.sample_run``: one item per seed; ``bdia.text2image.text_to_image``: one per (prompt, seed))
+An app (``bdia.apps.sample.sample_run``: one item per seed; ``bdia.apps.text2image.text_to_image``: one per (prompt, seed))
 hands :func:`drive` its items, their file names and a ``solve`` function that turns a batch of items into
 images (uint8) and per-item records. The driver owns everything else:
 
@@ -26,9 +26,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .distributed import DistContext, barrier, gather
-from .imageio import png_bytes
-from .runfolder import (
+from ..distributed import DistContext, barrier, gather
+from ..imageio import png_bytes
+from ..runfolder import (
     IMAGES_DIR,
     RECORDS_DIR,
     atomic_write,
@@ -38,9 +38,14 @@ from .runfolder import (
     prepare_run_folder,
 )
 
-__all__ = ["BatchResult", "DriveStats", "drive", "finish", "write_item"]
+__all__ = ["ASSEMBLED_OUTPUTS", "BatchResult", "DriveStats", "drive", "finish", "write_item"]
 
 log = logging.getLogger(__name__)
+
+#: What a run writes from all its images at the end: replaced (atomically) only when a run finishes, removed
+#: by ``resume=false`` together with the images, records and run records (:mod:`bdia.runfolder`). An app may
+#: add its own files to these.
+ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json")
 
 
 class BatchResult(NamedTuple):

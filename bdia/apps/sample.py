@@ -1,7 +1,8 @@
-"""The sampling driver: one image per seed from a denoiser into a run folder, resumable and sharded over ranks.
+"""The sampling app: one image per seed from a denoiser into a run folder, resumable and sharded over ranks.
 
-``scripts/sample.py`` is a thin Hydra shell around :func:`bdia.app.sample_from_config`, which calls
-:func:`sample_run`; tests call these functions directly.
+``scripts/sample.py`` is a thin Hydra shell around :func:`sample_from_config` (a composed ``configs/sample``
+config → ranks → model → :func:`sample_run` → metrics → logger); tests call these functions directly. The
+batch loop, resume and per-image writes are :mod:`bdia.apps.driver`'s, shared with text-to-image.
 
 Conventions (EDM's ``generate.py``; ``docs/design.md``):
 
@@ -32,12 +33,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import solvers as _solvers
-from .analytic import mixture_metrics
-from .denoisers import CountingDenoiser, FixedBatchDenoiser, GaussianMixtureDenoiser, check_network_batch
-from .distributed import DistContext, resolve_device
-from .driver import BatchResult, drive, finish
-from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run is their historical home)
+from .. import solvers as _solvers
+from ..analytic import mixture_metrics
+from ..checks import check_class_idx, check_flags, check_grid, check_num_steps, check_solver_options
+from ..configs import build_metrics, instantiate
+from ..denoisers import CountingDenoiser, FixedBatchDenoiser, GaussianMixtureDenoiser, check_network_batch
+from ..distributed import DistContext, init_distributed, resolve_device
+from ..imageio import (  # noqa: F401  (seeds and images: re-exported for sample_run's callers)
     StackedRandomGenerator,
     class_labels_for,
     format_seeds,
@@ -48,18 +50,22 @@ from .imageio import (  # noqa: F401  (seeds and images: re-exported, bdia.run i
     save_image_grid,
     seed_noise,
 )
-from .models import image_shape_of, label_dim_of
-from .runfolder import (  # noqa: F401
+from ..logger import NullLogger, Table, log_run
+from ..metrics.evaluate import evaluate_run
+from ..models import image_shape_of, label_dim_of, load_model
+from ..runfolder import (  # noqa: F401
     IMAGES_DIR,
     RECORDS_DIR,
     atomic_write,
+    check_out_dir,
     environment_info,
     image_complete,
     mark_state,
 )
-from .runfolder import jsonable as _jsonable
-from .runfolder import write_json as _write_json
-from .schedules import karras_sigmas
+from ..runfolder import jsonable as _jsonable
+from ..runfolder import write_json as _write_json
+from ..schedules import karras_sigmas
+from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
 
 __all__ = [
     "parse_seeds",
@@ -75,93 +81,17 @@ __all__ = [
     "environment_info",
     "seeds_done",
     "sample_run",
+    "sample_from_config",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Bound on a setting that sizes allocations (solver steps): far above any real run.
 #: ``network_batch="auto"``: this many rows per network call, or the number of images when the run is smaller.
 AUTO_NETWORK_BATCH = 64
-MAX_NUM_STEPS = 100_000
 
 
 # --------------------------------------------------------------------------------------------------
 # A sampling run.
-
-#: Arguments of the solver functions that ``sample_run`` supplies itself (everything else is a solver option).
-_SUPPLIED = {"denoiser", "x", "x_init", "sigmas", "gamma", "class_labels", "cond", "progress", "randn_like"}
-
-#: What a run writes from all its images at the end: replaced (atomically) only when a run finishes, removed
-#: by ``resume=false`` together with the images, records and run records (:mod:`bdia.runfolder`).
-_ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json")
-
-
-def _solver_options(solver: str) -> list[str]:
-    params = inspect.signature(getattr(_solvers, solver)).parameters
-    return [name for name in params if name not in _SUPPLIED]
-
-
-def _validate(solver, gamma, batch_size, solver_kwargs, sigmas) -> None:
-    if solver not in _solvers.SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(_solvers.SOLVERS)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    allowed = _solver_options(solver)
-    unknown = sorted(set(solver_kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"solver {solver!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(allowed) or 'none'}"
-        )
-    if "backward" in solver_kwargs and solver_kwargs["backward"] not in _solvers.BACKWARD_MAPS:
-        raise ValueError(f"backward must be one of {list(_solvers.BACKWARD_MAPS)}, got {solver_kwargs['backward']!r}")
-    if "space" in solver_kwargs and solver_kwargs["space"] not in _solvers.SPACES:
-        raise ValueError(f"space must be one of {list(_solvers.SPACES)}, got {solver_kwargs['space']!r}")
-    if "sigma_data" in solver_kwargs and not (_is_number(solver_kwargs["sigma_data"]) and solver_kwargs["sigma_data"] > 0):
-        raise ValueError(f"sigma_data must be a positive number, got {solver_kwargs['sigma_data']!r}")
-    for name in ("s_churn", "s_min", "s_max", "s_noise"):
-        value = solver_kwargs.get(name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-    if isinstance(gamma, bool):
-        raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
-    if solver in _solvers.INVERTIBLE_SOLVERS:
-        _solvers.gamma_schedule(1.0 if gamma is None else gamma, sigmas, solver)  # raises on bad gamma
-    elif gamma is not None and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma == 0):
-        raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _validate_grid(sigma_min=0.002, sigma_max=80.0, rho=7.0, grid_nrow=None, grid_scale=1, grid_padding=0) -> None:
-    """The noise grid's and the image grid's settings, checked before anything is loaded or sampled."""
-    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if not _is_number(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not sigma_min < sigma_max:
-        raise ValueError(f"need sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    _check_grid_options(grid_nrow, grid_scale, grid_padding)
-
-
-def _check_grid_options(grid_nrow, grid_scale, grid_padding) -> None:
-    if grid_nrow is not None and (isinstance(grid_nrow, bool) or not isinstance(grid_nrow, int) or grid_nrow < 1):
-        raise ValueError(f"grid_nrow must be a positive integer or null, got {grid_nrow!r}")
-    if isinstance(grid_scale, bool) or not isinstance(grid_scale, int) or not 1 <= grid_scale <= 64:
-        raise ValueError(f"grid_scale must be an integer in 1..64, got {grid_scale!r}")
-    if isinstance(grid_padding, bool) or not isinstance(grid_padding, int) or not 0 <= grid_padding <= 1024:
-        raise ValueError(f"grid_padding must be an integer in 0..1024, got {grid_padding!r}")
-
-
-def _validate_labels(label_dim: int, class_idx) -> None:
-    if class_idx is None:
-        return
-    if isinstance(class_idx, bool) or not isinstance(class_idx, int):
-        raise ValueError(f"class_idx must be an integer class index or null, got {class_idx!r}")
-    if not label_dim:
-        raise ValueError(f"class_idx={class_idx} needs a class-conditional model; this one is unconditional")
-    if not 0 <= class_idx < label_dim:
-        raise ValueError(f"class_idx={class_idx} is outside the model's classes 0..{label_dim - 1}")
 
 
 def _seed_name(seed: int) -> str:
@@ -236,21 +166,18 @@ def sample_run(
     ctx = dist or DistContext()
     seeds = parse_seeds(seeds)
     device = resolve_device(device, ctx.local_rank)
-    _validate_grid(sigma_min, sigma_max, rho, grid_nrow, grid_scale, grid_padding)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= MAX_NUM_STEPS:
-        raise ValueError(f"need an integer num_steps >= 2 and <= {MAX_NUM_STEPS}, got {num_steps!r}")
+    check_grid(sigma_min, sigma_max, rho, grid_nrow, grid_scale, grid_padding)
+    check_num_steps(num_steps)
     sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
     sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))
-    _validate(solver, gamma, batch_size, solver_kwargs, sigmas)
+    check_solver_options(solver, gamma, solver_kwargs, sigmas, batch_size)
     shape = tuple(int(s) for s in (image_shape if image_shape is not None else (image_shape_of(denoiser) or ())))
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be [C, H, W] with C = 1 or 3 (pass image_shape=...), got {list(shape)}")
     label_dim = label_dim_of(denoiser)
-    _validate_labels(label_dim, class_idx)
-    for name, flag in (("save_states", save_states), ("resume", resume)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be true or false, got {flag!r}")
+    check_class_idx(label_dim, class_idx)
+    check_flags(save_states=save_states, resume=resume)
     is_mixture = isinstance(denoiser, GaussianMixtureDenoiser)
     if network_batch == "auto":  # 64 rows, or fewer for a run with fewer images: no padding tax on small runs
         network_batch = min(AUTO_NETWORK_BATCH, len(seeds))
@@ -309,7 +236,7 @@ def sample_run(
     desc = f"{solver} rank 0/{ctx.world_size}" if ctx.world_size > 1 else solver
     stats = drive(seeds, [_seed_name(s) for s in seeds], solve, out_dir, app="sample", settings=settings,
                   resume=resume, batch_size=batch_size, image_shape=shape, need=need, ctx=ctx, config=config,
-                  device=device, assembled=_ASSEMBLED_OUTPUTS, progress=progress, desc=desc)
+                  device=device, assembled=ASSEMBLED_OUTPUTS, progress=progress, desc=desc)
 
     def write_outputs() -> dict:
         assembled = _assemble(Path(out_dir), seeds, shape, label_dim, sigmas, save_states, keep_inner,
@@ -393,3 +320,66 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
     if mixture is not None:
         out["mixture"] = mixture_metrics(mixture, torch.from_numpy(x_end))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The app behind scripts/sample.py: a composed config -> ranks -> model -> sample_run -> metrics -> logger.
+
+
+def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
+    """Run ``scripts/sample.py`` for a composed config (``configs/sample.yaml``): join the process group the
+    environment describes (``distributed``: auto | required | off), load the model, sample, and log on rank 0.
+
+    ``choices``: the config group choices (Hydra's ``runtime.choices``), recorded in ``metrics.json`` and the
+    logger's config. Returns ``sample_run``'s metrics on rank 0, ``None`` on the other ranks. Raises one of
+    :data:`USER_ERRORS` for mistakes in the config and for missing files.
+    """
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    ctx, device = init_distributed(config.get("device", "auto"), config.get("distributed", "auto"))
+    solver = dict(config["solver"])
+    solver_name = solver.pop("name")
+    gamma = solver.pop("gamma", None)
+    num_steps = solver.pop("num_steps")
+    settings = {k: config[k] for k in _RUN_KEYS if k in config}
+    settings["device"] = device
+    choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
+
+    check_out_dir(settings["out_dir"], "sample")  # cheap checks first: nothing is loaded for a refused run
+    check_grid(**{k: settings[k] for k in _GRID_KEYS if k in settings})
+    model_cfg = config.get("model")
+    denoiser = load_model(model_cfg)
+    model_info = {k: v for k, v in (model_cfg or {}).items() if not k.startswith("_")}
+    model_info = {"config": choices.get("model"), "target": (model_cfg or {}).get("_target_"), **model_info}
+
+    evaluators = build_metrics(cfg.get("metrics"))  # built before sampling: a bad metric option fails before any image is drawn
+
+    out_dir = str(settings["out_dir"])
+    metrics = sample_run(denoiser, solver=solver_name, gamma=gamma, num_steps=num_steps, **settings, **solver,
+                         config={**config, "choices": choices}, model_info=model_info, dist=ctx)
+    evaluation = None
+    if evaluators:  # every rank: the metrics shard their images across ranks; rank 0 writes metrics.json
+        evaluation = evaluate_run(out_dir, evaluators, write=True)
+    if metrics is not None:
+        if evaluation is not None:
+            metrics["evaluation"] = evaluation
+        # The logger starts once the run folder is the run's own (W&B writes its files into it).
+        logger = instantiate(cfg.logger, "logger") if config.get("logger") else NullLogger()
+        columns = ["solver", "gamma", "num_steps", "nfe", "num_images", "sampling_seconds", "images_per_second"]
+        log_run(logger, {**config, "choices": choices}, out_dir, config.get("experiment_name"), metrics,
+                images={"grid": Path(out_dir) / "grid.png"},
+                tables=[Table("summary", columns, [[_cell(metrics.get(c)) for c in columns]])])
+    return metrics
+
+
+def _cell(value):
+    return value if value is None or isinstance(value, (int, float, str)) else str(value)
+
+
+#: Top-level config keys that are ``sample_run`` arguments.
+_RUN_KEYS = [k for k in inspect.signature(sample_run).parameters if k not in ("denoiser", "solver", "gamma", "num_steps",
+                                                                             "config", "model_info", "dist", "solver_kwargs")]
+
+
+_GRID_KEYS = ("sigma_min", "sigma_max", "rho", "grid_nrow", "grid_scale", "grid_padding")

@@ -1,37 +1,27 @@
-"""The sampling app behind ``scripts/sample.py``, as plain functions tests can call on a composed config.
+"""What the Hydra shells in ``scripts/`` share: one-line errors, a command-line check before Hydra runs, and
+the run-folder name resolver their configs use.
 
-* :func:`sample_from_config` — a composed ``configs/sample.yaml`` config → process group (torchrun / SLURM
-  ranks, :mod:`bdia.distributed`) → denoiser (:func:`bdia.models.load_model`) → :func:`bdia.run.sample_run`
-  → metrics of the run folder (``metrics=digits|fid|…``, :func:`bdia.metrics.evaluate.evaluate_run`) →
-  experiment logger (``logger=none|wandb``, rank 0 only).
 * :func:`preflight` — composes the command line's overrides before Hydra's own run, so that an unknown
   config name or a malformed override ends in one line listing the valid choices instead of Hydra's
   multi-line report.
+* :func:`run_job` / :func:`run_command_line` — a script's entry point and job wrapper.
 * :func:`one_line` / :data:`USER_ERRORS` — how user mistakes are reported: one line ``error: ...``.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-from .configs import build_metrics, instantiate
-from .distributed import init_distributed
-from .download import AssetUnavailableError
-from .logger import NullLogger, Table, log_run
-from .metrics.evaluate import evaluate_run
-from .models import load_model
-from .networks.loader import SnapshotError
-from .run import _validate_grid, sample_run
-from .runfolder import check_out_dir
+from ..download import AssetUnavailableError
+from ..networks.loader import SnapshotError
 
-__all__ = ["sample_from_config", "preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "run_job", "run_command_line"]
+__all__ = ["preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "run_job", "run_command_line"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def run_name(override_dirname: str) -> str:
@@ -52,74 +42,11 @@ _register_resolvers()  # the app configs' out_dir uses ${bdia.run_name:...}
 #: Exceptions that mean "the input is wrong or a file is missing", reported as one line without a traceback.
 USER_ERRORS = (ValueError, AssetUnavailableError, SnapshotError, FloatingPointError)
 
-#: Top-level config keys that are ``sample_run`` arguments.
-_RUN_KEYS = [k for k in inspect.signature(sample_run).parameters if k not in ("denoiser", "solver", "gamma", "num_steps",
-                                                                             "config", "model_info", "dist", "solver_kwargs")]
-
-
-_GRID_KEYS = ("sigma_min", "sigma_max", "rho", "grid_nrow", "grid_scale", "grid_padding")
-
-
 def one_line(error: BaseException | str) -> str:
     """A (possibly multi-line) message as one line: lines stripped and joined with `` | ``, runs of spaces
     collapsed."""
     text = str(error)
     return " | ".join(re.sub(r"\s+", " ", line).strip() for line in text.splitlines() if line.strip())
-
-
-# --------------------------------------------------------------------------------------------------
-# The run.
-
-
-def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
-    """Run ``scripts/sample.py`` for a composed config (``configs/sample.yaml``): join the process group the
-    environment describes (``distributed``: auto | required | off), load the model, sample, and log on rank 0.
-
-    ``choices``: the config group choices (Hydra's ``runtime.choices``), recorded in ``metrics.json`` and the
-    logger's config. Returns ``sample_run``'s metrics on rank 0, ``None`` on the other ranks. Raises one of
-    :data:`USER_ERRORS` for mistakes in the config and for missing files.
-    """
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    ctx, device = init_distributed(config.get("device", "auto"), config.get("distributed", "auto"))
-    solver = dict(config["solver"])
-    solver_name = solver.pop("name")
-    gamma = solver.pop("gamma", None)
-    num_steps = solver.pop("num_steps")
-    settings = {k: config[k] for k in _RUN_KEYS if k in config}
-    settings["device"] = device
-    choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
-
-    check_out_dir(settings["out_dir"], "sample")  # cheap checks first: nothing is loaded for a refused run
-    _validate_grid(**{k: settings[k] for k in _GRID_KEYS if k in settings})
-    model_cfg = config.get("model")
-    denoiser = load_model(model_cfg)
-    model_info = {k: v for k, v in (model_cfg or {}).items() if not k.startswith("_")}
-    model_info = {"config": choices.get("model"), "target": (model_cfg or {}).get("_target_"), **model_info}
-
-    evaluators = build_metrics(cfg.get("metrics"))  # built before sampling: a bad metric option fails before any image is drawn
-
-    out_dir = str(settings["out_dir"])
-    metrics = sample_run(denoiser, solver=solver_name, gamma=gamma, num_steps=num_steps, **settings, **solver,
-                         config={**config, "choices": choices}, model_info=model_info, dist=ctx)
-    evaluation = None
-    if evaluators:  # every rank: the metrics shard their images across ranks; rank 0 writes metrics.json
-        evaluation = evaluate_run(out_dir, evaluators, write=True)
-    if metrics is not None:
-        if evaluation is not None:
-            metrics["evaluation"] = evaluation
-        # The logger starts once the run folder is the run's own (W&B writes its files into it).
-        logger = instantiate(cfg.logger, "logger") if config.get("logger") else NullLogger()
-        columns = ["solver", "gamma", "num_steps", "nfe", "num_images", "sampling_seconds", "images_per_second"]
-        log_run(logger, {**config, "choices": choices}, out_dir, config.get("experiment_name"), metrics,
-                images={"grid": Path(out_dir) / "grid.png"},
-                tables=[Table("summary", columns, [[_cell(metrics.get(c)) for c in columns]])])
-    return metrics
-
-
-def _cell(value):
-    return value if value is None or isinstance(value, (int, float, str)) else str(value)
 
 
 # --------------------------------------------------------------------------------------------------

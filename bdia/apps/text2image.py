@@ -8,7 +8,7 @@ Conventions:
 
 * one image per (prompt, seed): images are numbered prompt-major, ``p<prompt index:05d>_s<seed:06d>.png``;
 * image ``(p, s)``'s initial latent is a unit normal in z-space (diffusers' ``init_noise_sigma = 1``) drawn in
-  float32 by its own ``torch.Generator`` seeded with ``s`` (EDM's per-image scheme, :class:`bdia.run.StackedRandomGenerator`),
+  float32 by its own ``torch.Generator`` seeded with ``s`` (EDM's per-image scheme, :class:`bdia.apps.sample.StackedRandomGenerator`),
   so images do not depend on the batch size and the images of one seed share their noise across prompts, as
   a diffusers pipeline called with ``generator=torch.Generator().manual_seed(s)`` does (and equals: tested).
   ``noise_per_prompt=True`` seeds image ``(p, s)``'s generator with ``s * num_prompts + p`` instead, so that
@@ -43,22 +43,22 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import solvers as _solvers
-from .configs import build_metrics, instantiate
-from .denoisers import CountingDenoiser, FixedBatchDenoiser, check_network_batch
-from .distributed import DistContext, init_distributed
-from .driver import BatchResult, drive, finish
-from .imageio import StackedRandomGenerator, format_seeds, parse_seeds, quantize, read_png, save_image_grid
-from .logger import NullLogger, Table, log_run
-from .metrics.clip_score import CLIPScore
-from .metrics.evaluate import evaluate_run
-from .metrics.fid import FID
-from .prompts import describe_prompt_source, load_prompts
-from .run import _ASSEMBLED_OUTPUTS as _RUN_ASSEMBLED_OUTPUTS
-from .run import _check_grid_options
-from .runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, mark_state
-from .runfolder import jsonable as _jsonable
-from .runfolder import write_json as _write_json
+from .. import solvers as _solvers
+from ..checks import check_flags, check_image_grid, check_num_steps, check_solver_options
+from ..configs import build_metrics, instantiate
+from ..denoisers import CountingDenoiser, FixedBatchDenoiser, check_network_batch
+from ..distributed import DistContext, init_distributed
+from ..imageio import StackedRandomGenerator, format_seeds, parse_seeds, quantize, read_png, save_image_grid
+from ..logger import NullLogger, Table, log_run
+from ..metrics.clip_score import CLIPScore
+from ..metrics.evaluate import evaluate_run
+from ..metrics.fid import FID
+from ..prompts import describe_prompt_source, load_prompts
+from ..runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, mark_state
+from ..runfolder import jsonable as _jsonable
+from ..runfolder import write_json as _write_json
+from ..schedules import x_to_z, z_to_x
+from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
 
 __all__ = ["TEXT2IMAGE_SOLVERS", "RECOMMENDED_GAMMA", "text_to_image", "text2image_from_config", "image_name"]
 
@@ -68,8 +68,8 @@ TEXT2IMAGE_SOLVERS = ("ddim", "bdia_ddim")
 #: The authors' recommendation for text-to-image with SD (their README / paper): gamma by number of steps.
 RECOMMENDED_GAMMA = {10: 0.5, 40: 1.0}
 
-#: Written from all images at the end (bdia.run's, plus the prompt lists); removed when a resumed run starts.
-_ASSEMBLED_OUTPUTS = (*_RUN_ASSEMBLED_OUTPUTS, "prompts.json", "prompts.txt")
+#: Written from all images at the end (bdia.apps.sample's, plus the prompt lists); removed when a resumed run starts.
+_ASSEMBLED_OUTPUTS = (*ASSEMBLED_OUTPUTS, "prompts.json", "prompts.txt")
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -85,19 +85,13 @@ def _prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
 
 
-def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding):
-    if solver not in TEXT2IMAGE_SOLVERS:
-        raise ValueError(f"unknown solver {solver!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(gamma, bool):
-        raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
+def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding, sigmas):
+    check_num_steps(num_steps)
+    check_solver_options(solver, gamma, {}, sigmas, batch_size, solvers=TEXT2IMAGE_SOLVERS)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     check_network_batch(network_batch)
-    _check_grid_options(grid_nrow, 1, grid_padding)
+    check_image_grid(grid_nrow, 1, grid_padding)
 
 
 def text_to_image(
@@ -145,7 +139,7 @@ def text_to_image(
         resume: skip images already written; ``False`` removes earlier outputs first.
         config, prompt_source: recorded in the run folder.
         dist: this process's place among several (:func:`bdia.distributed.init_distributed`): rank r samples
-            items ``r, r + K, …`` (:mod:`bdia.driver`); rank 0 writes the end-of-run files and returns the
+            items ``r, r + K, …`` (:mod:`bdia.apps.driver`); rank 0 writes the end-of-run files and returns the
             metrics, the other ranks ``None``.
     """
     started = time.perf_counter()
@@ -153,20 +147,12 @@ def text_to_image(
     if not prompts:
         raise ValueError("no prompts")
     seeds = parse_seeds(seeds)
-    _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding)
+    check_num_steps(num_steps)
     sigmas = sd.sigmas(num_steps)
+    _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding, sigmas)
     bdia_solver = solver == "bdia_ddim"
-    if bdia_solver:
-        gamma = 1.0 if gamma is None else gamma
-        _solvers.gamma_schedule(gamma, sigmas, solver)  # raises on a bad gamma
-    else:
-        if gamma not in (None, 0, 0.0):
-            log.info("solver=ddim: gamma=%s ignored (DDIM is gamma = 0)", gamma)
-        gamma = None
-    for name, flag in (("save_states", save_states), ("save_npz", save_npz), ("resume", resume),
-                       ("noise_per_prompt", noise_per_prompt)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be true or false, got {flag!r}")
+    gamma = (1.0 if gamma is None else gamma) if bdia_solver else None
+    check_flags(save_states=save_states, save_npz=save_npz, resume=resume, noise_per_prompt=noise_per_prompt)
     latent_shape = sd.latent_shape(height, width)
     image_shape = (3, latent_shape[1] * sd.vae_scale_factor, latent_shape[2] * sd.vae_scale_factor)
     device = sd.device
@@ -196,8 +182,6 @@ def text_to_image(
     uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
     net = sd.denoiser(guidance_scale, uncond)
     counter = CountingDenoiser(net if network_batch is None else FixedBatchDenoiser(net, network_batch))
-    alpha_first = (1 + sigmas[0] ** 2).rsqrt().item()
-    alpha_last = (1 + sigmas[-1] ** 2).rsqrt().item()
 
     def solve(batch) -> BatchResult:
         noise_seeds = [_noise_seed(p, s, len(prompts), noise_per_prompt) for p, s in batch]
@@ -206,17 +190,17 @@ def text_to_image(
         counter.reset()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = _solvers.sample(counter, z_init / alpha_first, sigmas, solver=solver, gamma=gamma,
+            out = _solvers.sample(counter, z_to_x(z_init, sigmas[0]), sigmas, solver=solver, gamma=gamma,
                                   cond={"encoder_hidden_states": embeds}, return_pair=keep_inner)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
-        z_end = x_end * alpha_last
+        z_end = x_to_z(x_end, sigmas[-1])
         images = quantize(sd.decode_latents(z_end)).cpu().numpy()
         t2 = time.perf_counter()
         z_end_np = z_end.cpu().numpy() if save_states else None
-        z_inner = (x_inner * (1 + sigmas[-2] ** 2).rsqrt().item()).cpu().numpy() if keep_inner else None
+        z_inner = x_to_z(x_inner, sigmas[-2]).cpu().numpy() if keep_inner else None
         records = []
         for i, (p, s) in enumerate(batch):
             record = {"prompt_index": np.int64(p), "seed": np.int64(s)}
@@ -342,7 +326,7 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     (``model`` group, :func:`bdia.networks.sd.load_sd`), the prompts and the metrics (``metrics`` group, built
     and their weights loaded before sampling), sample (:func:`text_to_image`), evaluate the run folder
     (:func:`bdia.metrics.evaluate.evaluate_run`, merged into ``metrics.json`` under ``evaluation``).
-    Under torchrun (``distributed: auto``) the items are sharded over the ranks (:mod:`bdia.driver`). Returns
+    Under torchrun (``distributed: auto``) the items are sharded over the ranks (:mod:`bdia.apps.driver`). Returns
     the metrics dict on rank 0, ``None`` on the other ranks."""
     from omegaconf import OmegaConf
 
@@ -354,7 +338,7 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     if solver["solver"] not in TEXT2IMAGE_SOLVERS:
         raise ValueError(f"unknown solver {solver['solver']!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
     check_out_dir(config.get("out_dir", "."), "text2image")  # before any model is loaded
-    _check_grid_options(config.get("grid_nrow"), 1, config.get("grid_padding", 2))
+    check_image_grid(config.get("grid_nrow"), 1, config.get("grid_padding", 2))
     ctx, device = init_distributed(config.get("device", "auto"), config.get("distributed", "auto"))
     prompt_args = {k: config.get(k) for k in _PROMPT_KEYS}
     prompt_args["prompt_seed"] = prompt_args["prompt_seed"] or 0

@@ -1,0 +1,299 @@
+"""The edit app behind ``scripts/edit.py``: one photo, a Stable Diffusion, every inversion method of
+:data:`bdia.inversion.METHOD_REGISTRY`, one run folder.
+
+:func:`invert_and_edit` is the harness over the registry: for one method it inverts the clean states under the
+source prompt, regenerates them (the reconstruction) and regenerates them under the edit prompt (the edit),
+measuring each phase. :func:`edit_run` reads the photo, encodes it, runs every method and writes the
+side-by-side images, each method's representation and ``metrics.json``.
+
+NFE is measured with :class:`bdia.inversion.RowCountingDenoiser` around ``base`` (one guided call, batched over
+both halves, counts once; an unguided call also counts once); ``network_rows`` counts the batch rows the network
+ran (a guided call on one image = 2 rows). Backward passes (null-text) are counted separately; each costs roughly
+two forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from ..denoisers import RowCountingDenoiser
+from ..imageio import quantize, save_image_grid
+from ..inversion import (
+    METHOD_REGISTRY,
+    METHODS,
+    EditSetup,
+    Inverted,
+    guided,
+    latent_to_state,
+    method_options,
+    state_to_latent,
+    tail_sigmas,
+)
+from ..metrics.clip_score import clip_edit_metrics, load_clip
+from ..metrics.lpips import LPIPS
+from ..metrics.reconstruction import latent_metrics, pixel_metrics
+from ..runfolder import atomic_write, claim_run_folder, environment_info, mark_state
+
+__all__ = ["MethodResult", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run"]
+
+
+# --------------------------------------------------------------------------------------------------
+# One method, end to end, with measured cost.
+
+
+@dataclass
+class MethodResult:
+    """One method's round trip and edit of a batch of clean states (EDM convention, at ``sigmas[-1]``).
+
+    ``representation``: what the image inverts to (tensors; see :func:`invert_and_edit`). ``cost``: per phase
+    (``inversion``, ``reconstruction``, ``edit``) the measured ``nfe``, ``network_rows``, ``backward_passes``,
+    ``seconds`` (wall) and ``cpu_seconds`` (this process's CPU time: steadier than wall time on a shared machine). ``settings``: the method's parameters (gamma, p, guidance, steps, dtype ...)."""
+
+    method: str
+    reconstruction: torch.Tensor
+    edit: torch.Tensor | None
+    representation: dict
+    cost: dict
+    settings: dict
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def invert_and_edit(
+    method: str,
+    base,
+    x_clean: torch.Tensor,
+    sigmas,
+    source_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    edit_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 7.5,
+    strength: float = 1.0,
+    options=None,
+    **option_values,
+) -> MethodResult:
+    """Invert ``x_clean`` under the source prompt, reconstruct it, and (with ``edit_embeds``) edit it, measuring
+    each phase.
+
+    ``method``: a :data:`METHOD_REGISTRY` name; its options as the dataclass ``options`` or as keywords (e.g.
+    ``gamma=0.96`` for ``bdia``; keywords of the other methods are accepted and ignored, so one settings dict
+    serves every method). ``base``: the unguided denoiser (``D(x, sigma, encoder_hidden_states=e)``);
+    ``x_clean``: clean states at ``sigmas[-1]`` (:func:`latent_to_state` of the encoded images), batch B;
+    embeddings ``[B or 1, L, D]``. ``strength``: the fraction of steps inverted and regenerated
+    (:func:`tail_sigmas`). Every guided call uses ``guidance_scale`` (null-text's pivot is at guidance 1 by
+    construction; DDIM inversion's guidance is its option).
+
+    Representations: ``bdia`` -- ``x_end``, ``x_inner`` (the pair at the top of the grid); ``ddim`` -- ``x_noise``;
+    ``edict`` -- ``x``, ``y``; ``null_text`` -- ``x_noise`` and ``uncond_embeds`` (stacked ``[N, ...]``).
+    """
+    known = {f.name for entry in METHOD_REGISTRY.values() for f in fields(entry.options)}
+    unknown = sorted(set(option_values) - known)
+    if unknown:
+        raise ValueError(f"unknown editing option(s) {unknown}; options: {', '.join(sorted(known))}")
+    options = method_options(method, option_values) if options is None else options
+    if not isinstance(options, METHOD_REGISTRY[method].options):
+        raise ValueError(f"{method} takes {METHOD_REGISTRY[method].options.__name__}, got {type(options).__name__}")
+    grid = tail_sigmas(sigmas, strength)
+    counted = RowCountingDenoiser(base)
+    setup = EditSetup(counted, guided(counted, guidance_scale, uncond_embeds), uncond_embeds, guidance_scale)
+    source = {"encoder_hidden_states": source_embeds}
+
+    def phase(fn):
+        counted.reset()
+        _synchronize(x_clean.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = fn()
+        _synchronize(x_clean.device)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        backward = out.backward_passes if isinstance(out, Inverted) else 0
+        return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward,
+                     "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+    inverted, c_inv = phase(lambda: METHOD_REGISTRY[method].invert(setup, x_clean, grid, source, options))
+    reconstruction, c_rec = phase(lambda: inverted.regenerate(source))
+    cost = {"inversion": c_inv, "reconstruction": c_rec}
+    edited = None
+    if edit_embeds is not None:
+        edited, cost["edit"] = phase(lambda: inverted.regenerate({"encoder_hidden_states": edit_embeds}))
+    settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
+                "dtype": str(x_clean.dtype).replace("torch.", ""), **inverted.settings}
+    return MethodResult(method, reconstruction, edited, inverted.representation, cost, settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# The edit run behind scripts/edit.py: an image, a Stable Diffusion, every method, one folder.
+
+#: Photos that ship offline inside scikit-learn (``sklearn.datasets.load_sample_image``).
+SAMPLE_IMAGES = ("china.jpg", "flower.jpg")
+#: Larger photos are refused before decoding (the edit works on a square of at most a few thousand pixels).
+MAX_IMAGE_PIXELS = 64 * 10**6
+
+
+def load_image(image: str | None, size: int) -> torch.Tensor:
+    """An RGB image as uint8 ``[1, 3, size, size]``: the largest centred square, resized (bicubic) to ``size``.
+    ``image``: a file path, or ``china.jpg`` / ``flower.jpg`` (scikit-learn's sample photos; ``None`` = china)."""
+    import numpy as np
+    from PIL import Image
+
+    name = "china.jpg" if image is None or not str(image).strip() else str(image).strip()
+    if name in SAMPLE_IMAGES:
+        from sklearn.datasets import load_sample_image
+
+        picture = Image.fromarray(load_sample_image(name))
+    else:
+        from pathlib import Path
+
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"image={image}: no such file (give a path or one of {', '.join(SAMPLE_IMAGES)})")
+        try:
+            with Image.open(path) as opened:  # reads the header only
+                if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image={image}: {opened.width}x{opened.height} pixels, more than this app "
+                                     f"reads ({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
+                picture = opened.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"image={image}: too large to read safely ({e})") from None
+        except OSError as e:
+            raise ValueError(f"image={image}: not an image PIL can read ({e})") from None
+    w, h = picture.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    picture = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def edit_run(
+    sd,
+    out_dir,
+    image: str | None = "china.jpg",
+    source_prompt: str = "a photo of a chinese temple",
+    edit_prompt: str = "a watercolor painting of a chinese temple",
+    methods: Sequence[str] = METHODS,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    gamma: float = 0.96,
+    strength: float = 1.0,
+    p: float = 0.93,
+    leapfrog: bool = True,
+    num_inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    ddim_inversion_guidance: float | None = None,
+    image_size: int | None = None,
+    clip_path: str | None = None,
+    lpips_net: str | None = None,
+    lpips_weights: str | None = None,
+    grid_scale: int = 1,
+    config: dict | None = None,
+    model_info: dict | None = None,
+) -> dict:
+    """Encode ``image`` with ``sd`` (:class:`bdia.networks.sd.StableDiffusion`), invert it under
+    ``source_prompt`` with each method, reconstruct it, edit it with ``edit_prompt``; write into ``out_dir``:
+
+    * ``<method>.png``: original | reconstruction | edit, side by side; ``edit_grid.png``: one row per method;
+    * ``bdia_pair.npz``: BDIA's noise pair (``x_end`` at ``sigmas[0]``, ``x_inner`` at ``sigmas[1]``, EDM convention
+      ``x = z / alpha``; ``sigmas`` is the inverted grid, ``gamma``) -- ``bdia.sample(sd.denoiser(w), (x_end, x_inner),
+      sigmas, solver="bdia_ddim", gamma=gamma, return_pair=True)`` regenerates the image; other methods'
+      representations in ``<method>_inversion.npz``;
+    * ``metrics.json``: per method the latent round-trip errors (``relative_error``, ``max_abs_error``, ``mse`` of
+      ``z``), image errors against the original (``psnr``, ``ssim``, ``mse``) and against the VAE's own
+      reconstruction (``image_vs_vae``), the measured cost per phase (NFE, network rows, backward passes, seconds)
+      and settings (gamma, N, dtype ...), with ``lpips_net`` (``alex`` | ``vgg``; backbone weights from
+      ``lpips_weights`` or torchvision's cache, :mod:`bdia.metrics.lpips`) the reconstruction's LPIPS
+      (``image.lpips``), and with ``clip_path`` (a CLIP model: Hub id or folder) the edit's CLIP
+      score against the edit prompt and its CLIP directional similarity (``clip``); ``env.json``;
+      ``config.yaml`` when ``config`` is given.
+
+    Image-space numbers include the VAE: ``vae`` in metrics.json is the encode/decode error alone.
+    Returns the metrics.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"methods: unknown {unknown} (choose from {', '.join(METHODS)})")
+    size = int(image_size or sd.image_size)
+    claim_run_folder(out_dir, "edit")  # before any work: an out_dir that is not an edit folder is refused
+    out_dir = Path(out_dir)
+    original = load_image(image, size)
+    pixels = original.to(torch.float32) / 127.5 - 1
+    z0 = sd.encode_images(pixels)
+    sigmas = sd.sigmas(num_steps)
+    x_clean = latent_to_state(z0, sigmas)
+    source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
+    uncond = sd.encode_prompts([""])
+    vae_images = sd.decode_latents(z0)
+    # Before any work, so that a missing model fails at once:
+    clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None
+    perceptual = LPIPS(lpips_net, lpips_weights, sd.device) if lpips_net else None
+    metrics = {
+        "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
+        "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
+        "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
+        "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention": "z0 = alpha(sigma_min) x"},
+        "vae": _scalars(pixel_metrics(pixels, vae_images, per_image=False)),
+        "methods": {},
+    }
+    rows = []
+    for method in methods:
+        result = invert_and_edit(method, sd.eps_denoiser(), x_clean, sigmas, source, uncond, edit, guidance_scale,
+                                 gamma=gamma, strength=strength, p=p, leapfrog=leapfrog, num_inner_steps=num_inner_steps,
+                                 lr=lr, early_stop=early_stop, ddim_inversion_guidance=ddim_inversion_guidance)
+        grid = tail_sigmas(sigmas, strength)
+        z_rec = state_to_latent(result.reconstruction, grid)
+        recon_images = sd.decode_latents(z_rec)
+        edit_images = sd.decode_latents(state_to_latent(result.edit, grid))
+        cost = result.cost
+        metrics["methods"][method] = {
+            "latent": _scalars(latent_metrics(z0, z_rec, per_image=False)),
+            "image": _scalars(pixel_metrics(pixels, recon_images, per_image=False)),
+            "image_vs_vae": _scalars(pixel_metrics(vae_images, recon_images, per_image=False)),
+            "edit_vs_reconstruction": _scalars(pixel_metrics(recon_images, edit_images, per_image=False)),
+            "nfe_inversion_and_reconstruction": cost["inversion"]["nfe"] + cost["reconstruction"]["nfe"],
+            "seconds_inversion_and_reconstruction": cost["inversion"]["seconds"] + cost["reconstruction"]["seconds"],
+            "cost": cost,
+            "settings": {**result.settings, "sigma_top": float(grid[0])},
+        }
+        if perceptual is not None:
+            metrics["methods"][method]["image"]["lpips"] = float(perceptual(pixels, recon_images).mean())
+        if clip is not None:
+            metrics["methods"][method]["clip"] = clip_edit_metrics(*clip, original, quantize(edit_images),
+                                                                   source_prompt, edit_prompt)
+        tiles = torch.cat([original, quantize(recon_images), quantize(edit_images)])
+        rows.append(tiles)
+        save_image_grid(tiles, out_dir / f"{method}.png", nrow=3, padding=1, scale=grid_scale)
+        arrays = {k: v.detach().cpu().numpy() for k, v in result.representation.items()}
+        arrays.update(sigmas=grid.numpy(), method=np.array(method))
+        if method == "bdia":
+            arrays["gamma"] = np.array(float(gamma))
+        with atomic_write(out_dir / ("bdia_pair.npz" if method == "bdia" else f"{method}_inversion.npz")) as f:
+            np.savez(f, **arrays)
+    save_image_grid(torch.cat(rows), out_dir / "edit_grid.png", nrow=3, padding=1, scale=grid_scale)
+    with atomic_write(out_dir / "env.json", "w") as f:
+        json.dump(environment_info(sd.device), f, indent=2)
+    if config is not None:
+        from omegaconf import OmegaConf
+
+        with atomic_write(out_dir / "config.yaml", "w") as f:
+            f.write(OmegaConf.to_yaml(OmegaConf.create(config)))
+    with atomic_write(out_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+    mark_state(out_dir, "edit", "complete")
+    return metrics
+
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
