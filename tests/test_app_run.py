@@ -301,3 +301,46 @@ def test_network_batch_auto_pads_a_small_run_only_to_its_own_batch(tmp_path, tin
     assert sample_run(net, out_dir=tmp_path / "auto", batch_size=4, **kwargs)["num_resumed"] == 8
     with pytest.raises(ValueError, match="network_batch: 8 there, 5 now"):
         sample_run(net, out_dir=tmp_path / "auto", network_batch=5, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed options (bdia.speed) through the sampling app.
+
+
+def test_reduced_precision_run_is_recorded_and_batch_invariant(tiny_cond, tmp_path):
+    net = load_edm(tiny_cond)
+    common = dict(solver="bdia_edm", num_steps=4, seeds="0-4", device="cpu", progress=False, network_batch=4)
+    plain = sample_run(net, out_dir=tmp_path / "f32", batch_size=5, **common)
+    assert "speed" not in json.loads((tmp_path / "f32" / "settings.json").read_text())  # old run folders still resume
+    assert plain["speed"] == {"precision": "float32", "channels_last": False, "compile": None}
+    whole = sample_run(net, out_dir=tmp_path / "bf16_whole", batch_size=5, precision="bf16", **common)
+    single = sample_run(net, out_dir=tmp_path / "bf16_single", batch_size=1, precision="bf16", **common)
+    assert json.loads((tmp_path / "bf16_whole" / "settings.json").read_text())["speed"]["precision"] == "bf16"
+    assert whole["speed"]["precision"] == "bf16"
+    assert_same_outputs(tmp_path / "bf16_whole", tmp_path / "bf16_single")  # fixed rows: batch-size invariant
+    a = np.load(tmp_path / "f32" / "images.npz")["images"].astype(int)
+    b = np.load(tmp_path / "bf16_whole" / "images.npz")["images"].astype(int)
+    assert 0 < np.abs(a - b).max() < 64  # bf16 changes the low bits of the images, not the images
+    with pytest.raises(ValueError, match="settings"):  # a rerun with another precision is another run
+        sample_run(net, out_dir=tmp_path / "f32", batch_size=5, precision="bf16", **common)
+
+
+def test_auto_batch_size_changes_nothing_in_the_images(tiny_cond, tmp_path):
+    net = load_edm(tiny_cond)
+    common = dict(solver="edm", num_steps=3, seeds="0-5", device="cpu", progress=False)
+    auto = sample_run(net, out_dir=tmp_path / "auto", batch_size="auto", **common)
+    assert auto["batch_size"] in (1, 2, 4)  # a power of two, at most the 6 images of this run
+    sample_run(net, out_dir=tmp_path / "fixed", batch_size=3, **common)
+    assert_same_outputs(tmp_path / "auto", tmp_path / "fixed")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(precision="int8"), "precision must be one of"),
+    (dict(channels_last="yes"), "channels_last must be true or false"),
+    (dict(compile="fastest"), "compile must be null or one of"),
+    (dict(batch_size="big"), "batch_size must be a positive integer"),
+])
+def test_bad_speed_options_are_refused_before_sampling(tiny_cond, tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        sample_run(load_edm(tiny_cond), num_steps=3, seeds="0", out_dir=tmp_path / "run", progress=False, **bad)
+    assert not (tmp_path / "run").exists()

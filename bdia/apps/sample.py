@@ -65,6 +65,7 @@ from ..runfolder import (  # noqa: F401
 from ..runfolder import jsonable as _jsonable
 from ..runfolder import write_json as _write_json
 from ..schedules import karras_sigmas
+from ..speed import SpeedOptions, auto_batch_size, with_speed
 from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
 
 __all__ = [
@@ -112,7 +113,7 @@ def sample_run(
     gamma=None,
     num_steps: int = 18,
     seeds="0-63",
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     out_dir="results/sample",
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -127,6 +128,9 @@ def sample_run(
     grid_scale: int = 1,
     grid_padding: int = 0,
     progress: bool = True,
+    precision: str = "float32",
+    channels_last: bool = False,
+    compile: str | None = None,
     config: Mapping[str, Any] | None = None,
     model_info: Mapping[str, Any] | None = None,
     dist: DistContext | None = None,
@@ -150,13 +154,17 @@ def sample_run(
     rounding, and every image, is the same for any ``batch_size`` and process count. ``"auto"`` (default):
     ``min(64, number of seeds)``, so a small run pays for no padded rows (recorded in ``settings.json``); a
     number fixes it (larger GPU batches); ``None``: the whole batch, rounding then depends on the batch size.
-    Analytic mixtures are row-independent and never padded. The grid is ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)``
+    Analytic mixtures are row-independent and never padded. ``batch_size="auto"``: the largest power of two
+    (at most this rank's image count) whose network call fits in free memory (:func:`bdia.speed.auto_batch_size`;
+    images do not depend on it). The grid is ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)``
     with ``sigma_min``/``sigma_max`` clamped to the denoiser's range, as EDM's sampler does.
 
     ``resume``: skip seeds whose files are already there (the folder's ``settings.json`` must match, else
     ``ValueError``); ``False`` removes earlier outputs first. ``dist``: this process's place among several
     (:func:`bdia.distributed.init_distributed`); rank r samples ``seeds[r::K]`` and rank 0 writes the
-    shared outputs after all ranks finish. Other options go to :func:`bdia.sample` (``backward`` for
+    shared outputs after all ranks finish. ``precision`` (float32 | tf32 | bf16 | fp16), ``channels_last`` and
+    ``compile`` (a :func:`torch.compile` mode) change how the network runs, never the float64 solver states
+    (:mod:`bdia.speed`); non-default values are recorded in ``settings.json``. Other options go to :func:`bdia.sample` (``backward`` for
     bdia_edm; ``s_churn`` … for edm, whose churn noise comes from the per-image generators).
 
     Inputs are checked before any sampling; mistakes raise ``ValueError``. Returns the metrics dict on rank 0
@@ -171,7 +179,8 @@ def sample_run(
     sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
     sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))
-    check_solver_options(solver, gamma, solver_kwargs, sigmas, batch_size)
+    check_solver_options(solver, gamma, solver_kwargs, sigmas, 1 if batch_size == "auto" else batch_size)
+    speed = SpeedOptions(precision, channels_last, compile)
     shape = tuple(int(s) for s in (image_shape if image_shape is not None else (image_shape_of(denoiser) or ())))
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be [C, H, W] with C = 1 or 3 (pass image_shape=...), got {list(shape)}")
@@ -201,10 +210,16 @@ def sample_run(
         "network_batch": network_batch,
         "device_type": device.type,
         "model": dict(model_info) if model_info is not None else None,
+        **({} if speed.is_default else {"speed": speed.as_dict()}),
     })
     if isinstance(denoiser, torch.nn.Module):
         denoiser = denoiser.to(device)
-    counter = CountingDenoiser(denoiser if network_batch is None else FixedBatchDenoiser(denoiser, network_batch))
+    net = with_speed(denoiser, **speed.as_dict())
+    if batch_size == "auto":
+        batch_size = auto_batch_size(net, shape, device, limit=max(1, -(-len(seeds) // ctx.world_size)),
+                                     label_dim=label_dim)
+        log.info("batch_size=auto: %d images per batch", batch_size)
+    counter = CountingDenoiser(net if network_batch is None else FixedBatchDenoiser(net, network_batch))
 
     def solve(batch_seeds) -> BatchResult:
         rng = StackedRandomGenerator(batch_seeds, device)
@@ -255,6 +270,7 @@ def sample_run(
             "seeds": format_seeds(seeds),
             "batch_size": batch_size,
             "network_batch": network_batch,
+            "speed": speed.as_dict(),
             "world_size": ctx.world_size,
             "image_shape": list(shape),
             "label_dim": label_dim,
