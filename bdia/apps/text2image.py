@@ -58,6 +58,7 @@ from ..runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, ma
 from ..runfolder import jsonable as _jsonable
 from ..runfolder import write_json as _write_json
 from ..schedules import x_to_z, z_to_x
+from ..speed import SpeedOptions, auto_batch_size, with_speed
 from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
 
 __all__ = ["TEXT2IMAGE_SOLVERS", "RECOMMENDED_GAMMA", "text_to_image", "text2image_from_config", "image_name"]
@@ -105,7 +106,7 @@ def text_to_image(
     negative_prompt: str = "",
     height: int | None = None,
     width: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | str = 4,
     network_batch: int | None = None,
     noise_per_prompt: bool = False,
     out_dir="results/text2image/run",
@@ -115,6 +116,9 @@ def text_to_image(
     grid_nrow: int | None = None,
     grid_padding: int = 2,
     progress: bool = True,
+    precision: str = "float32",
+    channels_last: bool = False,
+    compile: str | None = None,
     config: Mapping[str, Any] | None = None,
     prompt_source: Mapping[str, Any] | None = None,
     dist: DistContext | None = None,
@@ -124,15 +128,19 @@ def text_to_image(
 
     Args:
         prompts: the prompts (:func:`bdia.prompts.load_prompts`); seeds: a spec (``"0-3"``) or list.
-        solver: ``ddim`` or ``bdia_ddim``; ``gamma`` in [0, 1] (BDIA only; ignored and recorded as ``null``
-            for ddim, so ``-m solver=ddim,bdia_ddim gamma=...`` sweeps work). Authors' recommendation
+        solver: ``ddim`` or ``bdia_ddim``; ``gamma`` in [0, 1] for BDIA (``None``: 1); ddim is gamma = 0 and
+            refuses any other gamma (:func:`bdia.checks.check_solver_options`). Authors' recommendation
             (:data:`RECOMMENDED_GAMMA`): 0.5 at 10 steps, 1.0 at 40.
         num_steps: solver steps (NFE = num_steps, measured); guidance_scale: classifier-free guidance weight
             (1: none); negative_prompt: the unconditional prompt.
         height, width: image size in pixels (default the model's native size).
         batch_size: images per solver call; network_batch: the networks see exactly this many rows per call
             (:class:`bdia.denoisers.FixedBatchDenoiser`), making float32 results independent of ``batch_size``;
-            ``None``: the whole batch.
+            ``None``: the whole batch. ``batch_size="auto"``: the largest power of two (at most this rank's
+            image count) whose guided UNet call fits in free memory (:func:`bdia.speed.auto_batch_size`).
+        precision, channels_last, compile: how the UNet runs (:mod:`bdia.speed`: float32 | tf32 | bf16 | fp16,
+            NHWC, a :func:`torch.compile` mode); solver states stay float64. Non-default values are recorded
+            in ``settings.json``.
         noise_per_prompt: image ``(p, s)``'s noise from seed ``s * len(prompts) + p`` instead of ``s``.
         save_states: keep the float64 final latents (``z_end``; BDIA also ``z_inner``) in the records and
             ``images.npz``; save_npz: write ``images.npz`` (large for big runs; metrics read ``images/`` too).
@@ -149,7 +157,9 @@ def text_to_image(
     seeds = parse_seeds(seeds)
     check_num_steps(num_steps)
     sigmas = sd.sigmas(num_steps)
-    _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding, sigmas)
+    _validate(solver, gamma, num_steps, guidance_scale, 1 if batch_size == "auto" else batch_size, network_batch,
+              grid_nrow, grid_padding, sigmas)
+    speed = SpeedOptions(precision, channels_last, compile)
     bdia_solver = solver == "bdia_ddim"
     gamma = (1.0 if gamma is None else gamma) if bdia_solver else None
     check_flags(save_states=save_states, save_npz=save_npz, resume=resume, noise_per_prompt=noise_per_prompt)
@@ -171,6 +181,7 @@ def text_to_image(
         "network_batch": network_batch,
         "device_type": device.type,
         "model": sd.describe(),
+        **({} if speed.is_default else {"speed": speed.as_dict()}),
     })
     ctx = dist or DistContext()
     check_out_dir(out_dir, "text2image")  # before the model is used (the driver checks again on every rank)
@@ -180,7 +191,11 @@ def text_to_image(
     need = ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
 
     uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
-    net = sd.denoiser(guidance_scale, uncond)
+    net = with_speed(sd.denoiser(guidance_scale, uncond), **speed.as_dict())
+    if batch_size == "auto":
+        batch_size = auto_batch_size(net, latent_shape, device, limit=max(1, -(-len(items) // ctx.world_size)),
+                                     cond={"encoder_hidden_states": sd.encode_prompts(prompts[:1])})
+        log.info("batch_size=auto: %d images per batch", batch_size)
     counter = CountingDenoiser(net if network_batch is None else FixedBatchDenoiser(net, network_batch))
 
     def solve(batch) -> BatchResult:
@@ -240,6 +255,7 @@ def text_to_image(
             "latent_shape": list(latent_shape),
             "batch_size": batch_size,
             "network_batch": network_batch,
+            "speed": speed.as_dict(),
             "world_size": ctx.world_size,
             "sigmas": {"levels": sigmas.tolist(), "timestep_spacing": sd.schedule["timestep_spacing"],
                        "steps_offset": sd.schedule["steps_offset"], "set_alpha_to_one": sd.schedule["set_alpha_to_one"]},
@@ -303,7 +319,7 @@ def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, ke
 #: Top-level keys of ``configs/text2image.yaml`` that are :func:`text_to_image` arguments.
 _RUN_KEYS = ("seeds", "guidance_scale", "negative_prompt", "height", "width",
              "batch_size", "network_batch", "noise_per_prompt", "out_dir", "save_states", "save_npz", "resume",
-             "grid_nrow", "grid_padding", "progress")
+             "grid_nrow", "grid_padding", "progress", "precision", "channels_last", "compile")
 _PROMPT_KEYS = ("prompts", "prompt_file", "coco_captions", "num_prompts", "prompt_seed")
 
 
