@@ -1,6 +1,6 @@
 """Solvers: DDIM, EDM (Heun), and their BDIA versions with exact inversion.
 
-Conventions (see ``shared/DESIGN.md`` section 2 of the project):
+Conventions (``docs/design.md`` draws where they bite):
 
 * ``sigmas`` is a strictly descending float64 grid in EDM's convention ``x = x0 + sigma * n``, with
   ``N + 1`` levels for ``N`` steps; ``x_k`` is the state at ``sigmas[k]`` (``k = 0`` pure noise, ``k = N``
@@ -29,12 +29,20 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 
-from .schedules import as_sigmas, vp_alpha
+from .gammas import (  # noqa: F401  (public here too)
+    GAMMA_SCHEDULES,
+    UNSTABLE_ROUNDTRIP_ERROR,
+    check_invertible,
+    gamma_schedule,
+    predicted_roundtrip_error,
+)
+from .gammas import ddim_scale as _ddim_scale
+from .gammas import vp_scale as _vp_scale  # noqa: F401  (the tests' name)
+from .schedules import as_sigmas
 
 __all__ = [
     "StatePair",
@@ -57,12 +65,8 @@ __all__ = [
 
 SOLVERS = ("ddim", "bdia_ddim", "edm", "bdia_edm")
 INVERTIBLE_SOLVERS = ("bdia_ddim", "bdia_edm")
-GAMMA_SCHEDULES = ("obelm", "lte")
 BACKWARD_MAPS = ("euler", "heun", "taylor", "exp")
 SPACES = ("x", "vp")
-
-#: ``invert`` warns when the predicted relative round-trip error exceeds this.
-UNSTABLE_ROUNDTRIP_ERROR = 1e-4
 
 
 class StatePair(NamedTuple):
@@ -181,75 +185,6 @@ def _edm_maps(backward: str):
     return maps
 
 
-def _vp_scale(sigma_data: float = 1.0):
-    """``c_k = alpha_{k-1} / alpha_{k+1}`` with ``alpha = 1 / sqrt(sigma_data^2 + sigma^2)`` (up to a constant,
-    which cancels): BDIA applied to ``z = alpha x`` and written in ``x``. ``sigma_data = 1``: the VP latents
-    (``alpha = 1/sqrt(1 + sigma^2)``, BDIA-DDIM's); ``0.5``: EDM's network input scaling ``c_in``."""
-    return lambda levels, k: math.sqrt((sigma_data**2 + levels[k + 1] ** 2) / (sigma_data**2 + levels[k - 1] ** 2))
-
-
-def _ddim_scale(levels, k):
-    """``c_k = alpha_{k-1} / alpha_{k+1}``: the z-space BDIA-DDIM update written in x = z / alpha."""
-    return vp_alpha(levels[k - 1]) / vp_alpha(levels[k + 1])
-
-
-def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None) -> list[float]:
-    """The per-step gamma a BDIA solver uses, as a list of ``N`` floats (entry ``k`` for the step that makes
-    ``x_{k+1}``; entry 0 belongs to the first, plain base step and is 0).
-
-    ``gamma`` is a scalar in [0, 1], a sequence of ``N - 1`` values in [0, 1] (one per BDIA step, in sampling
-    order), or a named schedule, with ``h_k = sigma_k - sigma_{k+1}`` and ``r_k = h_k / h_{k-1} (< 1 on a Karras grid)``:
-
-    * ``"obelm"``: ``gamma_k = r_k**2``, which makes BDIA over Euler the O-BELM sampler (Wang et al.,
-      NeurIPS 2024), second-order accurate: the forward and the backward Euler step's O(h^2) local errors have
-      opposite signs and cancel. For ``bdia_ddim`` the value is divided by ``c_k = alpha_{k-1}/alpha_{k+1}`` so
-      that the x-space recurrence is exactly O-BELM. For ``bdia_edm`` (Heun base) it is a heuristic.
-    * ``"lte"`` (``bdia_edm`` only): ``gamma_k c_k = min(1, r_k**3)`` (and ``gamma_k <= 1``). Heun's local
-      error is O(h^3) and odd in h, so a second-order backward step's error over ``h_{k-1}`` adds to (never
-      cancels) the forward step's; this weight caps BDIA's share, ``gamma_k c_k h_{k-1}^3``, at Heun's own
-      ``h_k^3``, tapering gamma where the steps shrink fast (few steps, and near the data). ``scale_fn`` gives
-      ``c_k`` (the solver passes its own; default 1, x-space).
-    """
-    levels = as_sigmas(sigmas).tolist()
-    N = len(levels) - 1
-    if isinstance(gamma, str):
-        if gamma not in GAMMA_SCHEDULES:
-            raise ValueError(f"unknown gamma schedule {gamma!r}; named schedules: {list(GAMMA_SCHEDULES)}")
-        ratios = [0.0] + [(levels[k] - levels[k + 1]) / (levels[k - 1] - levels[k]) for k in range(1, N)]
-        if gamma == "lte":
-            if solver != "bdia_edm":
-                raise ValueError("gamma='lte' is derived from Heun's local error: bdia_edm only (bdia_ddim: 'obelm')")
-            scale = scale_fn or (lambda levels, k: 1.0)
-            return [0.0] + [min(1.0, ratios[k] ** 3 / scale(levels, k)) for k in range(1, N)]
-        gammas = [r**2 for r in ratios]
-        if solver == "bdia_ddim":
-            gammas = [0.0] + [gammas[k] / _ddim_scale(levels, k) for k in range(1, N)]
-        return gammas
-    if isinstance(gamma, torch.Tensor) and gamma.ndim == 0:
-        gamma = gamma.item()
-    if isinstance(gamma, (int, float)):
-        values = [float(gamma)] * (N - 1)
-    else:
-        values = [float(g) for g in gamma]
-        if len(values) != N - 1:
-            raise ValueError(
-                f"a per-step gamma needs one value per BDIA step: {N - 1} for {N} steps, got {len(values)}"
-            )
-    for g in values:
-        if not (0.0 <= g <= 1.0):  # also rejects NaN
-            raise ValueError(f"gamma must lie in [0, 1] (0 = base solver, 1 = full BDIA), got {g}")
-    return [0.0] + values
-
-
-def predicted_roundtrip_error(gammas: Sequence[float], dtype: torch.dtype) -> float:
-    """Round-off amplification model for inversion: ``eps(dtype) * prod_k 1 / gamma_k``.
-
-    Matches measurements in float64 over 20 steps: about 1e-10 at gamma 0.5 and 1e3 at gamma 0.1.
-    """
-    log_growth = sum(-math.log(g) for g in gammas[1:])
-    return torch.finfo(dtype).eps * math.exp(min(log_growth, 700.0))
-
-
 def _coefficients(p: _Problem, gammas, scale_fn):
     return [0.0] + [gammas[k] * scale_fn(p.levels, k) for k in range(1, p.num_steps)]
 
@@ -344,17 +279,7 @@ def _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, solver, class_
     p = _Problem(denoiser, sigmas, first, class_labels, cond)
     N = p.num_steps
     gammas = gamma_schedule(gamma, p.sigmas, solver, scale_fn)
-    if min(gammas[1:]) <= 0:
-        raise ValueError("gamma = 0 is the base solver, which is not invertible; use gamma in (0, 1] (0.92-1 for editing)")
-    predicted = predicted_roundtrip_error(gammas, first.dtype)
-    if predicted > UNSTABLE_ROUNDTRIP_ERROR:
-        warnings.warn(
-            f"{solver} inversion with gamma={gamma!r}, N={N}, dtype={first.dtype} amplifies round-off by about "
-            f"prod(1/gamma): expected relative round-trip error ~{predicted:.1e}. Use gamma closer to 1, fewer "
-            f"steps, or a wider dtype (float64).",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    check_invertible(gammas, first.dtype, f"{solver} inversion with gamma={gamma!r}, N={N}")
     coeffs = _coefficients(p, gammas, scale_fn)
     if isinstance(x_last, (tuple, list)):
         x_next, x = x_last  # (x_N, x_{N-1}) as `sample(..., return_pair=True)` returns it

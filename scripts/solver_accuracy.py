@@ -3,7 +3,7 @@
     make accuracy                      # = .venv/bin/python scripts/solver_accuracy.py
     python scripts/solver_accuracy.py --num-samples 256 --out-dir results
 
-Conventions (``shared/DESIGN.md`` sections 2 and 4): EDM noise levels, ``x = x0 + sigma * n``; the
+Conventions (``docs/design.md``): EDM noise levels, ``x = x0 + sigma * n``; the
 probability-flow ODE is ``dx/dsigma = (x - D(x, sigma)) / sigma``; gamma = 0 is the base solver.
 
 The data distribution is a mixture of isotropic Gaussians, whose denoiser ``D`` is exact and non-linear

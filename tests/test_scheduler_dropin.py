@@ -411,13 +411,13 @@ def test_package_exports_the_schedulers_lazily():
 
 
 def test_invert_and_regenerate_with_a_loaded_pipeline_is_exact_in_float64(tiny_sd_dir):
-    """bdia.schedulers.invert_with_pipeline on a real StableDiffusionPipeline object (float64): encode a photo,
+    """bdia.pipelines.invert_with_pipeline on a real StableDiffusionPipeline object (float64): encode a photo,
     invert under the prompt with guidance, regenerate through the pipeline's own __call__: the latent comes back
     to float64 round-off; an edit prompt regenerates something else; the pipeline keeps its scheduler."""
     from diffusers import StableDiffusionPipeline
 
     from bdia.apps.edit import load_image
-    from bdia.schedulers import invert_with_pipeline, regenerate_with_pipeline
+    from bdia.pipelines import invert_with_pipeline, regenerate_with_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dtype=torch.float64)
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,109 @@
+"""Gamma for the BDIA solvers: constant, per step, or a named schedule, and what it costs on inversion.
+
+``gamma_schedule`` turns a user's gamma into the ``N`` per-step weights a solver uses (entry 0, the first plain
+base step, is 0). The weight multiplies ``c_k (x_{k-1} - Phi(x_k; k -> k-1))``, where ``c_k`` is the coordinate
+factor of the solver's space (:func:`ddim_scale` for BDIA-DDIM's VP latents, :func:`vp_scale` for BDIA-EDM's
+``space="vp"``, 1 in EDM's x-space). Inversion divides by ``gamma_k c_k``, so round-off grows about
+``prod_k 1 / gamma_k`` (:func:`predicted_roundtrip_error`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+
+from .schedules import as_sigmas, vp_alpha
+
+__all__ = ["GAMMA_SCHEDULES", "UNSTABLE_ROUNDTRIP_ERROR", "check_invertible", "gamma_schedule", "predicted_roundtrip_error", "ddim_scale", "vp_scale"]
+
+GAMMA_SCHEDULES = ("obelm", "lte")
+
+#: Inversion warns when the predicted relative round-trip error exceeds this.
+UNSTABLE_ROUNDTRIP_ERROR = 1e-4
+
+
+def vp_scale(sigma_data: float = 1.0):
+    """``c_k = alpha_{k-1} / alpha_{k+1}`` with ``alpha = 1 / sqrt(sigma_data^2 + sigma^2)`` (up to a constant,
+    which cancels): BDIA applied to ``z = alpha x`` and written in ``x``. ``sigma_data = 1``: the VP latents
+    (``alpha = 1/sqrt(1 + sigma^2)``, BDIA-DDIM's); ``0.5``: EDM's network input scaling ``c_in``."""
+    return lambda levels, k: math.sqrt((sigma_data**2 + levels[k + 1] ** 2) / (sigma_data**2 + levels[k - 1] ** 2))
+
+
+def ddim_scale(levels, k):
+    """``c_k = alpha_{k-1} / alpha_{k+1}``: the z-space BDIA-DDIM update written in x = z / alpha."""
+    return vp_alpha(levels[k - 1]) / vp_alpha(levels[k + 1])
+
+
+def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None) -> list[float]:
+    """The per-step gamma a BDIA solver uses, as a list of ``N`` floats (entry ``k`` for the step that makes
+    ``x_{k+1}``; entry 0 belongs to the first, plain base step and is 0).
+
+    ``gamma`` is a scalar in [0, 1], a sequence of ``N - 1`` values in [0, 1] (one per BDIA step, in sampling
+    order), or a named schedule, with ``h_k = sigma_k - sigma_{k+1}`` and ``r_k = h_k / h_{k-1} (< 1 on a Karras grid)``:
+
+    * ``"obelm"``: ``gamma_k = r_k**2``, which makes BDIA over Euler the O-BELM sampler (Wang et al.,
+      NeurIPS 2024), second-order accurate: the forward and the backward Euler step's O(h^2) local errors have
+      opposite signs and cancel. For ``bdia_ddim`` the value is divided by ``c_k = alpha_{k-1}/alpha_{k+1}`` so
+      that the x-space recurrence is exactly O-BELM. For ``bdia_edm`` (Heun base) it is a heuristic.
+    * ``"lte"`` (``bdia_edm`` only): ``gamma_k c_k = min(1, r_k**3)`` (and ``gamma_k <= 1``). Heun's local
+      error is O(h^3) and odd in h, so a second-order backward step's error over ``h_{k-1}`` adds to (never
+      cancels) the forward step's; this weight caps BDIA's share, ``gamma_k c_k h_{k-1}^3``, at Heun's own
+      ``h_k^3``, tapering gamma where the steps shrink fast (few steps, and near the data). ``scale_fn`` gives
+      ``c_k`` (the solver passes its own; default 1, x-space).
+    """
+    levels = as_sigmas(sigmas).tolist()
+    N = len(levels) - 1
+    if isinstance(gamma, str):
+        if gamma not in GAMMA_SCHEDULES:
+            raise ValueError(f"unknown gamma schedule {gamma!r}; named schedules: {list(GAMMA_SCHEDULES)}")
+        ratios = [0.0] + [(levels[k] - levels[k + 1]) / (levels[k - 1] - levels[k]) for k in range(1, N)]
+        if gamma == "lte":
+            if solver != "bdia_edm":
+                raise ValueError("gamma='lte' is derived from Heun's local error: bdia_edm only (bdia_ddim: 'obelm')")
+            scale = scale_fn or (lambda levels, k: 1.0)
+            return [0.0] + [min(1.0, ratios[k] ** 3 / scale(levels, k)) for k in range(1, N)]
+        gammas = [r**2 for r in ratios]
+        if solver == "bdia_ddim":
+            gammas = [0.0] + [gammas[k] / ddim_scale(levels, k) for k in range(1, N)]
+        return gammas
+    if isinstance(gamma, torch.Tensor) and gamma.ndim == 0:
+        gamma = gamma.item()
+    if isinstance(gamma, (int, float)):
+        values = [float(gamma)] * (N - 1)
+    else:
+        values = [float(g) for g in gamma]
+        if len(values) != N - 1:
+            raise ValueError(
+                f"a per-step gamma needs one value per BDIA step: {N - 1} for {N} steps, got {len(values)}"
+            )
+    for g in values:
+        if not (0.0 <= g <= 1.0):  # also rejects NaN
+            raise ValueError(f"gamma must lie in [0, 1] (0 = base solver, 1 = full BDIA), got {g}")
+    return [0.0] + values
+
+
+def predicted_roundtrip_error(gammas: Sequence[float], dtype: torch.dtype) -> float:
+    """Round-off amplification model for inversion: ``eps(dtype) * prod_k 1 / gamma_k``.
+
+    Matches measurements in float64 over 20 steps: about 1e-10 at gamma 0.5 and 1e3 at gamma 0.1.
+    """
+    log_growth = sum(-math.log(g) for g in gammas[1:])
+    return torch.finfo(dtype).eps * math.exp(min(log_growth, 700.0))
+
+
+def check_invertible(gammas: Sequence[float], dtype: torch.dtype, what: str) -> None:
+    """Inversion divides by every gamma: refuse a zero one, and warn (naming ``what``) when the predicted
+    round-trip error of ``dtype`` exceeds :data:`UNSTABLE_ROUNDTRIP_ERROR`."""
+    if min(gammas[1:]) <= 0:
+        raise ValueError("gamma = 0 is the base solver, which is not invertible; use gamma in (0, 1] (0.92-1 for editing)")
+    predicted = predicted_roundtrip_error(gammas, dtype)
+    if predicted > UNSTABLE_ROUNDTRIP_ERROR:
+        warnings.warn(
+            f"{what}, dtype={dtype} amplifies round-off by about prod(1/gamma): expected relative round-trip error "
+            f"~{predicted:.1e}. Use gamma closer to 1, fewer steps, or a wider dtype (float64).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
