@@ -99,3 +99,34 @@ def test_imports_inside_functions_are_only_the_declared_lazy_ones():
     _, lazy = _graph()
     found = {(name, target) for name, targets in lazy.items() for target in targets}
     assert found <= set(LAZY), sorted(found - set(LAZY))
+
+
+#: The layers of ``docs/design.md``, lowest first. A module imports only from its own layer or lower ones.
+LAYERS = {
+    "core": ("bdia.download", "bdia.schedules", "bdia.denoisers", "bdia.gammas", "bdia.solvers", "bdia.checks",
+             "bdia.speed", "bdia.analytic", "bdia.data", "bdia.networks", "bdia.inversion"),
+    "services": ("bdia.imageio", "bdia.runfolder", "bdia.distributed", "bdia.metrics", "bdia.logger", "bdia.configs",
+                 "bdia.models", "bdia.prompts", "bdia.testing", "bdia.schedulers", "bdia.pipelines", "bdia.assets"),
+    "apps": ("bdia.apps",),
+}
+
+
+def _layer(name: str) -> int | None:
+    for rank, prefixes in enumerate(LAYERS.values()):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return rank
+    return None
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_downward():
+    graph, _ = _graph()
+    unplaced = sorted(n for n in graph if n != "bdia" and _layer(n) is None)
+    assert not unplaced, f"modules without a layer (add them to LAYERS and docs/design.md): {unplaced}"
+    upward = sorted((n, t) for n, targets in graph.items() if n != "bdia" for t in targets
+                    if t != "bdia" and _layer(t) > _layer(n))
+    assert not upward, f"imports from a higher layer: {upward}"
+    apps = [n for n in graph if _layer(n) == 2]
+    shared = {"bdia.apps.driver", "bdia.apps.cli", "bdia.apps"}
+    crossing = sorted((n, t) for n in apps for t in graph[n] if _layer(t) == 2 and t not in shared
+                      and not (n == "bdia.apps.reproduce" and t == "bdia.apps.tables"))
+    assert not crossing, f"apps importing other apps (share through the driver or a service): {crossing}"
