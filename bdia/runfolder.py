@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -315,11 +316,10 @@ def image_complete(out_dir, name: str, need: Iterable[str], shape: Sequence[int]
 
 
 def jsonable(value) -> Any:
-    """``value`` with tensors, numpy scalars, paths and non-finite floats made JSON-friendly."""
-    import math
-
+    """``value`` with tensors, numpy scalars, paths and non-finite floats (as strings) made JSON-friendly: the
+    one converter of the run folders' JSON files."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return value.tolist()
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, Path):

@@ -89,7 +89,7 @@ def obelm_in_x(den, x_init, sigmas):
 
 
 def bdia_edm_reference(den, x_init, sigmas, gamma, backward="euler"):
-    """BDIA over EDM's Heun (DESIGN.md eq.), written as one plain loop."""
+    """BDIA over EDM's Heun (docs/design.md's BDIA recurrence), written as one plain loop."""
     sig = [float(s) for s in sigmas]
 
     def d(x, k):

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import digits_images
-from ..download import AssetUnavailableError
+from ..download import AssetUnavailableError, sha256_of
 from ..imageio import quantize
 from ..runfolder import atomic_write
 
@@ -322,7 +322,7 @@ def save_digits_classifier(model: DigitsClassifier, report: dict, path=None) -> 
     tmp.chmod(0o644)
     tmp.replace(weights)
     card = dict(report)
-    card["weights"] = {"file": weights.name, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    card["weights"] = {"file": weights.name, "sha256": sha256_of(weights),
                        "bytes": weights.stat().st_size}
     with atomic_write(weights.with_suffix(".json"), "w") as f:
         json.dump(card, f, indent=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..distributed import is_main_process
-from ..runfolder import atomic_write
+from ..runfolder import atomic_write, jsonable
 from .images import open_images
 
 __all__ = ["find_runs", "evaluate_run", "evaluate_runs", "merge_metrics_json", "flatten_numbers"]
@@ -58,18 +58,6 @@ def find_runs(path) -> list[Path]:
     return runs
 
 
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
-        return _jsonable(value.item())
-    return value
-
-
 def merge_metrics_json(run_dir, results: Mapping[str, Any]) -> dict:
     """Merge ``results`` (metric name -> dict) into ``run_dir/metrics.json["evaluation"]``; atomic rewrite."""
     path = Path(run_dir) / "metrics.json"
@@ -82,7 +70,7 @@ def merge_metrics_json(run_dir, results: Mapping[str, Any]) -> dict:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object")
     evaluation = dict(data.get(EVALUATION_KEY) or {})
-    evaluation.update(_jsonable(dict(results)))
+    evaluation.update(jsonable(dict(results)))
     data[EVALUATION_KEY] = evaluation
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2)
