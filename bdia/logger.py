@@ -2,7 +2,7 @@
 
 The app builds one logger from the ``logger`` config group and drives it through five calls::
 
-    logger = hydra.utils.instantiate(cfg.logger)        # configs/logger/{none,wandb}.yaml
+    logger = hydra.utils.instantiate(cfg.logger)        # configs/loggers/logger/{none,wandb}.yaml
     logger.start(config, run_dir=out_dir, name=run_name, group=experiment_name)
     logger.log_metrics({"nfe": 35, "fid": {"50k": 2.1}})  # nested keys flattened: "fid/50k"
     logger.log_image("grid", out_dir + "/grid.png")

@@ -1,10 +1,10 @@
-"""Denoisers from model configs (``configs/model/``): plain functions that Hydra's ``_target_`` points at.
+"""Denoisers from model configs (``configs/sample/model/``): plain functions that Hydra's ``_target_`` points at.
 
 * :func:`edm_network` — one of NVIDIA's published EDM networks (:mod:`bdia.networks.registry`) by name,
   downloaded into the cache on first use, or a local snapshot (``model.path=/data/edm.pkl``);
 * :func:`digits_network` — the embedded digits model (EDM-style, trained by ``scripts/train.py``, weights
   shipped in ``bdia/assets/``);
-* the analytic digits mixture is :func:`bdia.analytic.digits_gmm` itself (``configs/model/gmm-digits.yaml``).
+* the analytic digits mixture is :func:`bdia.analytic.digits_gmm` itself (``configs/sample/model/gmm-digits.yaml``).
 
 :func:`load_model` instantiates a model config and re-raises the loader's own exception (Hydra wraps it),
 so callers can report missing checkpoints in one line. :func:`image_shape_of` and :func:`label_dim_of` read

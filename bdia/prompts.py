@@ -16,7 +16,7 @@
   The subset for a smaller ``num`` is a prefix of the subset for a larger one.
 * :func:`load_prompts` — exactly one of the three sources, as a list of strings; what the config keys
   ``prompts`` / ``prompt_file`` / ``coco_captions`` (+ ``num_prompts``, ``prompt_seed``) of
-  ``configs/text2image.yaml`` feed.
+  ``configs/text2image/text2image.yaml`` feed.
 """
 
 from __future__ import annotations

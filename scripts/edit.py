@@ -7,8 +7,9 @@ null-text inversion.
     python scripts/edit.py model.path=/models/stable-diffusion-v1-5 model.dtype=float64   # a local folder, fp64
     python scripts/make_tiny_sd.py && python scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4   # offline demo
 
-Config: ``configs/edit.yaml`` (keys = :func:`bdia.apps.edit.edit_run`'s arguments) and the ``model`` group
-(``sd15`` default, ``sd14``, ``sd21_base``, ``tiny-sd``; ``model.path`` takes any local diffusers folder).
+Config: ``configs/edit/edit.yaml`` (keys = :func:`bdia.apps.edit.edit_run`'s arguments) and the ``model`` group of
+``configs/sd/`` (``sd15`` default, ``sd14``, ``sd21_base``, ``tiny-sd``; ``model.path`` takes any local diffusers
+folder), ``logger/`` and ``launcher/``.
 
 Output (``out_dir``, default ``results/edit/<overrides>``): ``<method>.png`` (original | reconstruction | edit),
 ``edit_grid.png`` (one row per method), ``bdia_pair.npz`` (the noise pair BDIA inverts the image to) and
@@ -100,7 +101,7 @@ def edit_table(metrics: dict) -> Table:
     return Table("methods", columns, rows)
 
 
-@hydra.main(config_path="../configs", config_name="edit", version_base="1.3")
+@hydra.main(config_path="../configs/edit", config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     return run_job(edit_from_config, cfg)
 

@@ -9,8 +9,9 @@ logged through the ``logger`` group.
     torchrun --standalone --nproc_per_node=2 scripts/evaluate.py run_dir=... metrics=fid   # sharded over ranks
     python scripts/evaluate.py --cfg job                                             # print the config
 
-Configs: ``configs/evaluate.yaml``; ``configs/metrics/*.yaml`` map metric names to ``_target_`` classes whose
-arguments are the YAML keys (``bdia.metrics.FID``, ``DigitsFD``, ``CLIPScore``, ``Reconstruction``).
+Configs: ``configs/evaluate/evaluate.yaml``; the ``metrics/*.yaml`` of ``configs/{image,digits,prompt}_metrics/``
+map metric names to ``_target_`` classes whose arguments are the YAML keys (``bdia.metrics.FID``, ``DigitsFD``,
+``CLIPScore``, ``Reconstruction``).
 
 Bad input (no such folder, no runs in it, an unknown option, a missing asset offline) ends with one line
 ``error: ...`` on stderr and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Under torchrun
@@ -58,7 +59,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
                          group=cfg.get("group"), write=bool(cfg.get("write", True)))
 
 
-@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="../configs/evaluate", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
         init_distributed()

@@ -101,7 +101,7 @@ def compute(cfg) -> dict:
     return {"out": str(out), **card}
 
 
-@hydra.main(config_path="../configs", config_name="fid_ref", version_base="1.3")
+@hydra.main(config_path="../configs/fid_ref", config_name="fid_ref", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
         init_distributed(cfg.device)

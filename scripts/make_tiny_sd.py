@@ -1,7 +1,7 @@
 """Write a tiny random Stable Diffusion as a local diffusers folder (no download), for offline runs of
 ``scripts/text2image.py model=tiny-sd`` and ``scripts/edit.py model=tiny-sd``.
 
-    python scripts/make_tiny_sd.py                      # -> results/tiny_sd (what configs/model/tiny-sd.yaml reads)
+    python scripts/make_tiny_sd.py                      # -> results/tiny_sd (what configs/sd/model/tiny-sd.yaml reads)
     python scripts/make_tiny_sd.py /tmp/my_tiny_sd --seed 1 --sample-size 64
     python scripts/make_tiny_sd.py results/tiny_sd --clip results/tiny_clip   # + a tiny random CLIP (CLIP-score plumbing)
     python scripts/text2image.py model=tiny-sd device=cpu seeds=0-3

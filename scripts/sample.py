@@ -11,7 +11,8 @@
     python scripts/sample.py -m experiment=table2_cifar10 launcher=slurm hydra.launcher.partition=gpu
     python scripts/sample.py --cfg job                        # print the composed config and exit
 
-Configs: ``configs/sample.yaml`` and its groups (dataset/ model/ solver/ metrics/ logger/ launcher/ experiment/).
+Configs: ``configs/sample/sample.yaml`` and its groups: its own (``configs/sample/``: dataset/ model/ solver/
+experiment/) and the shared ones it runs (metrics/ logger/ launcher/; :data:`bdia.apps.cli.APP_CONFIGS`).
 The work is done by :func:`bdia.apps.sample.sample_from_config` and :func:`bdia.apps.sample.sample_run`.
 
 Output: ``out_dir`` (default ``results/sample/<experiment_name>/<overrides>``) holds ``images/<seed:06d>.png``,
@@ -34,7 +35,7 @@ from bdia.apps.cli import run_command_line, run_job
 from bdia.apps.sample import sample_from_config
 
 
-@hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
+@hydra.main(config_path="../configs/sample", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     return run_job(sample_from_config, cfg)
 

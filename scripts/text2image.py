@@ -3,13 +3,15 @@
     python scripts/text2image.py                                    # sd15, BDIA-DDIM gamma 0.5, 10 steps, 2 prompts x 4 seeds
     python scripts/text2image.py model=tiny-sd device=cpu           # offline: the tiny folder from scripts/make_tiny_sd.py
     python scripts/text2image.py model.path=/models/stable-diffusion-v1-5 'prompts=["a red fox in snow"]' seeds=0-7
-    python scripts/text2image.py prompt_file=prompts.txt prompts=null solver=ddim num_steps=50 model.dtype=float16
+    python scripts/text2image.py prompt_file=prompts.txt prompts=null solver=ddim solver.num_steps=50 model.dtype=float16
     python scripts/text2image.py coco_captions=/data/annotations/captions_val2014.json prompts=null num_prompts=1000 \
         seeds=0 noise_per_prompt=true metrics=clip
-    python scripts/text2image.py -m solver=ddim,bdia_ddim num_steps=10,20,40 gamma=0.5,1.0   # a sweep
+    python scripts/text2image.py -m solver=ddim,bdia_ddim solver.num_steps=10,20,40         # a sweep
+    python scripts/text2image.py -m solver=bdia_ddim solver.gamma=0.5,1.0                    # a gamma sweep
     python scripts/text2image.py --cfg job                          # print the composed config and exit
 
-Config: ``configs/text2image.yaml`` (groups ``model/``, ``metrics/``, ``experiment/``). The work is done by
+Config: ``configs/text2image/text2image.yaml`` (groups ``solver/`` and ``experiment/`` of its own, ``model/`` from
+``configs/sd/``, ``metrics/``, ``logger/``, ``launcher/``; :data:`bdia.apps.cli.APP_CONFIGS`). The work is done by
 :func:`bdia.apps.text2image.text2image_from_config` and :func:`bdia.apps.text2image.text_to_image`.
 
 Output: ``out_dir`` (default ``results/text2image/<experiment_name>/<overrides>``) holds ``images/*.png``,
@@ -17,8 +19,8 @@ Output: ``out_dir`` (default ``results/text2image/<experiment_name>/<overrides>`
 ``metrics.json`` (NFE measured, wall time, settings), ``env.json``, ``config.yaml`` and ``settings.json``.
 Rerunning the same command resumes.
 
-Mistakes (an unknown config name, a missing prompt file, gamma outside [0, 1], a model that is neither cached
-nor downloadable — offline it fails at once) end with one line ``error: ...`` and exit status 1;
+Mistakes (an unknown config name, a missing prompt file, gamma outside [0, 1] or given to ddim, a model that is
+neither cached nor downloadable — offline it fails at once) end with one line ``error: ...`` and exit status 1;
 ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
@@ -31,7 +33,7 @@ from bdia.apps.cli import run_command_line, run_job
 from bdia.apps.text2image import text2image_from_config
 
 
-@hydra.main(config_path="../configs", config_name="text2image", version_base="1.3")
+@hydra.main(config_path="../configs/text2image", config_name="text2image", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     return run_job(text2image_from_config, cfg)
 

@@ -1,6 +1,6 @@
 """Train the embedded digits model with EDM's preconditioning, loss and EMA (``bdia.apps.train``).
 
-    python scripts/train.py                                   # configs/train.yaml
+    python scripts/train.py                                   # configs/train/train.yaml
     python scripts/train.py train.total_images=20000 out_dir=/tmp/quick
 
 Writes ``out_dir/final.safetensors`` (EMA weights, constructor arguments and training config in the
@@ -18,11 +18,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bdia.apps import cli  # noqa: F401  (the config search path: configs/train/, then configs/shared/)
 from bdia.apps.train import TrainConfig, save_network, train
 from bdia.data import digits_images
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="../configs/train", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         config = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bdia.apps.cli import app_config_dir
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = app_config_dir("sample")  # configs/sample/; its shared groups: bdia.apps.cli.config_dirs(CONFIG_DIR)
 SCRIPT = REPO / "scripts" / "sample.py"
 
 # A few seconds on a CPU for every experiment file: tiny models, two seeds, two steps.
@@ -57,21 +59,23 @@ def write_tiny_digits_network(path) -> Path:
 
 
 @contextmanager
-def hydra_configs():
-    from hydra import initialize_config_dir
+def hydra_configs(app: str = "sample"):
+    """Hydra's compose API on ``app``'s configs (``configs/<app>/`` and its shared folders)."""
     from hydra.core.global_hydra import GlobalHydra
 
+    from bdia.apps.cli import initialize_app
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_app(app):
         yield
     GlobalHydra.instance().clear()
 
 
-def compose(*overrides, hydra: bool = False):
-    """``configs/sample.yaml`` composed with ``overrides`` (inside :func:`hydra_configs`)."""
+def compose(*overrides, hydra: bool = False, app: str = "sample"):
+    """``configs/<app>/<app>.yaml`` composed with ``overrides`` (inside :func:`hydra_configs` of that app)."""
     from hydra import compose as hydra_compose
 
-    return hydra_compose("sample", overrides=list(overrides), return_hydra_config=hydra)
+    return hydra_compose(app, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def cli(monkeypatch, cwd, *args, script=SCRIPT) -> int | str | None:

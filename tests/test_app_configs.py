@@ -1,4 +1,5 @@
-"""Every config of the sampling app composes, and every experiment file runs end to end on a tiny model."""
+"""Every config of the sampling app composes, every experiment file runs end to end on a tiny model, and each app's
+``--help`` lists only the config groups and options of its own search path."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from app_helpers import (
     write_tiny_digits_network,
     write_tiny_edm,
 )
+from bdia.apps.cli import group_options
 from bdia.apps.sample import sample_from_config
 from bdia.download import AssetUnavailableError
 from bdia.models import ModelNotShippedError, load_model
@@ -28,8 +30,7 @@ from bdia.networks.registry import CHECKPOINTS
 
 FAST_DIGITS_METRIC = ["metrics.digits.kid=false", "metrics.digits.real_floor=false"]
 GROUPS = ("dataset", "model", "solver", "metrics", "logger", "launcher", "experiment")
-# configs/experiment/ also holds scripts/text2image.py's experiments (marked "# app: text2image"); not this app's.
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if "# app: text2image" not in p.read_text())
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))  # configs/sample/experiment/
 DATASET_MODELS = {
     "cifar10": "edm-cifar10-32x32-cond-vp",
     "ffhq": "edm-ffhq-64x64-uncond-vp",
@@ -39,7 +40,8 @@ DATASET_MODELS = {
 
 
 def options(group):
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    """The options of ``group`` on the sampling app's search path (configs/sample/ and its shared folders)."""
+    return group_options(CONFIG_DIR, group) or []
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,3 +229,91 @@ def test_wandb_logger_config_runs_disabled_without_network(tmp_path, monkeypatch
         cfg = compose("logger=wandb", *FAST, *TINY_GMM, f"out_dir={tmp_path}")
     assert sample_from_config(cfg)["num_images"] == 2
     assert not (tmp_path / "wandb").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Each app's --help: only the groups and options of its own config search path.
+
+#: What ``scripts/<app>.py --help`` lists under "Configuration groups" (group -> options).
+HELP_GROUPS = {
+    "sample": {
+        "dataset": ["afhqv2", "cifar10", "digits", "ffhq", "gmm", "imagenet64"],
+        "experiment": ["digits_demo", "table2_afhqv2", "table2_cifar10", "table2_digits", "table2_ffhq",
+                       "table2_imagenet64"],
+        "launcher": ["local", "slurm", "torchrun"],
+        "logger": ["none", "wandb"],
+        "metrics": ["digits", "fid", "fid_edm", "none", "reconstruction"],
+        "model": sorted([*CHECKPOINTS, "digits", "gmm-digits"]),
+        "solver": ["bdia_ddim", "bdia_edm", "ddim", "edm"],
+    },
+    "text2image": {
+        "experiment": ["table1_sd", "table1_tiny"],
+        "launcher": ["local", "slurm", "torchrun"],
+        "logger": ["none", "wandb"],
+        "metrics": ["clip", "fid", "fid_edm", "none", "reconstruction"],
+        "model": ["sd14", "sd15", "sd21_base", "tiny-sd"],
+        "solver": ["bdia_ddim", "ddim"],
+    },
+    "edit": {
+        "launcher": ["local", "slurm", "torchrun"],
+        "logger": ["none", "wandb"],
+        "model": ["sd14", "sd15", "sd21_base", "tiny-sd"],
+    },
+    "evaluate": {
+        "logger": ["none", "wandb"],
+        "metrics": ["clip", "digits", "fid", "fid_edm", "none", "reconstruction"],
+    },
+    "fid_ref": {},
+    "train": {},
+}
+#: Words that must not appear anywhere in an app's --help (other apps' models, data sets, experiments, solvers).
+HELP_NEVER = {
+    "sample": ["sd14", "sd15", "sd21_base", "tiny-sd", "table1", "clip"],
+    "text2image": ["edm-", "baseline-", "digits", "gmm", "dataset", "bdia_edm", "table2"],
+    "edit": ["edm-", "baseline-", "digits", "gmm", "dataset", "solver:"],
+}
+
+
+def _help_groups(text: str) -> dict:
+    section = text.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    groups = {}
+    for line in section.splitlines():
+        if line.strip() and not line.startswith("Compose your configuration"):
+            group, _, options = line.partition(": ")
+            groups[group] = [o.strip() for o in options.split(",")]
+    return groups
+
+
+def test_each_apps_help_lists_only_its_own_groups_and_options(tmp_path):
+    """``python scripts/<app>.py --help`` (subprocesses, started together) from outside the repository."""
+    import subprocess
+    import sys
+
+    from app_helpers import REPO, subprocess_env
+
+    procs = {app: subprocess.Popen([sys.executable, str(REPO / "scripts" / f"{app}.py"), "--help"], cwd=tmp_path,
+                                   env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for app in HELP_GROUPS}
+    outputs = {app: proc.communicate(timeout=300) for app, proc in procs.items()}
+    for app, (out, err) in outputs.items():
+        assert procs[app].returncode == 0, (app, err[-2000:])
+        assert _help_groups(out) == HELP_GROUPS[app], app
+        for word in HELP_NEVER.get(app, ()):
+            assert word not in out, (app, word)
+    assert not list(tmp_path.iterdir())  # --help writes nothing (no outputs/, no .hydra/)
+
+
+def test_preflight_lists_the_options_of_the_apps_own_search_path():
+    from bdia.apps.cli import preflight
+
+    assert preflight(["-m", "logger=none,wandb", "launcher=local"]) is None  # shared groups of the sampling app
+    assert preflight(["-m", "metrics=clip,none"]) == (
+        "unknown metrics 'clip' (metrics=clip); choose one of: digits, fid, fid_edm, none, reconstruction")
+    assert preflight(["model=sd15"]).startswith("unknown model 'sd15' (model=sd15); choose one of: baseline-")
+    assert preflight(["-m", "solver=edm,ddim"], config_name="text2image") == (
+        "unknown solver 'edm' (solver=edm); choose one of: bdia_ddim, ddim")
+    assert preflight(["model=edm-cifar10-32x32-cond-vp"], config_name="text2image") == (
+        "unknown model 'edm-cifar10-32x32-cond-vp' (model=edm-cifar10-32x32-cond-vp); "
+        "choose one of: sd14, sd15, sd21_base, tiny-sd")
+    assert preflight(["-m", "solver=ddim,bdia_ddim", "solver.num_steps=10,20"], config_name="text2image") is None
+    assert preflight(["metrics=digits"], config_name="text2image").startswith("unknown metrics 'digits'")

@@ -262,7 +262,7 @@ def test_preflight_and_one_line():
     assert preflight(["-m", "solver=edm,bdia_edm", "solver.num_steps=4,8"]) is None
     assert preflight(["seeds=[1,"]).startswith("cannot parse the command line")
     assert one_line("a\n  b    c\n\n d") == "a | b c | d"
-    assert (REPO / "configs" / "metrics" / "none.yaml").is_file()
+    assert (REPO / "configs" / "image_metrics" / "metrics" / "none.yaml").is_file()
 
 
 def test_offline_fid_weights_fail_before_any_image_is_drawn(tmp_path):

@@ -328,9 +328,10 @@ def test_file_size_limit_ends_in_one_line(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "run"
+    # grid_padding=1: the 4.2 kB grid.png this test was written with (the app's default is sample_run's, 0)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), *DIGITS, "seeds=0-15",
-                             "dataset.grid_scale=8", f"out_dir={out}"], cwd=tmp_path, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=300, preexec_fn=set_limit)
+                             "dataset.grid_scale=8", "grid_padding=1", f"out_dir={out}"], cwd=tmp_path,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=set_limit)
     assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot read or write a file"), result.stderr[-2000:]

@@ -79,7 +79,7 @@ def test_edit_run_rejects_unknown_methods(tiny_sd, tmp_path):  # noqa: F811
 
 
 def test_script_config_runs_end_to_end_on_the_tiny_folder(tiny_sd_dir, tmp_path):  # noqa: F811
-    """The Hydra shell's function on configs/edit.yaml composed with model=tiny-sd (the command line
+    """The Hydra shell's function on configs/edit/edit.yaml composed with model=tiny-sd (the command line
     ``python scripts/edit.py model=tiny-sd model.path=... num_steps=3 ...``), in process to keep the test fast."""
     import importlib.util
 
@@ -93,7 +93,7 @@ def test_script_config_runs_end_to_end_on_the_tiny_folder(tiny_sd_dir, tmp_path)
                  "guidance_scale=2", "gamma=0.92", f"out_dir={out}"]
     assert preflight(overrides, config_name="edit") is None  # what the script's cli() runs first
     assert "unknown model" in preflight(["model=sd99"], config_name="edit")
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "configs" / "edit"), version_base="1.3"):
         cfg = compose("edit", overrides=overrides)
     metrics = script.edit_from_config(cfg, choices={"model": "tiny-sd"})
     assert sorted(metrics["methods"]) == ["bdia", "edict"]

@@ -1,4 +1,4 @@
-"""bdia.logger: NullLogger, WandbLogger (offline / disabled) and the configs/logger/ group.
+"""bdia.logger: NullLogger, WandbLogger (offline / disabled) and the logger group (configs/loggers/logger/).
 
 The suite runs with WANDB_MODE=disabled (conftest); tests that need a real offline run set WANDB_MODE=offline
 themselves and point every wandb folder (WANDB_DIR, cache, config, data/staging) into tmp_path. An offline run
@@ -25,9 +25,11 @@ import pytest
 from PIL import Image
 from sd_helpers import tiny_sd_dir  # noqa: F401  (fixture)
 
+from bdia.apps.cli import app_config_dir
 from bdia.logger import NullLogger, WandbLogger, flatten_metrics
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = app_config_dir("sample")  # an app whose config search path has configs/loggers/
+LOGGER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "loggers" / "logger"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -303,10 +305,10 @@ def test_none_and_disabled_never_import_wandb(tmp_path):
         import sys
         import hydra.utils
         from omegaconf import OmegaConf
-        logger = hydra.utils.instantiate(OmegaConf.load({str(CONFIGS / "logger" / "none.yaml")!r}))
+        logger = hydra.utils.instantiate(OmegaConf.load({str(LOGGER_CONFIGS / "none.yaml")!r}))
         logger.start({{"a": 1}}, run_dir={str(tmp_path)!r}, name="r", group="g")
         logger.log_metrics({{"x": 1.0}}); logger.finish()
-        logger = hydra.utils.instantiate(OmegaConf.load({str(CONFIGS / "logger" / "wandb.yaml")!r}))
+        logger = hydra.utils.instantiate(OmegaConf.load({str(LOGGER_CONFIGS / "wandb.yaml")!r}))
         logger.start({{"a": 1}}, run_dir={str(tmp_path)!r}, name="r", group="g")  # WANDB_MODE=disabled
         logger.log_metrics({{"x": 1.0}}); logger.finish()
         assert "wandb" not in sys.modules, "wandb was imported"
@@ -381,7 +383,7 @@ def test_text2image_logs_prompts_images_and_clip_scores_to_wandb_offline(tmp_pat
     _wandb_env(monkeypatch, tmp_path, mode=None)
     clip = build_tiny_clip(tmp_path / "clip")
     out = tmp_path / "run"
-    code = cli(monkeypatch, tmp_path, f"model.path={tiny_sd_dir}", "seeds=0-1", "num_steps=2", "device=cpu",
+    code = cli(monkeypatch, tmp_path, f"model.path={tiny_sd_dir}", "seeds=0-1", "solver.num_steps=2", "device=cpu",
                "progress=false", "prompts=[a red fox,a blue boat]", "metrics=clip", f"metrics.clip.path={clip}",
                "metrics.clip.device=cpu", "logger=wandb", f"out_dir={out}",
                script=Path(__file__).resolve().parents[1] / "scripts" / "text2image.py")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bdia.apps.cli import app_config_dir
 from bdia.metrics import (
     FID,
     DigitsFD,
@@ -31,7 +32,7 @@ from bdia.metrics import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = app_config_dir("evaluate")  # configs/evaluate/ (its search path: bdia.apps.cli.APP_CONFIGS)
 
 
 def _run_folder(folder: Path, images: np.ndarray, seeds=None, metrics=None) -> Path:
@@ -258,7 +259,7 @@ def test_fid_ref_script_writes_a_reference_the_metric_reads_and_reuses_it(tmp_pa
     from hydra import compose, initialize_config_dir
 
     out = tmp_path / "digits-test.npz"
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(app_config_dir("fid_ref")), version_base="1.3"):
         cfg = compose(config_name="fid_ref", overrides=["source=digits-test", "features=digits", "save_features=true",
                                                          f"out={out}", "progress=false", "device=cpu"])
     first = fid_ref.compute(cfg)

@@ -83,7 +83,7 @@ def _sweeper_params(experiment):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs" / "sample")):
         cfg = compose("sample", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     return cfg.hydra.sweeper.params
 

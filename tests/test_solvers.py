@@ -611,7 +611,7 @@ def test_bad_space_and_sigma_data():
 
 def test_bdia_edm_defaults_agree_between_code_config_sample_and_invert():
     """One default formulation (chosen by `make study`): the function signatures, `bdia.sample` / `bdia.invert`
-    with no options, and configs/solver/bdia_edm.yaml all say the same."""
+    with no options, and configs/sample/solver/bdia_edm.yaml all say the same."""
     import inspect
     from pathlib import Path
 
@@ -621,7 +621,7 @@ def test_bdia_edm_defaults_agree_between_code_config_sample_and_invert():
     for fn in (bdia.bdia_edm, bdia.invert_bdia_edm):
         params = inspect.signature(fn).parameters
         assert {k: params[k].default for k in defaults} == defaults
-    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "solver" / "bdia_edm.yaml")
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "sample" / "solver" / "bdia_edm.yaml")
     assert {k: config[k] for k in defaults} == defaults
     den, noise = gmm_problem(15)
     sigmas = bdia.karras_sigmas(8)

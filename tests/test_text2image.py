@@ -111,9 +111,12 @@ def test_images_equal_diffusers_pipeline_and_do_not_depend_on_the_batch(tiny_sd,
     from diffusers import StableDiffusionPipeline
 
     seeds = [3, 4]
-    ours = text_to_image(tiny_sd, PROMPTS[:1], seeds=seeds, solver="ddim", gamma=0.5, out_dir=tmp_path / "a",
+    with pytest.raises(ValueError, match=r"gamma applies to the BDIA solvers only; 'ddim' is gamma = 0 \(use bdia_ddim\)"):
+        text_to_image(tiny_sd, PROMPTS[:1], seeds=seeds, solver="ddim", gamma=0.5, out_dir=tmp_path / "a", **FAST)
+    assert not (tmp_path / "a" / "images").exists()  # refused before sampling
+    ours = text_to_image(tiny_sd, PROMPTS[:1], seeds=seeds, solver="ddim", gamma=None, out_dir=tmp_path / "a",
                          batch_size=2, **FAST)
-    assert ours["gamma"] is None  # ddim ignores gamma
+    assert ours["gamma"] is None  # ddim is gamma = 0
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(PROMPTS[:1] * 2, num_inference_steps=3, guidance_scale=3.0, output_type="pt",
@@ -170,11 +173,11 @@ def test_every_model_config_composes_and_the_default_is_sd15():
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "configs" / "text2image"), version_base="1.3"):
         cfg = compose("text2image")
         assert cfg.model.name == "sd15" and cfg.solver.name == "bdia_ddim" and cfg.guidance_scale == 7.5
         assert (cfg.solver.gamma, cfg.solver.num_steps) == (0.5, 10)  # the authors' gamma at 10 steps
-        swept = compose("text2image", ["solver=ddim", "num_steps=40", "gamma=1.0"])
+        swept = compose("text2image", ["solver=ddim", "solver.num_steps=40", "solver.gamma=1.0"])
         assert (swept.solver.name, swept.solver.gamma, swept.solver.num_steps) == ("ddim", 1.0, 40)
         for name in ("sd14", "sd21_base", "tiny-sd"):
             assert compose("text2image", [f"model={name}"]).model._target_ == "bdia.networks.sd.load_sd"
@@ -184,19 +187,24 @@ def test_every_model_config_composes_and_the_default_is_sd15():
 
 
 def test_sweep_over_solver_and_steps_names_run_folders_after_overrides(monkeypatch, tmp_path, tiny_sd_dir):
-    code = cli(monkeypatch, tmp_path, "-m", "solver=ddim,bdia_ddim", "num_steps=2,3", "gamma=0.5",
+    code = cli(monkeypatch, tmp_path, "-m", "solver=ddim,bdia_ddim", "solver.num_steps=2,3",
                f"model.path={tiny_sd_dir}", "seeds=0", "prompts=[a red fox]",
                "guidance_scale=2", "device=cpu", "progress=false", "hydra.sweep.dir=sweep")
     assert code is None
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    # model.path, device, progress, prompts ... are excluded from folder names (configs/text2image.yaml)
-    assert folders == [f"gamma=0.5,guidance_scale=2,num_steps={n},seeds=0,solver={s}"
+    # model.path, device, progress, prompts ... are excluded from folder names (configs/text2image/text2image.yaml)
+    assert folders == [f"guidance_scale=2,seeds=0,solver.num_steps={n},solver={s}"
                        for n in (2, 3) for s in ("bdia_ddim", "ddim")]
     for name in folders:
         metrics = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())
         assert metrics["nfe"] == int(name.split("num_steps=")[1][0])
-        assert metrics["gamma"] == (0.5 if "bdia" in name else None)
+        assert metrics["gamma"] == (0.5 if "bdia" in name else None)  # bdia_ddim's gamma from its solver config
         assert metrics["prompt_source"]["source"] == "list"
+    # A base solver takes no gamma: one line, before anything is sampled.
+    message = cli(monkeypatch, tmp_path, "solver=ddim", "solver.gamma=0.5", f"model.path={tiny_sd_dir}", "seeds=0",
+                  "device=cpu", "progress=false", f"out_dir={tmp_path / 'refused'}")
+    assert message == "error: gamma applies to the BDIA solvers only; 'ddim' is gamma = 0 (use bdia_ddim)"
+    assert not (tmp_path / "refused" / "images").exists()
 
 
 def test_clip_score_end_to_end_on_a_tiny_sd_run(monkeypatch, tmp_path, tiny_sd_dir):
@@ -204,7 +212,7 @@ def test_clip_score_end_to_end_on_a_tiny_sd_run(monkeypatch, tmp_path, tiny_sd_d
 
     clip = build_tiny_clip(tmp_path / "tiny-clip")
     out = tmp_path / "run"
-    code = cli(monkeypatch, tmp_path, f"model.path={tiny_sd_dir}", "seeds=0-1", "num_steps=2",
+    code = cli(monkeypatch, tmp_path, f"model.path={tiny_sd_dir}", "seeds=0-1", "solver.num_steps=2",
                "device=cpu", "progress=false", f"out_dir={out}", "metrics=clip", f"metrics.clip.path={clip}",
                "metrics.clip.device=cpu", "batch_size=4")
     assert code is None
@@ -259,7 +267,7 @@ def test_torchrun_two_cpu_processes_match_one_process_bit_for_bit(monkeypatch, t
     from app_helpers import subprocess_env
 
     clip = build_tiny_clip(tmp_path / "tiny-clip")
-    common = [f"model.path={tiny_sd_dir}", "seeds=0-2", "num_steps=3", "guidance_scale=2", "device=cpu",
+    common = [f"model.path={tiny_sd_dir}", "seeds=0-2", "solver.num_steps=3", "guidance_scale=2", "device=cpu",
               "progress=false", "save_states=true", "network_batch=2", "prompts=[a red fox,a blue boat]",
               "metrics=clip", f"metrics.clip.path={clip}", "metrics.clip.device=cpu"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),

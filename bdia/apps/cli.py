@@ -1,6 +1,11 @@
-"""What the Hydra shells in ``scripts/`` share: one-line errors, a command-line check before Hydra runs, and
-the run-folder name resolver their configs use.
+"""What the Hydra shells in ``scripts/`` share: their config folders, one-line errors, a command-line check
+before Hydra runs, and the run-folder name resolver their configs use.
 
+* :data:`APP_CONFIGS` / :func:`config_dirs` — each app's config search path: its own folder ``configs/<app>/``
+  (the primary config ``<app>.yaml`` and the groups only it runs), then the shared folders whose groups it runs
+  (``configs/shared``: the ``hydra/bdia`` default every app selects; ``loggers``, ``launchers``,
+  ``*_metrics``, ``sd``). A Hydra search-path plugin registered on import adds them to Hydra's search path, so
+  that composing, ``--help`` (which lists the groups of the search path) and ``--info`` all see exactly them.
 * :func:`preflight` — composes the command line's overrides before Hydra's own run, so that an unknown
   config name or a malformed override ends in one line listing the valid choices instead of Hydra's
   multi-line report.
@@ -13,15 +18,82 @@ from __future__ import annotations
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from ..download import AssetUnavailableError
 from ..networks.loader import SnapshotError
 
-__all__ = ["preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "run_job", "run_command_line"]
+__all__ = ["preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "APP_CONFIGS", "app_config_dir", "config_dirs",
+           "group_options", "initialize_app", "run_job", "run_command_line"]
 
+#: The root of the config folders: ``configs/<app>/`` per app, the shared folders, ``tables/`` (bdia.apps.reproduce).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+#: Each app's shared config folders (under :data:`CONFIG_DIR`), searched after its own ``configs/<app>/``:
+#: ``shared`` holds ``hydra/bdia.yaml`` (the Hydra settings every app selects); ``loggers``: ``logger/``;
+#: ``launchers``: ``launcher/``; ``image_metrics`` / ``digits_metrics`` / ``prompt_metrics``: the ``metrics/``
+#: options for any image run / 16x16 digits runs / runs with prompts; ``sd``: the Stable Diffusion ``model/``.
+APP_CONFIGS = {
+    "sample": ("shared", "loggers", "launchers", "image_metrics", "digits_metrics"),
+    "text2image": ("shared", "loggers", "launchers", "image_metrics", "prompt_metrics", "sd"),
+    "edit": ("shared", "loggers", "launchers", "sd"),
+    "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics"),
+    "fid_ref": ("shared",),
+    "train": ("shared",),
+}
+
+
+def app_config_dir(app: str) -> Path:
+    """The folder of ``app``'s primary config ``<app>.yaml`` and its own groups: ``configs/<app>/``."""
+    return CONFIG_DIR / app
+
+
+def config_dirs(config_dir) -> list[Path]:
+    """The config search path of the app whose folder is ``config_dir``: that folder, then its shared folders
+    (:data:`APP_CONFIGS`; none for a folder that is not an app's)."""
+    config_dir = Path(config_dir)
+    app = config_dir.name if config_dir.resolve().parent == CONFIG_DIR.resolve() else None
+    return [config_dir, *(CONFIG_DIR / name for name in APP_CONFIGS.get(app, ()))]
+
+
+def group_options(config_dir, group: str) -> list[str] | None:
+    """The options of config group ``group`` on ``config_dir``'s search path (:func:`config_dirs`); ``None``
+    when no folder on it has that group."""
+    folders = [d / group for d in config_dirs(config_dir) if (d / group).is_dir()]
+    if not folders:
+        return None
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+
+
+class AppSearchPath(SearchPathPlugin):
+    """Hydra search-path plugin: when the primary config folder is an app's ``configs/<app>/``, append the
+    shared folders of :data:`APP_CONFIGS` (provider ``bdia``), for ``@hydra.main`` and ``initialize_config_dir``
+    alike. Registered when this module is imported (every script imports it before Hydra starts)."""
+
+    def manipulate_search_path(self, search_path) -> None:
+        for entry in list(search_path.get_path()):
+            path = entry.path[len("file://"):] if entry.path.startswith("file://") else entry.path
+            if entry.provider == "main" and "://" not in path:
+                for folder in config_dirs(path)[1:]:
+                    search_path.append("bdia", f"file://{folder}")
+
+
+Plugins.instance().register(AppSearchPath)
+
+
+@contextmanager
+def initialize_app(app: str):
+    """Hydra's compose API on ``app``'s configs: ``hydra.compose("<app>", overrides)`` inside composes what
+    ``scripts/<app>.py`` would run (Hydra's earlier global state is restored afterwards)."""
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(app_config_dir(app).resolve()), version_base="1.3"):
+        yield
 
 
 def run_name(override_dirname: str) -> str:
@@ -67,16 +139,10 @@ def _missing_config_line(error) -> str:
     return one_line(str(error).split("Config search path:")[0])
 
 
-def _group_options(config_dir: Path, group: str) -> list[str] | None:
-    folder = config_dir / group
-    if not folder.is_dir():
-        return None
-    return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
-def preflight(argv: Sequence[str], config_dir=CONFIG_DIR, config_name: str = "sample") -> str | None:
-    """Check a ``scripts/sample.py`` command line (``sys.argv[1:]``) before Hydra runs it; return one line
-    describing the first problem, or ``None``.
+def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample") -> str | None:
+    """Check an app's command line (``sys.argv[1:]``; the app's primary config ``config_name`` in
+    ``config_dir``, default ``configs/<config_name>/``) before Hydra runs it; return one line describing the
+    first problem, or ``None``.
 
     Without sweeps the overrides are composed exactly as Hydra will (``hydra.compose``), which catches unknown
     config names (the line lists the valid ones), keys that do not exist and malformed values. With sweeps
@@ -97,11 +163,11 @@ def preflight(argv: Sequence[str], config_dir=CONFIG_DIR, config_name: str = "sa
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:
         return f"cannot parse the command line: {one_line(e)}"
-    config_dir = Path(config_dir)
+    config_dir = Path(config_dir) if config_dir is not None else app_config_dir(config_name)
     if any(o.is_sweep_override() for o in parsed):
         for o in parsed:
             group = o.key_or_group
-            options = _group_options(config_dir, group) if "." not in group and not group.startswith("hydra") else None
+            options = group_options(config_dir, group) if "." not in group and not group.startswith("hydra") else None
             if options is None or o.is_delete():
                 continue
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
@@ -121,7 +187,11 @@ def preflight(argv: Sequence[str], config_dir=CONFIG_DIR, config_name: str = "sa
         cause = e.__cause__
         if cause is not None and str(cause) and str(cause) not in message:
             message = f"{message}\n{cause}"
-        return one_line(message.split("Config search path:")[0])
+        line = one_line(message.split("Config search path:")[0])
+        missing = re.search(r"Key '(gamma|num_steps)' is not in struct", line)
+        if missing and group_options(config_dir, "solver"):  # the spelling before every app had a solver group
+            line += f" | the solver's settings are solver.{missing.group(1)}=..."
+        return line
     return None
 
 
@@ -163,10 +233,11 @@ def _out_of_memory(error: BaseException) -> bool:
             or "can't allocate memory" in str(error) or "out of memory" in str(error).lower())
 
 
-def run_command_line(main, config_name: str) -> None:
-    """A script's entry point: check ``sys.argv``'s overrides with :func:`preflight` (one-line errors), then
-    let Hydra run ``main``."""
-    problem = None if _full_errors() else preflight(sys.argv[1:], config_name=config_name)
+def run_command_line(main, config_name: str, config_dir=None) -> None:
+    """A script's entry point: check ``sys.argv``'s overrides with :func:`preflight` against the app's configs
+    (``config_dir``, default ``configs/<config_name>/``: the folder its ``@hydra.main`` names; one-line
+    errors), then let Hydra run ``main``."""
+    problem = None if _full_errors() else preflight(sys.argv[1:], config_dir, config_name)
     if problem:
         sys.exit(f"error: {problem}")
     main()

@@ -4,7 +4,7 @@ A table is a spec in ``configs/tables/<name>.yaml`` (see :mod:`bdia.apps.tables`
 
     name: table2_mini
     script: scripts/sample.py          # the Hydra app every sweep runs
-    config: sample                     # its config name (for the dry run's composition)
+    config: sample                     # its config (configs/sample/sample.yaml: the dry run composes its jobs)
     runs_root: results/sample          # where that app's sweeps put run folders: <runs_root>/<experiment_name>/
     output: results/embedded/table2    # .md / .csv / .png
     sweeps:                            # one Hydra multirun each: the cartesian product of its comma lists
@@ -36,13 +36,14 @@ from omegaconf import OmegaConf
 
 from ..imageio import parse_seeds
 from ..logger import WandbLogger
+from .cli import CONFIG_DIR, initialize_app
 from .tables import write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
            "sweep_commands", "plan_jobs", "planned_nfe", "planned_images", "dry_run_text", "reproduce"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SPEC_DIR = REPO_ROOT / "configs" / "tables"
+REPO_ROOT = CONFIG_DIR.parent
+SPEC_DIR = CONFIG_DIR / "tables"
 LAUNCHERS = ("local", "slurm")
 _REQUIRED = ("name", "title", "script", "config", "runs_root", "output", "sweeps", "section", "lines", "column", "metrics")
 
@@ -178,11 +179,12 @@ def plan_jobs(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], compose:
 
 
 def _compose(config_name: str, overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
+    """The job's config as its app composes it (``configs/<config_name>/`` and that app's shared folders)."""
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs")):
+    with initialize_app(config_name):
         return compose(config_name=config_name, overrides=list(overrides))
 
 

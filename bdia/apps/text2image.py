@@ -316,7 +316,7 @@ def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, ke
 # --------------------------------------------------------------------------------------------------
 # The Hydra app.
 
-#: Top-level keys of ``configs/text2image.yaml`` that are :func:`text_to_image` arguments.
+#: Top-level keys of ``configs/text2image/text2image.yaml`` that are :func:`text_to_image` arguments.
 _RUN_KEYS = ("seeds", "guidance_scale", "negative_prompt", "height", "width",
              "batch_size", "network_batch", "noise_per_prompt", "out_dir", "save_states", "save_npz", "resume",
              "grid_nrow", "grid_padding", "progress", "precision", "channels_last", "compile")
@@ -338,7 +338,7 @@ def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
 
 
 def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
-    """Run ``scripts/text2image.py`` for a composed ``configs/text2image.yaml`` config: load the model
+    """Run ``scripts/text2image.py`` for a composed ``configs/text2image/text2image.yaml`` config: load the model
     (``model`` group, :func:`bdia.networks.sd.load_sd`), the prompts and the metrics (``metrics`` group, built
     and their weights loaded before sampling), sample (:func:`text_to_image`), evaluate the run folder
     (:func:`bdia.metrics.evaluate.evaluate_run`, merged into ``metrics.json`` under ``evaluation``).

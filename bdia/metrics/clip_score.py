@@ -176,7 +176,7 @@ def read_prompts(run_dir=None, prompts=None, count: int | None = None) -> list[s
 
 
 class CLIPScore:
-    """The CLIP-score metric for ``configs/metrics/clip.yaml``.
+    """The CLIP-score metric for ``configs/prompt_metrics/metrics/clip.yaml``.
 
     Args:
         path: Hub id (default ``openai/clip-vit-large-patch14``) or a local ``save_pretrained`` folder

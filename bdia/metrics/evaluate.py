@@ -2,7 +2,7 @@
 
 A *metric* is any callable ``metric(images, run_dir=None) -> dict`` (:class:`bdia.metrics.FID`,
 :class:`~bdia.metrics.DigitsFD`, :class:`~bdia.metrics.CLIPScore`, :class:`~bdia.metrics.Reconstruction`,
-or your own); ``metrics`` maps names to metrics (what a ``configs/metrics/*.yaml`` file instantiates to).
+or your own); ``metrics`` maps names to metrics (what a ``metrics/*.yaml`` config instantiates to).
 
 Results go into ``metrics.json`` under ``"evaluation"``, one entry per metric name, merged with what is
 there (other metrics' entries are kept, the same metric's entry is replaced); the file is rewritten

@@ -1,7 +1,7 @@
 """FID (Inception, through torch-fidelity or clean-fid), FD/KID in digits-classifier features, and reference
 statistics.
 
-Metric objects are what ``configs/metrics/*.yaml`` instantiate (keys = constructor arguments); calling one
+Metric objects are what the ``metrics/*.yaml`` configs instantiate (keys = constructor arguments); calling one
 on images (a run folder, an ``.npz``, an image folder or a uint8 array — see :func:`open_images`) returns a
 flat-ish dict of numbers and provenance that ``scripts/evaluate.py`` merges into the run's ``metrics.json``:
 
@@ -284,7 +284,7 @@ class FID(_FeatureDistance):
         }
 
     def _ref_spec(self, images, run_dir):
-        """``ref=auto``: the run's ``config.yaml`` ``dataset.fid_ref_url`` (set by configs/dataset/*.yaml)."""
+        """``ref=auto``: the run's ``config.yaml`` ``dataset.fid_ref_url`` (set by configs/sample/dataset/*.yaml)."""
         if str(self.ref_spec) != "auto":
             return self.ref_spec
         folder = run_dir if run_dir is not None else (images if isinstance(images, (str, Path)) else None)

@@ -16,8 +16,8 @@ in float64:
 downloads its AlexNet/VGG backbone from torchvision at run time; an offline-safe loader (local weights file,
 one-line failure naming URL and cache path) is still to be written.
 
-:class:`Reconstruction` is the metric-config wrapper (``configs/metrics/reconstruction.yaml``): it compares a
-run's uint8 images with a reference run's images, matched by seed.
+:class:`Reconstruction` is the metric-config wrapper (``configs/image_metrics/metrics/reconstruction.yaml``): it
+compares a run's uint8 images with a reference run's images, matched by seed.
 """
 
 from __future__ import annotations
