@@ -354,7 +354,7 @@ def invert_bdia_edm(
     return _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, "bdia_edm", class_labels, cond, progress)
 
 
-#: bdia_edm's default formulation, chosen by measurement: ``make study`` (scripts/solver_study.py) compares every
+#: bdia_edm's default formulation, chosen by measurement: ``make study`` (benchmarks/solver_study.py) compares every
 #: combination of coordinates, backward map and gamma with EDM; results/solver_study.md has the numbers.
 BDIA_EDM_DEFAULTS = {
     name: p.default for name, p in inspect.signature(bdia_edm).parameters.items()

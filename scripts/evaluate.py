@@ -20,7 +20,6 @@ every rank computes its shard; rank 0 writes ``metrics.json``, logs and prints.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -29,10 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.apps.cli import one_line  # noqa: E402
+from bdia.apps.cli import run_job  # noqa: E402
 from bdia.configs import build_metrics, instantiate  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process  # noqa: E402
-from bdia.download import AssetUnavailableError  # noqa: E402
 from bdia.metrics.evaluate import evaluate_runs, find_runs  # noqa: E402
 
 
@@ -59,15 +57,14 @@ def evaluate_from_config(cfg: DictConfig) -> dict:
                          group=cfg.get("group"), write=bool(cfg.get("write", True)))
 
 
+def _job(cfg: DictConfig, choices=None) -> dict:
+    init_distributed()
+    return evaluate_from_config(cfg)
+
+
 @hydra.main(config_path="../configs/evaluate", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    try:
-        init_distributed()
-        results = evaluate_from_config(cfg)
-    except (ValueError, AssetUnavailableError, OSError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.exit(f"error: {one_line(e)}")
+    results = run_job(_job, cfg)
     if is_main_process():
         print(_summary(results))
     return results

@@ -17,7 +17,6 @@ URL, the expected path and the key that takes a local copy. Errors end with one 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.apps.cli import one_line  # noqa: E402
+from bdia.apps.cli import run_job  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process, resolve_device  # noqa: E402
 from bdia.download import AssetUnavailableError, cache_dir, is_offline  # noqa: E402
 
@@ -101,15 +100,14 @@ def compute(cfg) -> dict:
     return {"out": str(out), **card}
 
 
+def _job(cfg: DictConfig, choices=None) -> dict:
+    init_distributed(cfg.device)
+    return compute(cfg)
+
+
 @hydra.main(config_path="../configs/fid_ref", config_name="fid_ref", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    try:
-        init_distributed(cfg.device)
-        result = compute(cfg)
-    except (ValueError, AssetUnavailableError, OSError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.exit(f"error: {one_line(e)}")
+    result = run_job(_job, cfg)
     if is_main_process():
         print(f"{result['out']}: {result['num_images']} images, {result['feature_extractor']} features, "
               f"sha256 {result.get('sha256', '')[:12]}{' (reused)' if result.get('reused') else ''}")

@@ -1,4 +1,4 @@
-"""The accuracy study (scripts/solver_accuracy.py) and the overhead benchmark (benchmarks/bench_solvers.py) at tiny
+"""The accuracy study (benchmarks/solver_accuracy.py) and the overhead benchmark (benchmarks/bench_solvers.py) at tiny
 size: their outputs exist and hold sane fields, and every solver's error against the reference ODE solution falls
 with NFE. No timing thresholds."""
 
@@ -14,7 +14,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def accuracy():
-    return load_script("scripts/solver_accuracy.py")
+    return load_script("benchmarks/solver_accuracy.py")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_accuracy_outputs(accuracy, accuracy_run):
     for row in table:
         assert int(row["nfe"]) > 0 and math.isfinite(float(row["rms_error"])) and float(row["max_abs_error"]) > 0
     text = (out_dir / "solver_accuracy.md").read_text()
-    assert "scripts/solver_accuracy.py" in text and "| bdia_edm γ=0.5 |" in text
+    assert "benchmarks/solver_accuracy.py" in text and "| bdia_edm γ=0.5 |" in text
     assert "## What it shows" in text and "## Other problem seeds" in text and "seeds 1;" in text
     assert (out_dir / "solver_accuracy.png").stat().st_size > 10_000
 

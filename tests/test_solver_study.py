@@ -1,4 +1,4 @@
-"""The BDIA-EDM solver study (scripts/solver_study.py) at smoke size: it runs end to end, NFE is the counted
+"""The BDIA-EDM solver study (benchmarks/solver_study.py) at smoke size: it runs end to end, NFE is the counted
 one, every BDIA candidate round-trips exactly at gamma >= 0.9, and the default is chosen by the stated rule.
 No timing thresholds, no golden numbers."""
 
@@ -11,7 +11,7 @@ from app_helpers import load_script
 
 @pytest.fixture(scope="module")
 def study():
-    return load_script("scripts/solver_study.py")
+    return load_script("benchmarks/solver_study.py")
 
 
 @pytest.fixture(scope="module")

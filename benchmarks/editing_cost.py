@@ -1,8 +1,8 @@
 """Measured cost and reconstruction error of real-image inversion: DDIM inversion, BDIA-DDIM (several gamma),
 EDICT and null-text inversion, on one tiny Stable Diffusion, in float64 and float32.
 
-    .venv/bin/python scripts/editing_cost.py                      # -> results/editing/cost.{md,csv,png}
-    .venv/bin/python scripts/editing_cost.py --num-steps 50 --guidance-scale 7.5 --repeats 1
+    .venv/bin/python benchmarks/editing_cost.py                      # -> results/editing/cost.{md,csv,png}
+    .venv/bin/python benchmarks/editing_cost.py --num-steps 50 --guidance-scale 7.5 --repeats 1
 
 For one image: encode scikit-learn's china.jpg with the tiny VAE, invert it under a source prompt, regenerate it
 (:func:`bdia.apps.edit.invert_and_edit`, no edit prompt), and record the NFE counted by
@@ -39,7 +39,7 @@ from bdia.inversion import latent_to_state, state_to_latent
 from bdia.metrics.reconstruction import latent_metrics  # noqa: E402
 from bdia.solvers import gamma_schedule, predicted_roundtrip_error  # noqa: E402
 
-COMMAND = ".venv/bin/python scripts/editing_cost.py"
+COMMAND = ".venv/bin/python benchmarks/editing_cost.py"
 GAMMAS = (0.92, 0.94, 0.96, 0.98, 1.0)
 SOURCE_PROMPT = "a photo of a chinese temple"
 CSV_FIELDS = ("method", "gamma", "p", "network_dtype", "state_dtype", "num_steps", "guidance_scale", "nfe_inversion",

@@ -1,7 +1,7 @@
 """Solver error vs NFE on a Gaussian-mixture problem, against a high-accuracy reference ODE solution.
 
-    make accuracy                      # = .venv/bin/python scripts/solver_accuracy.py
-    python scripts/solver_accuracy.py --num-samples 256 --out-dir results
+    make accuracy                      # = .venv/bin/python benchmarks/solver_accuracy.py
+    python benchmarks/solver_accuracy.py --num-samples 256 --out-dir results
 
 Conventions (``docs/design.md``): EDM noise levels, ``x = x0 + sigma * n``; the
 probability-flow ODE is ``dx/dsigma = (x - D(x, sigma)) / sigma``; gamma = 0 is the base solver.
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import bdia  # noqa: E402
 
-COMMAND = "make accuracy  (= .venv/bin/python scripts/solver_accuracy.py)"
+COMMAND = "make accuracy  (= .venv/bin/python benchmarks/solver_accuracy.py)"
 
 # The problem: K isotropic Gaussian components in dimension 16, equal weights, seeded means.
 NUM_COMPONENTS = 4
@@ -103,7 +103,7 @@ class SolverConfig:
         return bdia.sample(denoiser, x_init, sigmas, solver=self.solver, gamma=self.gamma, **self.options)
 
 
-#: ``SolverConfig("bdia_edm", g)`` is bdia_edm's default formulation (chosen by scripts/solver_study.py); the
+#: ``SolverConfig("bdia_edm", g)`` is bdia_edm's default formulation (chosen by benchmarks/solver_study.py); the
 #: x-space form with the Euler backward map (the formulation before issue 13) is spelled out.
 SOLVER_CONFIGS = (
     SolverConfig("ddim"),
@@ -489,7 +489,7 @@ Python {platform.python_version()}, {torch.get_num_threads()} torch thread(s).
 * Solvers: `bdia.sample` on the Karras grid `bdia.karras_sigmas(N)` (sigma {SIGMA_MAX:g} → 0.002, rho 7, then 0) for
   all of them, DDIM and BDIA-DDIM included (DDIM is an Euler step in sigma on any grid; BDIA-DDIM's
   `c_k = alpha_(k-1) / alpha_(k+1)` uses `alpha = 1 / sqrt(1 + sigma^2)`). gamma = 0 is the base solver.
-  bdia_edm's default (`scripts/solver_study.py` chose it) is the `exp` backward map in VP coordinates (same NFE as
+  bdia_edm's default (`benchmarks/solver_study.py` chose it) is the `exp` backward map in VP coordinates (same NFE as
   EDM); rows with `space=x, backward=euler` are the formulation before issue 13; `backward=heun` costs one more NFE per step.
 * Budgets: for each NFE target, the most steps whose NFE fits in it (DDIM family NFE = N; EDM family 2N − 1;
   bdia_edm with `backward=heun` 3N − 2). The NFE reported is counted by `bdia.CountingDenoiser`.

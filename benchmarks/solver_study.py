@@ -1,7 +1,7 @@
 """Which BDIA-EDM? Every bdia_edm formulation (coordinates, backward map, gamma schedule) against EDM, measured.
 
-    make study                                   # = .venv/bin/python scripts/solver_study.py
-    python scripts/solver_study.py --num-seeds 64 --out-dir /tmp/study     # smaller
+    make study                                   # = .venv/bin/python benchmarks/solver_study.py
+    python benchmarks/solver_study.py --num-seeds 64 --out-dir /tmp/study     # smaller
 
 For every candidate and every base solver, on two problems:
 
@@ -52,7 +52,7 @@ from bdia.metrics.digits_classifier import DigitsFeatures, digits_uint8  # noqa:
 from bdia.metrics.frechet import frechet_distance  # noqa: E402
 from bdia.models import digits_network  # noqa: E402
 
-COMMAND = "make study  (= .venv/bin/python scripts/solver_study.py)"
+COMMAND = "make study  (= .venv/bin/python benchmarks/solver_study.py)"
 NFE_TARGETS = (5, 9, 15, 25, 35)
 PROBLEMS = ("mixture", "digits")
 MIXTURE_COMPONENTS = 300
