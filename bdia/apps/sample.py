@@ -343,7 +343,7 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
 
 
 def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
-    """Run ``scripts/sample.py`` for a composed config (``configs/sample.yaml``): join the process group the
+    """Run ``scripts/sample.py`` for a composed config (``configs/sample/sample.yaml``): join the process group the
     environment describes (``distributed``: auto | required | off), load the model, sample, and log on rank 0.
 
     ``choices``: the config group choices (Hydra's ``runtime.choices``), recorded in ``metrics.json`` and the

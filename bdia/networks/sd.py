@@ -53,7 +53,7 @@ __all__ = [
     "PATH_KEY",
 ]
 
-#: Hub ids of the checkpoints the configs name (``configs/model/sd15.yaml`` ...). v1.5 is the default; the
+#: Hub ids of the checkpoints the configs name (``configs/sd/model/sd15.yaml`` ...). v1.5 is the default; the
 #: paper's own code used v2.1-base for text-to-image and v1.4 for editing.
 SD_MODELS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
