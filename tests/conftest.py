@@ -31,3 +31,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures shared by the layers' test folders (helpers for them live in tests/support/).
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Path of a tiny random SD diffusers folder (:func:`bdia.testing.build_tiny_sd`, seed 0, 32x32 pixels,
+    8x8x4 latents), written once per session."""
+    from bdia.testing import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", seed=0, sample_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_dir):
+    """:class:`bdia.networks.sd.StableDiffusion` loaded from ``tiny_sd_dir`` (float32, CPU), once per session;
+    tests must not modify its modules (load your own with ``load_sd(path=tiny_sd_dir, dtype=...)``)."""
+    from bdia.networks.sd import load_sd
+
+    return load_sd(path=tiny_sd_dir, dtype=torch.float32)

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sd_helpers import tiny_sd_dir  # noqa: F401  (fixture)
 
 from bdia.apps.cli import app_config_dir
 from bdia.logger import NullLogger, WandbLogger, flatten_metrics
 
 CONFIGS = app_config_dir("sample")  # an app whose config search path has configs/loggers/
-LOGGER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "loggers" / "logger"
-REPO = Path(__file__).resolve().parents[1]
+LOGGER_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loggers" / "logger"
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -386,7 +385,7 @@ def test_text2image_logs_prompts_images_and_clip_scores_to_wandb_offline(tmp_pat
     code = cli(monkeypatch, tmp_path, f"model.path={tiny_sd_dir}", "seeds=0-1", "solver.num_steps=2", "device=cpu",
                "progress=false", "prompts=[a red fox,a blue boat]", "metrics=clip", f"metrics.clip.path={clip}",
                "metrics.clip.device=cpu", "logger=wandb", f"out_dir={out}",
-               script=Path(__file__).resolve().parents[1] / "scripts" / "text2image.py")
+               script=Path(__file__).resolve().parents[2] / "scripts" / "text2image.py")
     assert code is None
     files = _offline_files(out)
     table = _table(files, "images")
@@ -410,7 +409,7 @@ def test_edit_logs_each_methods_figure_and_the_cost_table_to_wandb_offline(tmp_p
     out = tmp_path / "edit"
     code = cli(monkeypatch, tmp_path, "model=tiny-sd", f"model.path={tiny_sd_dir}", "methods=[bdia,ddim]",
                "num_steps=3", "image_size=32", "logger=wandb", f"out_dir={out}",
-               script=Path(__file__).resolve().parents[1] / "scripts" / "edit.py")
+               script=Path(__file__).resolve().parents[2] / "scripts" / "edit.py")
     assert code is None
     files = _offline_files(out)
     table = _table(files, "methods")

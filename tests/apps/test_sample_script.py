@@ -17,7 +17,7 @@ import bdia
 from bdia.analytic import digits_gmm, gmm_toy, mixture_metrics
 from bdia.apps.sample import format_seeds, image_grid, parse_seeds, quantize, sample_run, save_image_grid, seed_noise
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "sample.py"
 
 

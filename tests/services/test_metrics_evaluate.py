@@ -31,7 +31,7 @@ from bdia.metrics import (
     pixel_metrics,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = app_config_dir("evaluate")  # configs/evaluate/ (its search path: bdia.apps.cli.APP_CONFIGS)
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import cli as app_cli
-from sd_helpers import PROMPTS, build_tiny_clip, tiny_sd, tiny_sd_dir  # noqa: F401  (fixtures)
+from sd_helpers import PROMPTS, build_tiny_clip
 
 from bdia.prompts import coco_captions, load_prompts, read_prompt_file
 from bdia.apps.text2image import image_name, text_to_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "text2image.py"
 FAST = dict(num_steps=3, guidance_scale=3.0, progress=False)
 

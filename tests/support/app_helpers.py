@@ -10,27 +10,17 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 from bdia.apps.cli import app_config_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = app_config_dir("sample")  # configs/sample/; its shared groups: bdia.apps.cli.config_dirs(CONFIG_DIR)
 SCRIPT = REPO / "scripts" / "sample.py"
 
 # A few seconds on a CPU for every experiment file: tiny models, two seeds, two steps.
 TINY_GMM = ["model.image_size=8", "model.num_components=40"]
 FAST = ["seeds=0-1", "solver.num_steps=2", "network_batch=2", "progress=false"]
-
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_tiny_edm(path, label_dim: int = 10, resolution: int = 8, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from sd_helpers import PROMPTS, initial_latents, our_sample, relative_error, tiny_sd, tiny_sd_dir  # noqa: F401  (fixtures)
+from sd_helpers import PROMPTS, initial_latents, our_sample, relative_error
 
 import bdia
 from bdia.download import AssetUnavailableError

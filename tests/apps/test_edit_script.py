@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sd_helpers import tiny_sd, tiny_sd_dir  # noqa: F401  (session fixtures)
 
 import bdia
 from bdia.apps.cli import preflight
 from bdia.inversion import METHODS
 from bdia.apps.edit import edit_run, load_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "edit.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
 
@@ -141,7 +140,7 @@ def test_torchrun_deals_the_images_of_a_sweep_out_over_the_ranks(tmp_path, tiny_
 
     from app_helpers import cli, subprocess_env
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "edit.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "edit.py"
     common = ["model=tiny-sd", f"model.path={tiny_sd_dir}", "methods=[bdia,ddim]", "num_steps=3", "image_size=32",
               "image=china.jpg,flower.jpg", "device=cpu"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -29,8 +29,9 @@ from bdia.networks import EDM_CLASSES, EDMPrecond, iDDPMPrecond
 from bdia.networks.loader import CACHE_SUFFIX, CacheWarning, SnapshotError, load_edm
 from edm_pickle import container, persistent, write_edm_snapshot, write_records
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
+SUPPORT = TESTS / "support"
 
 TINY = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0,
             embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
@@ -98,7 +99,7 @@ def assert_refused_snapshot(path, *patterns):
 
 def run_isolated(code, timeout=120):
     """Run ``code`` in a fresh interpreter (for cases that would hang without the checks); returns stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(SUPPORT)]), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "bdia"
+PACKAGE = Path(__file__).resolve().parents[2] / "bdia"
 
 #: Project imports allowed inside a function, with the reason.
 LAZY = {

@@ -15,7 +15,7 @@ import torch
 from bdia.metrics import DigitsFD, digits_uint8
 from bdia.metrics.evaluate import evaluate_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _make_run(folder: Path, count: int = 151) -> Path:

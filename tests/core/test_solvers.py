@@ -621,7 +621,7 @@ def test_bdia_edm_defaults_agree_between_code_config_sample_and_invert():
     for fn in (bdia.bdia_edm, bdia.invert_bdia_edm):
         params = inspect.signature(fn).parameters
         assert {k: params[k].default for k in defaults} == defaults
-    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "sample" / "solver" / "bdia_edm.yaml")
+    config = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "sample" / "solver" / "bdia_edm.yaml")
     assert {k: config[k] for k in defaults} == defaults
     den, noise = gmm_problem(15)
     sigmas = bdia.karras_sigmas(8)

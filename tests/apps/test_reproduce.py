@@ -24,7 +24,6 @@ from bdia.apps.reproduce import (
     sweep_commands,
 )
 from bdia.apps.tables import render_markdown, table_rows
-from sd_helpers import tiny_sd_dir  # noqa: F401  (session fixture)
 
 TABLE2_MODELS = {
     "table2_cifar10": "edm-cifar10-32x32-cond-vp",

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
-from sd_helpers import tiny_sd_dir  # noqa: F401  (fixture)
 
 import bdia
 import bdia.schedulers as schedulers

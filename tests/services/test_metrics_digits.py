@@ -22,7 +22,7 @@ from bdia.metrics.digits_classifier import (
 )
 from bdia.metrics.features import feature_statistics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

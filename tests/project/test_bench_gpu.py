@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
 
 OPTIONS = ("float32", "tf32", "bf16", "fp16", "bf16+channels_last")

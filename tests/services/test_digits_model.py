@@ -15,7 +15,7 @@ import bdia
 from bdia.models import DIGITS_WEIGHTS, digits_network
 from bdia.imageio import quantize
 
-EXPECTED = Path(__file__).parent / "data" / "digits_expected.npz"
+EXPECTED = Path(__file__).resolve().parents[1] / "data" / "digits_expected.npz"
 SEEDS = list(range(8))
 
 

@@ -1,4 +1,4 @@
-"""The safe EDM snapshot loader, on pickles written in EDM's exact persistence format (tests/edm_pickle.py)."""
+"""The safe EDM snapshot loader, on pickles written in EDM's exact persistence format (tests/support/edm_pickle.py)."""
 
 import os
 import pickle

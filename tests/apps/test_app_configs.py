@@ -18,7 +18,6 @@ from app_helpers import (
     cli,
     compose,
     hydra_configs,
-    one_thread,  # noqa: F401  (fixture)
     write_tiny_digits_network,
     write_tiny_edm,
 )

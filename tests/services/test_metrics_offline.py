@@ -23,7 +23,7 @@ from bdia.metrics.features import (
     resolve_inception_weights,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

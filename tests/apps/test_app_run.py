@@ -17,7 +17,6 @@ import torch
 
 import bdia
 from app_helpers import REPO, SCRIPT, TINY_GMM, cli, compose, hydra_configs, run_script, subprocess_env, write_tiny_edm
-from app_helpers import one_thread  # noqa: F401  (fixture)
 from bdia.analytic import digits_gmm
 from bdia.apps.cli import one_line, preflight
 from bdia.apps.sample import sample_from_config
@@ -314,7 +313,7 @@ def test_reduced_precision_run_is_recorded_and_batch_invariant(tiny_cond, tmp_pa
     assert "speed" not in json.loads((tmp_path / "f32" / "settings.json").read_text())  # old run folders still resume
     assert plain["speed"] == {"precision": "float32", "channels_last": False, "compile": None}
     whole = sample_run(net, out_dir=tmp_path / "bf16_whole", batch_size=5, precision="bf16", **common)
-    single = sample_run(net, out_dir=tmp_path / "bf16_single", batch_size=1, precision="bf16", **common)
+    sample_run(net, out_dir=tmp_path / "bf16_single", batch_size=1, precision="bf16", **common)
     assert json.loads((tmp_path / "bf16_whole" / "settings.json").read_text())["speed"]["precision"] == "bf16"
     assert whole["speed"]["precision"] == "bf16"
     assert_same_outputs(tmp_path / "bf16_whole", tmp_path / "bf16_single")  # fixed rows: batch-size invariant

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from sd_helpers import tiny_sd, tiny_sd_dir  # noqa: F401  (session fixtures)
 
 import bdia
 from bdia.inversion import METHODS, edict_invert, edict_sample, latent_to_state, null_text_invert, state_to_latent, tail_sigmas, vp_eps

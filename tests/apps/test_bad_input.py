@@ -1,7 +1,7 @@
 """Red-team cases for the apps' command lines and run folders: each bad input ends in one line (or is handled
 as documented in bdia.runfolder) and nothing that the run did not create is changed or lost.
 
-Snapshot / cache / loader cases live in tests/test_bad_input_loader.py.
+Snapshot / cache / loader cases live in tests/core/test_bad_input_loader.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import REPO, cli, one_thread, subprocess_env  # noqa: F401  (fixture)
+from app_helpers import REPO, cli, subprocess_env
 
 from bdia.apps.sample import sample_run
 from bdia.runfolder import MARKER_FILE, RunFolderError, image_complete, prepare_run_folder

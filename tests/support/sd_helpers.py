@@ -1,19 +1,9 @@
-"""Shared Stable Diffusion test helpers: the tiny random SD folder, built once per test session.
-
-Use in a test module:
-
-    from sd_helpers import tiny_sd_dir, tiny_sd  # noqa: F401  (fixtures)
-
-``tiny_sd_dir`` is a session fixture: the folder is written once (a few seconds) into pytest's temporary
-directory and shared by every module that imports it (or by all tests, once ``tests/conftest.py`` registers
-this module with ``pytest_plugins = ["sd_helpers"]``). ``tiny_sd`` loads it (float32, CPU) once per session;
-tests must not modify its modules (load your own with ``load_sd(path=tiny_sd_dir, dtype=...)`` for another
-dtype).
-"""
+"""Shared Stable Diffusion test helpers: prompts, the diffusers-style initial latents, our sampling loop and a
+relative error. The tiny random SD folder and its loaded model are the session fixtures ``tiny_sd_dir`` and
+``tiny_sd`` of ``tests/conftest.py``."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import bdia
@@ -22,31 +12,6 @@ from bdia.testing import build_tiny_clip  # noqa: F401  (re-exported for tests)
 
 #: Prompts used across SD tests (the tiny tokenizer knows bytes and a few merges; any text works).
 PROMPTS = ["a photo of the cat", "an oil painting of a mountain lake"]
-
-
-_CACHE: dict = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory):
-    """Path of a tiny random SD diffusers folder (:func:`bdia.testing.build_tiny_sd`, seed 0, 32x32 pixels,
-    8x8x4 latents). Built once per session even when several modules import the fixture (pytest would otherwise
-    make one per importing module)."""
-    if "dir" not in _CACHE:
-        from bdia.testing import build_tiny_sd
-
-        _CACHE["dir"] = build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", seed=0, sample_size=32)
-    return _CACHE["dir"]
-
-
-@pytest.fixture(scope="session")
-def tiny_sd(tiny_sd_dir):
-    """:class:`bdia.networks.sd.StableDiffusion` loaded from ``tiny_sd_dir`` (float32, CPU), once per session."""
-    if "sd" not in _CACHE:
-        from bdia.networks.sd import load_sd
-
-        _CACHE["sd"] = load_sd(path=tiny_sd_dir, dtype=torch.float32)
-    return _CACHE["sd"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sd_helpers import PROMPTS, our_sample, relative_error, tiny_sd, tiny_sd_dir  # noqa: F401  (fixtures)
+from sd_helpers import PROMPTS, our_sample, relative_error
 
 from bdia.networks.sd import x_to_z
 from bdia.schedulers import BDIADDIMScheduler
