@@ -54,6 +54,8 @@ bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, edit
 	$(PY) benchmarks/bench_solvers.py
 	$(PY) benchmarks/bench_roundtrip.py
 	OMP_NUM_THREADS=1 $(PY) scripts/editing_cost.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_speed.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/precision_quality.py
 
 # Paper tables (configs/tables/*.yaml): Hydra multiruns that resume when re-run, then the table is rebuilt from
 # the run folders' metrics.json. NGPU=8: torchrun with 8 ranks per run; LAUNCHER=slurm: Hydra's submitit

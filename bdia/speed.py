@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .denoisers import DenoiserWrapper
+from .networks.edm import _Preconditioned
 
 __all__ = ["PRECISIONS", "COMPILE_MODES", "SpeedOptions", "NetworkSpeed", "with_speed", "auto_batch_size", "MAX_AUTO_BATCH"]
 
@@ -68,8 +69,10 @@ class NetworkSpeed(DenoiserWrapper):
     """Runs ``denoiser`` under :class:`SpeedOptions`; returns the input's dtype and a contiguous NCHW tensor.
 
     Autocast only lowers the precision of float32 operations (matrix products, convolutions); float64 solver
-    arithmetic outside the network is untouched. ``channels_last`` converts the wrapped module's weights once
-    (in place) and each 4-D input per call.
+    arithmetic outside the network is untouched. In EDM's preconditioned networks the inner U-Net's output is
+    handed back in float32 (a forward hook added once to the U-Net, inert outside autocast), so the
+    preconditioning ``c_skip * x + c_out * F`` stays float32, as with EDM's own ``use_fp16``. ``channels_last``
+    converts the wrapped module's weights once (in place) and each 4-D input per call.
     """
 
     def __init__(self, denoiser, options: SpeedOptions = SpeedOptions()):
@@ -77,6 +80,8 @@ class NetworkSpeed(DenoiserWrapper):
         self.options = options
         if options.channels_last and isinstance(denoiser, torch.nn.Module):
             denoiser.to(memory_format=torch.channels_last)
+        if options.precision in _AUTOCAST_DTYPES:
+            _hook_edm_unets(denoiser)
         # Kept outside the module tree: the compiled wrapper shares the parameters and must not duplicate them
         # in state_dict().
         self.__dict__["_call"] = torch.compile(denoiser, mode=options.compile, dynamic=False) if options.compile else denoiser
@@ -94,6 +99,30 @@ class NetworkSpeed(DenoiserWrapper):
         with self._context(x.device):
             denoised = self._call(inputs, sigma, class_labels, **cond)
         return denoised.to(x.dtype).contiguous()
+
+
+def _unet_output_in_input_dtype(module, args, output):
+    """Forward hook on an EDM preconditioner's inner U-Net: under autocast a U-Net given float32 returns
+    bfloat16 / float16, which the preconditioner refuses (it checks that its U-Net returns the dtype it was
+    given). Hand it back in the input's dtype; outside autocast the output is returned unchanged."""
+    x = args[0] if args else None
+    if (isinstance(output, torch.Tensor) and isinstance(x, torch.Tensor) and output.dtype != x.dtype
+            and x.dtype == torch.float32 and torch.is_autocast_enabled(output.device.type)):
+        return output.to(x.dtype)
+    return output
+
+
+def _hook_edm_unets(denoiser) -> None:
+    """Add :func:`_unet_output_in_input_dtype` (once) to the inner U-Net of every EDM preconditioner in
+    ``denoiser``, so that autocast runs the U-Net in reduced precision and the preconditioning
+    (``c_skip * x + c_out * F``) in float32, as EDM's own ``use_fp16`` does."""
+    if not isinstance(denoiser, torch.nn.Module):
+        return
+    for module in denoiser.modules():
+        unet = getattr(module, "model", None)
+        if (isinstance(module, _Preconditioned) and isinstance(unet, torch.nn.Module)
+                and _unet_output_in_input_dtype not in unet._forward_hooks.values()):
+            unet.register_forward_hook(_unet_output_in_input_dtype)
 
 
 @contextlib.contextmanager
