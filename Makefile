@@ -45,15 +45,15 @@ sample-demo: $(STAMP)  ## sweep the four solvers on the analytic digits model (H
 	$(PY) scripts/sample.py -m experiment=digits_demo $(ARGS)
 
 accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/solver_accuracy.{md,csv}
-	$(PY) scripts/solver_accuracy.py
+	$(PY) benchmarks/solver_accuracy.py
 
 study: $(STAMP)  ## which BDIA-EDM? every bdia_edm formulation vs EDM, mixture + digits network -> results/solver_study.{md,csv,png}
-	OMP_NUM_THREADS=1 $(PY) scripts/solver_study.py $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/solver_study.py $(ARGS)
 
 bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost -> results/bench/
 	$(PY) benchmarks/bench_solvers.py
 	$(PY) benchmarks/bench_roundtrip.py
-	OMP_NUM_THREADS=1 $(PY) scripts/editing_cost.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py
 	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_speed.py
 	OMP_NUM_THREADS=2 $(PY) benchmarks/precision_quality.py
 
@@ -92,7 +92,7 @@ edit-demo: $(TINY_SD)  ## invert + edit scikit-learn's china.jpg with all four m
 	$(PY) scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4 $(ARGS)
 
 editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/editing/
-	OMP_NUM_THREADS=1 $(PY) scripts/editing_cost.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py
 
 tables:  ## rebuild every table from the run folders present (scripts/make_tables.py --all)
 	$(PY) scripts/make_tables.py --all

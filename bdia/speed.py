@@ -154,7 +154,7 @@ def _free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def _activation_bytes(denoiser, x, sigma, class_labels) -> int:
+def _activation_bytes(denoiser, x, sigma, class_labels, cond) -> int:
     """Sum of the bytes of every module output in one call: an upper bound on the call's transient memory
     (outputs are freed as the call goes on; without autograd nothing else is kept)."""
     total = 0
@@ -168,7 +168,7 @@ def _activation_bytes(denoiser, x, sigma, class_labels) -> int:
     modules = list(denoiser.modules()) if isinstance(denoiser, torch.nn.Module) else []
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        denoiser(x, sigma, class_labels)
+        denoiser(x, sigma, class_labels, **cond)
     finally:
         for h in handles:
             h.remove()
@@ -177,13 +177,14 @@ def _activation_bytes(denoiser, x, sigma, class_labels) -> int:
 
 @torch.no_grad()
 def auto_batch_size(denoiser, image_shape, device, limit: int = MAX_AUTO_BATCH, label_dim: int = 0,
-                    memory_fraction: float = 0.8, probe_rows: int = 2) -> int:
+                    memory_fraction: float = 0.8, probe_rows: int = 2, cond=None) -> int:
     """The largest power of two ``<= limit`` images whose network call fits in ``memory_fraction`` of the
     device's free memory.
 
     Per-image memory is measured on a probe call of ``probe_rows`` rows: on CUDA the allocator's peak, on a CPU
     the summed size of all module outputs (an upper bound). Free memory is CUDA's ``mem_get_info`` or the
-    host's ``MemAvailable``. Returns at least 1.
+    host's ``MemAvailable``. ``cond``: conditioning tensors of one row (e.g. a prompt embedding), repeated to
+    the probe's rows. Returns at least 1.
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"auto batch size: limit must be a positive integer, got {limit!r}")
@@ -193,15 +194,16 @@ def auto_batch_size(denoiser, image_shape, device, limit: int = MAX_AUTO_BATCH, 
     labels = torch.zeros(probe_rows, label_dim, device=device) if label_dim else None
     if label_dim:
         labels[:, 0] = 1
+    cond = {k: v.expand(probe_rows, *v.shape[1:]) for k, v in (cond or {}).items()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        denoiser(x, sigma, labels)
+        denoiser(x, sigma, labels, **cond)
         torch.cuda.synchronize(device)
         per_row = (torch.cuda.max_memory_allocated(device) - base) / probe_rows
     else:
-        per_row = _activation_bytes(denoiser, x, sigma, labels) / probe_rows
+        per_row = _activation_bytes(denoiser, x, sigma, labels, cond) / probe_rows
     per_row = max(per_row, 1.0)
     fits = int(_free_bytes(device) * memory_fraction / per_row)
     batch = 1
