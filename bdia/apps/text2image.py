@@ -86,8 +86,7 @@ def _prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
 
 
-def _validate(solver, gamma, num_steps, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding, sigmas):
-    check_num_steps(num_steps)
+def _validate(solver, gamma, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding, sigmas):
     check_solver_options(solver, gamma, {}, sigmas, batch_size, solvers=TEXT2IMAGE_SOLVERS)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
@@ -157,7 +156,7 @@ def text_to_image(
     seeds = parse_seeds(seeds)
     check_num_steps(num_steps)
     sigmas = sd.sigmas(num_steps)
-    _validate(solver, gamma, num_steps, guidance_scale, 1 if batch_size == "auto" else batch_size, network_batch,
+    _validate(solver, gamma, guidance_scale, 1 if batch_size == "auto" else batch_size, network_batch,
               grid_nrow, grid_padding, sigmas)
     speed = SpeedOptions(precision, channels_last, compile)
     bdia_solver = solver == "bdia_ddim"
