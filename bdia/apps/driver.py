@@ -50,7 +50,8 @@ ASSEMBLED_OUTPUTS = ("images.npz", "grid.png", "metrics.json")
 
 class BatchResult(NamedTuple):
     """What ``solve`` returns for a batch of B items: ``images`` uint8 ``[B, C, H, W]``, one record dict of
-    arrays per item (the driver adds ``nfe``), the batch's measured NFE, and seconds per phase (e.g.
+    arrays per item (the driver adds ``nfe`` and ``seconds_<phase>``: the batch's seconds for the phase over its
+    item count, float64), the batch's measured NFE, and seconds per phase (e.g.
     ``{"sampling": 1.2, "decode": 0.3}``)."""
 
     images: np.ndarray
@@ -60,11 +61,15 @@ class BatchResult(NamedTuple):
 
 
 class DriveStats(NamedTuple):
-    """Over all ranks: items sampled now, seconds per phase (the slowest rank's), NFE of every batch."""
+    """Over all ranks: items sampled now, seconds per phase spent now (the slowest rank's), NFE of every batch
+    sampled now; ``seconds_all``: per phase, the seconds of **every** item of the run summed (items sampled now
+    and items resumed, each from its record's ``seconds_<phase>``), and ``resumed``: the items found complete."""
 
     sampled: int
     seconds: dict
     nfe_per_batch: list
+    seconds_all: dict = {}
+    resumed: int = 0
 
 
 def write_item(out_dir: Path, name: str, image_chw: np.ndarray, record: Mapping[str, Any]) -> None:
@@ -113,31 +118,50 @@ def drive(
     prepare_run_folder(out_dir, settings, resume, app, is_main=ctx.is_main, barrier=lambda: barrier(ctx),
                        assembled=assembled, records=run_records(config, device, ctx.world_size))
     mine = list(range(ctx.rank, len(items), ctx.world_size))
-    need = set(need) | {"nfe"}
+    need = set(need) | {"nfe"}  # (seconds_<phase>: summed when present)
     todo = [i for i in mine if not image_complete(out_dir, names[i], need, image_shape)]
     if ctx.is_main and len(todo) < len(mine):
         log.info("resuming %s: %d of rank 0's %d items already written", out_dir, len(mine) - len(todo), len(mine))
     seconds: dict = {}
+    seconds_all: dict = {}
     nfe_per_batch: list = []
+    for i in sorted(set(mine) - set(todo)):  # resumed items: their measured seconds, from their records
+        for phase, value in _recorded_seconds(out_dir, names[i]).items():
+            seconds_all[phase] = seconds_all.get(phase, 0.0) + value
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="img", dynamic_ncols=True,
               disable=not (progress and ctx.is_main)) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             result = solve([items[i] for i in batch])
             nfe_per_batch.append(int(result.nfe))
+            per_item = {}
             for phase, value in result.seconds.items():
                 seconds[phase] = seconds.get(phase, 0.0) + float(value)
+                seconds_all[phase] = seconds_all.get(phase, 0.0) + float(value)
+                per_item[f"seconds_{phase}"] = np.float64(float(value) / len(batch))
             for j, i in enumerate(batch):
-                write_item(out_dir, names[i], result.images[j], {"nfe": np.int64(result.nfe), **result.records[j]})
+                write_item(out_dir, names[i], result.images[j],
+                           {"nfe": np.int64(result.nfe), **per_item, **result.records[j]})
             bar.update(len(batch))
     barrier(ctx)
-    stats = gather(ctx, {"sampled": len(todo), "seconds": seconds, "nfe_per_batch": nfe_per_batch})
+    stats = gather(ctx, {"sampled": len(todo), "resumed": len(mine) - len(todo), "seconds": seconds,
+                         "seconds_all": seconds_all, "nfe_per_batch": nfe_per_batch})
     phases = sorted({phase for s in stats for phase in s["seconds"]})
+    phases_all = sorted({phase for s in stats for phase in s["seconds_all"]})
     return DriveStats(
         sampled=sum(s["sampled"] for s in stats),
         seconds={phase: max(s["seconds"].get(phase, 0.0) for s in stats) for phase in phases},
         nfe_per_batch=[n for s in stats for n in s["nfe_per_batch"]],
+        seconds_all={phase: sum(s["seconds_all"].get(phase, 0.0) for s in stats) for phase in phases_all},
+        resumed=sum(s["resumed"] for s in stats),
     )
+
+
+def _recorded_seconds(out_dir: Path, name: str) -> dict:
+    """``{phase: seconds}`` from an item's record (its ``seconds_<phase>`` scalars)."""
+    with np.load(out_dir / RECORDS_DIR / f"{name}.npz", allow_pickle=False) as record:
+        return {key[len("seconds_"):]: float(record[key]) for key in record.files
+                if key.startswith("seconds_") and record[key].shape == ()}
 
 
 def finish(ctx: DistContext | None, write_outputs: Callable[[], Any]) -> Any:
