@@ -28,10 +28,13 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 from ..download import AssetUnavailableError
 from ..networks.loader import SnapshotError
 
-__all__ = ["preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "APP_CONFIGS", "app_config_dir", "config_dirs",
-           "group_options", "initialize_app", "run_job", "run_command_line"]
+__all__ = ["preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "APP_CONFIGS", "app_config_dir", "config_root", "config_dirs",
+           "group_options", "initialize_app", "override_value", "take_positional_path", "run_job",
+           "run_command_line"]
 
-#: The root of the config folders: ``configs/<app>/`` per app, the shared folders, ``tables/`` (bdia.apps.reproduce).
+#: The root of this package's config folders (``configs/`` of the checkout it was installed from): ``configs/<app>/``
+#: per app, the shared folders, ``tables/`` (bdia.apps.reproduce). A script's own checkout comes first for the
+#: shared folders (:func:`config_root`).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 #: Each app's shared config folders (under :data:`CONFIG_DIR`), searched after its own ``configs/<app>/``:
@@ -53,12 +56,27 @@ def app_config_dir(app: str) -> Path:
     return CONFIG_DIR / app
 
 
+def config_root(config_dir) -> Path | None:
+    """The folder holding the shared config folders for the app folder ``config_dir`` (``<root>/<app>/``):
+    ``config_dir``'s own parent when it holds ``shared/`` -- the checkout being run, wherever the installed
+    ``bdia`` package lives (a script's ``@hydra.main`` names ``../configs/<app>`` relative to itself) -- else
+    this package's :data:`CONFIG_DIR` (an app folder copied elsewhere on its own). ``None`` when the folder's
+    name is not an app's."""
+    config_dir = Path(config_dir)
+    if config_dir.name not in APP_CONFIGS:
+        return None
+    return config_dir.parent if (config_dir.parent / "shared").is_dir() else CONFIG_DIR
+
+
 def config_dirs(config_dir) -> list[Path]:
     """The config search path of the app whose folder is ``config_dir``: that folder, then its shared folders
-    (:data:`APP_CONFIGS`; none for a folder that is not an app's)."""
+    (:data:`APP_CONFIGS`) from :func:`config_root` (next to it in the same checkout); none for a folder that
+    is not an app's."""
     config_dir = Path(config_dir)
-    app = config_dir.name if config_dir.resolve().parent == CONFIG_DIR.resolve() else None
-    return [config_dir, *(CONFIG_DIR / name for name in APP_CONFIGS.get(app, ()))]
+    root = config_root(config_dir)
+    if root is None:
+        return [config_dir]
+    return [config_dir, *(root / name for name in APP_CONFIGS[config_dir.name])]
 
 
 def group_options(config_dir, group: str) -> list[str] | None:
@@ -71,9 +89,10 @@ def group_options(config_dir, group: str) -> list[str] | None:
 
 
 class AppSearchPath(SearchPathPlugin):
-    """Hydra search-path plugin: when the primary config folder is an app's ``configs/<app>/``, append the
-    shared folders of :data:`APP_CONFIGS` (provider ``bdia``), for ``@hydra.main`` and ``initialize_config_dir``
-    alike. Registered when this module is imported (every script imports it before Hydra starts)."""
+    """Hydra search-path plugin: when the primary config folder is an app's ``<root>/<app>/``, append the
+    shared folders of :data:`APP_CONFIGS` from the same ``<root>`` (:func:`config_dirs`; provider ``bdia``), for
+    ``@hydra.main`` and ``initialize_config_dir`` alike. Registered when this module is imported (every script
+    imports it before Hydra starts)."""
 
     def manipulate_search_path(self, search_path) -> None:
         for entry in list(search_path.get_path()):
@@ -94,6 +113,49 @@ def initialize_app(app: str):
 
     with initialize_config_dir(str(app_config_dir(app).resolve()), version_base="1.3"):
         yield
+
+
+def override_value(text) -> str:
+    """``text`` (e.g. a run folder's path, which holds ``=`` and ``,``) as a Hydra override value that
+    composes back to exactly ``text``: single-quoted, quotes and the backslashes before them escaped,
+    ``${`` escaped from OmegaConf's interpolation. ``f"run_dir={override_value(path)}"``."""
+    text = str(text).replace("${", "\\${")
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return f"'{text}'"
+
+
+def _looks_like_override(arg: str) -> bool:
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.@/-]*", key) is not None and (
+        "/" not in key or key.lstrip("+~").split("/")[0] in ("hydra",))
+
+
+#: Hydra's flags that take the next argument as their value (``--info`` takes one of :data:`_INFO_VALUES` or none).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                     "-cd", "--experimental-rerun"}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def take_positional_path(argv: Sequence[str], key: str) -> list[str]:
+    """``argv`` with its one positional path turned into the override ``key='<path>'`` (:func:`override_value`),
+    so that ``scripts/evaluate.py results/sample/default/dataset=digits,solver=bdia_edm`` works as typed. A
+    positional path is an argument that names an existing file or folder, or that is not a ``key=value``
+    override (``results/typo`` then fails as "no such directory"). A second one raises ``ValueError``."""
+    out, found, flag_value = [], None, False
+    for arg in argv:
+        if flag_value or arg.startswith("-") or (_looks_like_override(arg) and not Path(arg).exists()):
+            flag_value = arg in _FLAGS_WITH_VALUE
+            out.append(arg)
+            continue
+        if out and out[-1] in ("--info", "-i") and arg in _INFO_VALUES:
+            out.append(arg)
+            continue
+        if found is not None:
+            raise ValueError(f"one {key} only: got {found!r} and {arg!r} (a sweep folder evaluates every run in it)")
+        found = arg
+        out.append(f"{key}={override_value(arg)}")
+    return out
 
 
 def run_name(override_dirname: str) -> str:
