@@ -20,6 +20,7 @@ from .denoisers import (
     VPEpsDenoiser,
 )
 from .networks.sd import SD_MODELS, StableDiffusion, load_sd, x_to_z, z_to_x
+from .reversible import ReversibleGradientWarning, sample_with_grad
 from .schedules import (
     SD_SCHEDULE,
     karras_sigmas,

@@ -258,14 +258,16 @@ class AttentionOp(torch.autograd.Function):
     """Attention weights ``softmax_k(q^T k / sqrt(C))`` for ``q``, ``k`` of shape ``[N, C, L]``, as ``[N, Lq, Lk]``.
 
     The product and the softmax are computed in float32 (also for float16 inputs; ``k`` is scaled by
-    ``1/sqrt(C)`` in its own dtype first); the result is returned in ``q``'s dtype. The backward pass also
-    works in float32 and only keeps the inputs and the weights. Not a module (no state, not pickled).
+    ``1/sqrt(C)`` in its own dtype first), or in float64 for float64 inputs (a network cast to float64 stays a
+    smooth function at float64 round-off); the result is returned in ``q``'s dtype. The backward pass works in
+    the same dtype and only keeps the inputs and the weights. Not a module (no state, not pickled).
     """
 
     @staticmethod
     def forward(ctx, q, k):
         scale = math.sqrt(k.shape[1])
-        logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / scale).to(torch.float32))
+        work = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        logits = torch.einsum("ncq,nck->nqk", q.to(work), (k / scale).to(work))
         weights = logits.softmax(dim=2).to(q.dtype)
         ctx.save_for_backward(q, k, weights)
         return weights
@@ -274,11 +276,12 @@ class AttentionOp(torch.autograd.Function):
     def backward(ctx, grad_weights):
         q, k, weights = ctx.saved_tensors
         scale = math.sqrt(k.shape[1])
-        g = grad_weights.to(torch.float32)
-        w = weights.to(torch.float32)
+        work = torch.promote_types(q.dtype, torch.float32)
+        g = grad_weights.to(work)
+        w = weights.to(work)
         grad_logits = w * (g - (g * w).sum(dim=2, keepdim=True))  # softmax Jacobian-vector product
-        grad_q = torch.einsum("nck,nqk->ncq", k.to(torch.float32), grad_logits).to(q.dtype) / scale
-        grad_k = torch.einsum("ncq,nqk->nck", q.to(torch.float32), grad_logits).to(k.dtype) / scale
+        grad_q = torch.einsum("nck,nqk->ncq", k.to(work), grad_logits).to(q.dtype) / scale
+        grad_k = torch.einsum("ncq,nqk->nck", q.to(work), grad_logits).to(k.dtype) / scale
         return grad_q, grad_k
 
 
