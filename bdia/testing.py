@@ -17,7 +17,25 @@ import torch
 
 from .schedules import SD_SCHEDULE
 
-__all__ = ["build_tiny_sd", "build_tiny_clip"]
+__all__ = ["build_tiny_sd", "build_tiny_clip", "RANDOM_WEIGHTS_MARKER", "has_random_weights"]
+
+#: A file the builders write into every folder they make, so that apps can say its outputs are noise.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
+
+
+def _mark_random(folder: Path, what: str) -> None:
+    (Path(folder) / RANDOM_WEIGHTS_MARKER).write_text(
+        f"{what} with random weights, written by bdia.testing for tests and offline demos: its outputs are noise by "
+        f"construction and measure nothing about image quality.\n")
+
+
+def has_random_weights(path) -> bool:
+    """Whether ``path`` is a model folder written by :func:`build_tiny_sd` / :func:`build_tiny_clip` (random
+    weights); ``False`` for anything else (a Hub id, another folder)."""
+    try:
+        return (Path(path) / RANDOM_WEIGHTS_MARKER).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -110,6 +128,7 @@ def build_tiny_sd(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    _mark_random(out_dir, "A tiny Stable Diffusion")
     return out_dir
 
 
@@ -137,4 +156,5 @@ def build_tiny_clip(folder, image_size: int = 32):
                               tokenizer=tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    _mark_random(folder, "A tiny CLIP model")
     return Path(folder)

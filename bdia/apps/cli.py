@@ -303,3 +303,120 @@ def run_command_line(main, config_name: str, config_dir=None) -> None:
     if problem:
         sys.exit(f"error: {problem}")
     main()
+
+
+# --------------------------------------------------------------------------------------------------
+# What every app prints when it is done: a short summary (run folder, headline numbers, what to run next).
+
+
+def run_timing(stats, timed: int, num_images: int, phases: Sequence[str]) -> dict:
+    """The run's measured time, kept across resumes: ``sampling_seconds`` sums every image's own seconds (its
+    record's ``seconds_<phase>``: its batch's time over the batch size, whichever session sampled it; under K
+    ranks the ranks' times add up), ``images_per_second`` = ``timed_images`` / those seconds (one process's
+    rate), ``timed_images``: the images whose time is recorded (fewer than the run's only in folders written
+    before per-image times were recorded; the numbers then cover those images). ``session``: what this
+    invocation did (images sampled now, the slowest rank's seconds, the ranks' combined rate)."""
+    seconds = sum(stats.seconds_all.get(phase, 0.0) for phase in phases)
+    now = sum(stats.seconds.get(phase, 0.0) for phase in phases)
+    out = {
+        "sampling_seconds": round(seconds, 4) if timed else None,
+        "images_per_second": round(timed / seconds, 3) if timed and seconds > 0 else None,
+        "timed_images": timed,
+        "session": {"num_sampled": stats.sampled, "num_resumed": num_images - stats.sampled,
+                    "sampling_seconds": round(now, 4),
+                    "images_per_second": round(stats.sampled / now, 3) if stats.sampled and now > 0 else None},
+    }
+    if len(phases) > 1:
+        out.update({f"{phase}_seconds": round(stats.seconds_all.get(phase, 0.0), 4) if timed else None for phase in phases})
+    return out
+
+
+def speed_text(metrics: dict) -> str:
+    """``12.3 images/s (5.2 s for 64 images)``, with what this session did when it resumed images."""
+    rate, timed = metrics.get("images_per_second"), metrics.get("timed_images")
+    session = metrics.get("session") or {}
+    if rate is None:
+        text = "speed unknown (no image of this run has a recorded time)"
+    else:
+        text = f"{rate:g} images/s per process ({timed / rate:.2f} s for {timed} images"
+        text += ")" if timed == metrics.get("num_images") else f"; the other {metrics['num_images'] - timed} have no recorded time)"
+    resumed = session.get("num_resumed", metrics.get("num_resumed")) or 0
+    if resumed:
+        sampled = session.get("num_sampled", 0)
+        text += f"; this session sampled {sampled} and resumed {resumed}" if sampled else f"; all {resumed} images resumed"
+    return text
+
+
+def sweep_folder() -> str | None:
+    """Inside a Hydra multirun job: the sweep's folder (``hydra.sweep.dir``, where ``scripts/summarize.py``
+    tabulates every run); ``None`` otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return str(hydra_cfg.sweep.dir)
+
+
+def shell_command(*args) -> str:
+    """A command line that works when pasted into a POSIX shell (each argument quoted where it needs it)."""
+    import shlex
+
+    return shlex.join(str(a) for a in args)
+
+
+def _g(value, fmt: str = ".4g") -> str:
+    return "unknown" if value is None else format(value, fmt)
+
+
+def headline_rows(evaluation: dict | None) -> list[tuple[str, str]]:
+    """One summary row per metric in a run's ``metrics.json["evaluation"]``: FD / KID with the real-data floors
+    (digits), FID, CLIP score, or the metric's top-level numbers."""
+    rows = []
+    for name, values in (evaluation or {}).items():
+        if not isinstance(values, dict):
+            continue
+        label = values.get("label")
+        if "fd" in values or "fid" in values:
+            key = "fd" if "fd" in values else "fid"
+            text = f"{key.upper()} {_g(values.get(key))}"
+            if values.get("kid") is not None:
+                text += f", KID {_g(values['kid'], '.3g')}"
+            detail = ", ".join(str(x) for x in (label, f"{values['num_images']} images" if values.get("num_images") else None) if x)
+            rows.append((name, text + (f" ({detail})" if detail else "")))
+            floors = []
+            if values.get("floor_matched_fd") is not None:
+                floors.append(f"FD {_g(values['floor_matched_fd'])} ({values.get('floor_matched_num_images', 'as many')} "
+                              f"real training digits)")
+            if values.get("floor_halves_fd") is not None:
+                floors.append(f"FD {_g(values['floor_halves_fd'])} (two disjoint halves of the real digits)")
+            if floors:
+                rows.append(("real-data floor", "; ".join(floors)))
+        elif "clip_score" in values:
+            from ..testing import has_random_weights
+
+            text = f"CLIP score {_g(values['clip_score'], '.2f')} (100 x cosine, clipped at 0"
+            if values.get("model"):
+                text += f"; {values['model']}" + (": random weights, the score means nothing"
+                                                   if has_random_weights(values["model"]) else "")
+            rows.append((name, text + ")"))
+        else:
+            numbers = [(k, v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if numbers:
+                rows.append((name, ", ".join(f"{k} {_g(v)}" for k, v in numbers[:5])))
+    return rows
+
+
+def summary_text(title: str, rows: Sequence[tuple[str, str | None]]) -> str:
+    """``title`` and aligned ``label  text`` rows (rows whose text is empty are left out)."""
+    rows = [(str(k), str(v)) for k, v in rows if v not in (None, "")]
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
+def print_summary(title: str, rows: Sequence[tuple[str, str | None]]) -> None:
+    """Print :func:`summary_text` to stdout (what an app shows when it is done)."""
+    print(summary_text(title, rows), flush=True)

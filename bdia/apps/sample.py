@@ -66,6 +66,7 @@ from ..runfolder import jsonable as _jsonable
 from ..runfolder import write_json as _write_json
 from ..schedules import karras_sigmas
 from ..speed import SpeedOptions, auto_batch_size, with_speed
+from .cli import headline_rows, print_summary, run_timing, shell_command, speed_text, sweep_folder
 from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
 
 __all__ = [
@@ -256,7 +257,7 @@ def sample_run(
     def write_outputs() -> dict:
         assembled = _assemble(Path(out_dir), seeds, shape, label_dim, sigmas, save_states, keep_inner,
                               denoiser if is_mixture else None, grid_nrow, grid_padding, grid_scale)
-        seconds = stats.seconds.get("sampling", 0.0)
+        timing = run_timing(stats, assembled["timed"], len(seeds), ("sampling",))
         metrics = {
             "solver": solver,
             "gamma": gamma,
@@ -278,18 +279,17 @@ def sample_run(
             "sigmas": {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "levels": sigmas.tolist()},
             "device": str(device),
             "model": dict(model_info) if model_info is not None else None,
-            "sampling_seconds": round(seconds, 4),
-            "images_per_second": round(stats.sampled / seconds, 3) if stats.sampled and seconds > 0 else None,
+            **timing,
         }
         if "mixture" in assembled:
             metrics["mixture"] = assembled["mixture"]
         metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
+        metrics["session"]["wall_seconds"] = metrics["wall_seconds"]
         metrics = _jsonable(metrics)
         _write_json(Path(out_dir) / "metrics.json", metrics)  # the last end-of-run file: it marks a finished run
         mark_state(out_dir, "sample", "complete")
-        log.info("%s: %d images (%d sampled now, %d resumed), NFE %s, %.2f s sampling (%s images/s) -> %s", solver,
-                 len(seeds), stats.sampled, len(seeds) - stats.sampled, metrics["nfe"], seconds,
-                 metrics["images_per_second"], out_dir)
+        log.info("%s: %d images (%d sampled now, %d resumed), NFE %s, %s -> %s", solver, len(seeds), stats.sampled,
+                 len(seeds) - stats.sampled, metrics["nfe"], speed_text(metrics), out_dir)
         return metrics
 
     return finish(ctx, write_outputs)
@@ -305,13 +305,14 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
     keep_x = save_states or mixture is not None
     x_end = np.empty((len(seeds), *shape), dtype=np.float64) if keep_x else None
     x_inner = np.empty((len(seeds), *shape), dtype=np.float64) if keep_inner else None
-    missing = []
+    missing, timed = [], 0
     for i, seed in enumerate(seeds):
         name = _seed_name(seed)
         try:
             images[i] = read_png(out_dir / IMAGES_DIR / f"{name}.png", shape)
             with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
                 nfe[i], labels[i] = record["nfe"], record["class_label"]
+                timed += "seconds_sampling" in record.files
                 if keep_x:
                     x_end[i] = record["x_end"]
                 if keep_inner:
@@ -332,7 +333,7 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
         np.savez_compressed(f, **arrays)
     save_image_grid(images, out_dir / "grid.png", nrow=grid_nrow, padding=grid_padding, pad_value=128, scale=grid_scale)
     distinct = sorted(set(nfe.tolist()))
-    out = {"nfe": distinct[0] if len(distinct) == 1 else distinct}
+    out = {"nfe": distinct[0] if len(distinct) == 1 else distinct, "timed": timed}
     if mixture is not None:
         out["mixture"] = mixture_metrics(mixture, torch.from_numpy(x_end))
     return out
@@ -386,7 +387,36 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
         log_run(logger, {**config, "choices": choices}, out_dir, config.get("experiment_name"), metrics,
                 images={"grid": Path(out_dir) / "grid.png"},
                 tables=[Table("summary", columns, [[_cell(metrics.get(c)) for c in columns]])])
+        print_summary(f"sample: {metrics['num_images']} images in {out_dir}", summary_rows(metrics, out_dir))
     return metrics
+
+
+def summary_rows(metrics: Mapping[str, Any], out_dir) -> list[tuple[str, str]]:
+    """What ``scripts/sample.py`` prints when it is done: images, solver and NFE, speed, the evaluation's
+    headline numbers (FD/KID with the real-data floor, FID), the run folder and what to run next."""
+    gamma = metrics.get("gamma")
+    solver = f"{metrics['solver']}" + (f", gamma {gamma}" if gamma is not None else "")
+    solver += f", {metrics['num_steps']} steps, NFE {metrics['nfe']} per image (counted)"
+    resumed = metrics.get("num_resumed") or 0
+    rows = [("images", f"{metrics['num_images']} (seeds {metrics['seeds']}; {metrics['num_sampled']} sampled now, "
+                       f"{resumed} resumed)"),
+            ("solver", solver),
+            ("speed", speed_text(metrics))]
+    evaluation = metrics.get("evaluation")
+    rows += headline_rows(evaluation)
+    if "mixture" in metrics:
+        mixture = metrics["mixture"]
+        numbers = {k: v for k, v in mixture.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        rows.append(("mixture", ", ".join(f"{k} {v:.4g}" for k, v in list(numbers.items())[:4])))
+    rows.append(("run folder", str(out_dir)))
+    if not evaluation:
+        digits = list(metrics.get("image_shape") or []) == [1, 16, 16]
+        rows.append(("evaluate", shell_command("python", "scripts/evaluate.py", out_dir,
+                                               "metrics=digits" if digits else "metrics=fid")))
+    sweep = sweep_folder()
+    if sweep is not None:
+        rows.append(("sweep table", shell_command("python", "scripts/summarize.py", sweep)))
+    return rows
 
 
 def _cell(value):

@@ -59,6 +59,8 @@ from ..runfolder import jsonable as _jsonable
 from ..runfolder import write_json as _write_json
 from ..schedules import x_to_z, z_to_x
 from ..speed import SpeedOptions, auto_batch_size, with_speed
+from ..testing import has_random_weights
+from .cli import headline_rows, print_summary, run_timing, shell_command, speed_text, sweep_folder
 from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
 
 __all__ = ["TEXT2IMAGE_SOLVERS", "RECOMMENDED_GAMMA", "text_to_image", "text2image_from_config", "image_name"]
@@ -232,7 +234,6 @@ def text_to_image(
     def write_outputs() -> dict:
         assembled = _assemble(Path(out_dir), prompts, items, names, image_shape, save_states, keep_inner, save_npz,
                               grid_nrow or len(seeds), grid_padding)
-        sampling_seconds, decode_seconds = stats.seconds.get("sampling", 0.0), stats.seconds.get("decode", 0.0)
         sampled = stats.sampled
         metrics = {
             "solver": solver,
@@ -262,28 +263,30 @@ def text_to_image(
             "state_dtype": "float64",
             "model": sd.describe(),
             "device": str(device),
-            "sampling_seconds": round(sampling_seconds, 4),
-            "decode_seconds": round(decode_seconds, 4),
-            "images_per_second": round(sampled / (sampling_seconds + decode_seconds), 3) if sampled and sampling_seconds > 0 else None,
+            # sampling_seconds / decode_seconds: every image's own seconds summed, resumed ones included
+            # (bdia.apps.cli.run_timing); images_per_second counts both phases
+            **run_timing(stats, assembled["timed"], len(items), ("sampling", "decode")),
         }
         metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
+        metrics["session"]["wall_seconds"] = metrics["wall_seconds"]
         metrics = _jsonable(metrics)
         _write_json(Path(out_dir) / "metrics.json", metrics)
         mark_state(out_dir, "text2image", "complete")
-        log.info("%s: %d images (%d sampled now), NFE %s, %.2f s sampling -> %s", solver, len(items), sampled,
-                 metrics["nfe"], sampling_seconds, out_dir)
+        log.info("%s: %d images (%d sampled now), NFE %s, %s -> %s", solver, len(items), sampled,
+                 metrics["nfe"], speed_text(metrics), out_dir)
         return metrics
 
     return finish(ctx, write_outputs)
 
 
 def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
-    images, nfe, z_end, z_inner, missing = [], [], [], [], []
+    images, nfe, z_end, z_inner, missing, timed = [], [], [], [], [], 0
     for name in names:
         try:
             images.append(read_png(out_dir / IMAGES_DIR / f"{name}.png", image_shape))
             with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
                 nfe.append(int(record["nfe"]))
+                timed += "seconds_sampling" in record.files and "seconds_decode" in record.files
                 if save_states:
                     z_end.append(record["z_end"])
                 if keep_inner:
@@ -309,7 +312,7 @@ def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, ke
         f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
     save_image_grid(images, out_dir / "grid.png", nrow=grid_nrow, padding=grid_padding, pad_value=255)
     distinct = sorted(set(nfe))
-    return {"nfe": distinct[0] if len(distinct) == 1 else distinct}
+    return {"nfe": distinct[0] if len(distinct) == 1 else distinct, "timed": timed}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +379,29 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
         logger = instantiate(cfg.logger, "logger") if config.get("logger") else NullLogger()
         log_run(logger, {**config, "choices": choices}, out_dir, config.get("experiment_name"), metrics,
                 images={"grid": out_dir / "grid.png"}, tables=[_image_table(out_dir, prompts, metrics)])
+        print_summary(f"text2image: {metrics['num_images']} images in {out_dir}", summary_rows(metrics, out_dir))
     return metrics
+
+
+def summary_rows(metrics: Mapping[str, Any], out_dir) -> list[tuple[str, str]]:
+    """What ``scripts/text2image.py`` prints when it is done: images, solver, NFE, speed, CLIP score / FID, the
+    run folder, and a warning when the model has random weights (the tiny SD: its images are noise)."""
+    gamma = metrics.get("gamma")
+    solver = metrics["solver"] + (f", gamma {gamma}" if gamma is not None else "")
+    solver += f", {metrics['num_steps']} steps, guidance {metrics['guidance_scale']:g}, NFE {metrics['nfe']} per image"
+    rows = [("images", f"{metrics['num_images']} ({metrics['num_prompts']} prompts x seeds {metrics['seeds']}; "
+                       f"{metrics['num_sampled']} sampled now, {metrics['num_resumed']} resumed)"),
+            ("solver", solver),
+            ("speed", speed_text(metrics) + " (sampling + VAE decoding)")]
+    rows += headline_rows(metrics.get("evaluation"))
+    source = (metrics.get("model") or {}).get("source")
+    if source and has_random_weights(source):
+        rows.append(("note", f"{source} has random weights (a tiny test model): its images are noise by construction"))
+    rows.append(("run folder", str(out_dir)))
+    sweep = sweep_folder()
+    if sweep is not None:
+        rows.append(("sweep table", shell_command("python", "scripts/summarize.py", sweep)))
+    return rows
 
 
 def _image_table(out_dir: Path, prompts: Sequence[str], metrics: Mapping[str, Any]) -> Table:

@@ -1,0 +1,94 @@
+"""Telling the user what happened: a resumed run keeps what was measured, every app ends with a console summary
+whose run folder and commands work when pasted, and a sweep is tabulated from its runs' metrics."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+
+from app_helpers import FAST, REPO, cli
+from bdia.analytic import digits_gmm
+from bdia.apps.cli import speed_text
+from bdia.apps.sample import sample_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EVALUATE = REPO / "scripts" / "evaluate.py"
+FAST_DIGITS_METRIC = ["metrics.digits.kid=false", "metrics.digits.real_floor=false"]
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return digits_gmm(image_size=8, std=0.3)
+
+
+def _run(mixture, out_dir, seeds):
+    return sample_run(mixture, solver="bdia_edm", num_steps=3, seeds=seeds, batch_size=2, out_dir=out_dir,
+                      progress=False)
+
+
+def test_a_resumed_run_keeps_its_timings_and_says_what_it_resumed(mixture, tmp_path):
+    first = _run(mixture, tmp_path / "run", "0-3")
+    assert first["num_sampled"] == 4 and first["timed_images"] == 4
+    assert first["sampling_seconds"] > 0 and first["images_per_second"] > 0
+
+    grown = _run(mixture, tmp_path / "run", "0-7")  # the same run with more seeds: 4 resumed, 4 sampled now
+    assert (grown["num_sampled"], grown["num_resumed"], grown["timed_images"]) == (4, 4, 8)
+    session = grown["session"]["sampling_seconds"]
+    # Every image's own seconds are summed: the first session's (from the records) plus this one's. Each total is
+    # rounded to 1e-4 s in metrics.json.
+    assert grown["sampling_seconds"] == pytest.approx(first["sampling_seconds"] + session, abs=3e-4)
+    assert grown["images_per_second"] == pytest.approx(8 / grown["sampling_seconds"], rel=1e-2)
+
+    again = _run(mixture, tmp_path / "run", "0-7")  # everything resumed: nothing measured now, nothing lost
+    assert (again["num_sampled"], again["num_resumed"]) == (0, 8)
+    assert again["sampling_seconds"] == pytest.approx(grown["sampling_seconds"], abs=2e-4)
+    assert again["images_per_second"] == pytest.approx(grown["images_per_second"], rel=1e-3)
+    assert again["session"] == {**again["session"], "num_sampled": 0, "num_resumed": 8, "images_per_second": None}
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["sampling_seconds"] == again["sampling_seconds"]
+    text = speed_text(again)
+    assert "None" not in text and "images/s" in text and "all 8 images resumed" in text
+
+
+def test_a_run_folder_without_recorded_times_says_so(mixture, tmp_path):
+    """Records written before per-image times were kept: the times of the others are reported, for them only."""
+    import numpy as np
+
+    _run(mixture, tmp_path / "run", "0-3")
+    for path in sorted((tmp_path / "run" / "records").glob("*.npz"))[:2]:
+        with np.load(path) as record:
+            arrays = {k: record[k] for k in record.files if not k.startswith("seconds_")}
+        np.savez(path, **arrays)
+    again = _run(mixture, tmp_path / "run", "0-3")
+    assert again["timed_images"] == 2 and again["images_per_second"] > 0
+    assert "the other 2 have no recorded time" in speed_text(again)
+
+
+def test_sample_prints_a_summary_whose_folder_and_command_work_as_typed(tmp_path, monkeypatch, capsys):
+    """The issue: the run folder the app prints (named after its overrides, so it holds ``=`` and ``,``) could
+    not be passed back to ``scripts/evaluate.py``. Here the printed command is run as printed."""
+    assert cli(monkeypatch, tmp_path, "dataset=gmm", "model.num_components=20", *FAST) is None
+    out = capsys.readouterr().out
+    rows = dict(_row(line) for line in out.splitlines() if line.startswith("  "))
+    folder = rows["run folder"]
+    assert "=" in folder and "," in folder and (tmp_path / folder / "metrics.json").is_file()
+    assert "None" not in out and "images/s" in rows["speed"] and "NFE" in rows["solver"]
+    command = shlex.split(rows["evaluate"])
+    assert command[:3] == ["python", "scripts/evaluate.py", folder] and command[3] == "metrics=digits"
+    assert cli(monkeypatch, tmp_path, *command[2:], *FAST_DIGITS_METRIC, script=EVALUATE) is None
+    evaluation = json.loads((tmp_path / folder / "metrics.json").read_text())["evaluation"]
+    assert evaluation["digits"]["fd"] > 0
+    # The quoted override form works too, and no run folder at all is one line.
+    assert cli(monkeypatch, tmp_path, f"run_dir='{folder}'", *command[3:], *FAST_DIGITS_METRIC, script=EVALUATE) is None
+    assert cli(monkeypatch, tmp_path, script=EVALUATE) == (
+        "error: no run folder: python scripts/evaluate.py <run folder or sweep folder> [metrics=...]")
+
+
+def _row(line: str) -> tuple[str, str]:
+    """A summary row ``  <label>  <text>``: labels are words separated by single spaces, then two or more."""
+    label, _, text = line.strip().partition("  ")
+    return label, text.strip()
