@@ -9,20 +9,21 @@ export WANDB_MODE ?= disabled
 
 .PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
-	tiny-sd edit-demo editing-cost
+	tiny-sd edit-demo editing-cost demo test-browser
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-demo.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps -r requirements-demo.txt  # Gradio (why --no-deps: see the file)
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv (Python 3.11) and install the pinned dependencies
 
-test: $(STAMP)  ## run the test suite (CPU, offline)
-	$(PY) -m pytest -q -m "not slow"
+test: $(STAMP)  ## run the test suite (CPU, offline; slow and browser tests excluded)
+	$(PY) -m pytest -q -m "not slow and not browser"
 
 # Another machine's CPU: ATen's kernels for another instruction set (default = no SIMD, avx2, avx512) and
 # another thread count. CI runs this after `make test`.
@@ -90,6 +91,18 @@ reproduce-table3-mini: $(TINY_SD)  ## Table 3's twin on the tiny random SD, CPU 
 
 edit-demo: $(TINY_SD)  ## invert + edit scikit-learn's china.jpg with all four methods on the tiny SD -> results/edit/default/
 	$(PY) scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4 $(ARGS)
+
+# The web demo (scripts/demo.py, Gradio) on 127.0.0.1, offline on the tiny SD; ARGS: e.g. "model=sd15 port=7861".
+demo: $(TINY_SD)  ## serve the exact-editing web demo on http://127.0.0.1:7860 (tiny SD offline; ARGS="model=sd15")
+	$(PY) scripts/demo.py $(ARGS)
+
+# The browser test drives the demo in Debian's headless Chromium (installed here when absent; nothing is downloaded
+# at run time: Playwright's Python client talks to /usr/bin/chromium). CI runs it after `make test`.
+CHROMIUM ?= /usr/bin/chromium
+test-browser: $(STAMP)  ## the web demo driven in headless Chromium: upload, invert, two edits (installs Debian's chromium if absent)
+	@test -x $(CHROMIUM) || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	BDIA_CHROMIUM=$(CHROMIUM) BDIA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser $(ARGS)
 
 editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/editing/
 	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py
