@@ -27,6 +27,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from ..download import AssetUnavailableError
 from ..networks.loader import SnapshotError
+from ..testing import has_random_weights
 
 __all__ = ["preflight", "one_line", "USER_ERRORS", "CONFIG_DIR", "APP_CONFIGS", "app_config_dir", "config_root", "config_dirs",
            "group_options", "initialize_app", "override_value", "take_positional_path", "run_job",
@@ -396,8 +397,6 @@ def headline_rows(evaluation: dict | None) -> list[tuple[str, str]]:
             if floors:
                 rows.append(("real-data floor", "; ".join(floors)))
         elif "clip_score" in values:
-            from ..testing import has_random_weights
-
             text = f"CLIP score {_g(values['clip_score'], '.2f')} (100 x cosine, clipped at 0"
             if values.get("model"):
                 text += f"; {values['model']}" + (": random weights, the score means nothing"
