@@ -3,7 +3,8 @@
 
 :func:`invert_and_edit` is the harness over the registry: for one method it inverts the clean states under the
 source prompt, regenerates them (the reconstruction) and regenerates them under the edit prompt (the edit),
-measuring each phase. :func:`edit_run` reads the photo, encodes it, runs every method and writes the
+measuring each phase; :func:`invert_image` is its first half, a :class:`CachedInversion` that regenerates under
+any prompt as often as wanted (the web demo, :mod:`bdia.apps.demo`, edits many times from one). :func:`edit_run` reads the photo, encodes it, runs every method and writes the
 side-by-side images, each method's representation and ``metrics.json``.
 
 NFE is measured with :class:`bdia.inversion.RowCountingDenoiser` around ``base`` (one guided call, batched over
@@ -38,7 +39,7 @@ from ..metrics.lpips import LPIPS
 from ..metrics.reconstruction import latent_metrics, pixel_metrics
 from ..runfolder import atomic_write, claim_run_folder, environment_info, mark_state
 
-__all__ = ["MethodResult", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run"]
+__all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +67,78 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _measured(counted: RowCountingDenoiser, device, fn):
+    """``fn()`` and its cost: NFE and network rows through ``counted``, backward passes, wall and CPU seconds."""
+    counted.reset()
+    _synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = fn()
+    _synchronize(device)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    backward = out.backward_passes if isinstance(out, Inverted) else 0
+    return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward,
+                 "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+@dataclass
+class CachedInversion:
+    """One method's inversion of a batch of clean states, kept to regenerate them under any prompt: what
+    :func:`invert_and_edit` does in one go, and what an interactive editor (``bdia.apps.demo``) keeps between edits.
+
+    ``inverted``: the method's :class:`bdia.inversion.Inverted` (representation and ``regenerate``); ``setup``: the
+    counted denoiser and its guided version the method ran on; ``grid``: the inverted sigmas (the tail of the grid
+    for ``strength < 1``); ``cost``: ``{"inversion": <measured cost>}``; ``settings``: as :class:`MethodResult`'s."""
+
+    method: str
+    inverted: Inverted
+    setup: EditSetup
+    grid: torch.Tensor
+    device: torch.device
+    settings: dict
+    cost: dict
+
+    def measure(self, fn):
+        """``fn()`` (network calls through ``setup.counted``) and its measured cost, as each phase is measured."""
+        return _measured(self.setup.counted, self.device, fn)
+
+    def regenerate(self, embeds: torch.Tensor):
+        """The clean states regenerated under the text embedding ``embeds`` (the source prompt's: the
+        reconstruction; another: an edit), and the measured cost of that phase."""
+        return self.measure(lambda: self.inverted.regenerate({"encoder_hidden_states": embeds}))
+
+
+def invert_image(
+    method: str,
+    base,
+    x_clean: torch.Tensor,
+    sigmas,
+    source_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    guidance_scale: float = 7.5,
+    strength: float = 1.0,
+    options=None,
+    **option_values,
+) -> CachedInversion:
+    """Invert ``x_clean`` under the source prompt with ``method``, measuring it; arguments as :func:`invert_and_edit`.
+    Regenerate from the result with :meth:`CachedInversion.regenerate`, as many times as wanted."""
+    known = {f.name for entry in METHOD_REGISTRY.values() for f in fields(entry.options)}
+    unknown = sorted(set(option_values) - known)
+    if unknown:
+        raise ValueError(f"unknown editing option(s) {unknown}; options: {', '.join(sorted(known))}")
+    options = method_options(method, option_values) if options is None else options
+    if not isinstance(options, METHOD_REGISTRY[method].options):
+        raise ValueError(f"{method} takes {METHOD_REGISTRY[method].options.__name__}, got {type(options).__name__}")
+    grid = tail_sigmas(sigmas, strength)
+    counted = RowCountingDenoiser(base)
+    setup = EditSetup(counted, guided(counted, guidance_scale, uncond_embeds), uncond_embeds, guidance_scale)
+    source = {"encoder_hidden_states": source_embeds}
+    inverted, c_inv = _measured(counted, x_clean.device,
+                                lambda: METHOD_REGISTRY[method].invert(setup, x_clean, grid, source, options))
+    settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
+                "dtype": str(x_clean.dtype).replace("torch.", ""), **inverted.settings}
+    return CachedInversion(method, inverted, setup, grid, x_clean.device, settings, {"inversion": c_inv})
+
+
 def invert_and_edit(
     method: str,
     base,
@@ -80,7 +153,7 @@ def invert_and_edit(
     **option_values,
 ) -> MethodResult:
     """Invert ``x_clean`` under the source prompt, reconstruct it, and (with ``edit_embeds``) edit it, measuring
-    each phase.
+    each phase (:func:`invert_image`, then :meth:`CachedInversion.regenerate` under each prompt).
 
     ``method``: a :data:`METHOD_REGISTRY` name; its options as the dataclass ``options`` or as keywords (e.g.
     ``gamma=0.96`` for ``bdia``; keywords of the other methods are accepted and ignored, so one settings dict
@@ -93,38 +166,14 @@ def invert_and_edit(
     Representations: ``bdia`` -- ``x_end``, ``x_inner`` (the pair at the top of the grid); ``ddim`` -- ``x_noise``;
     ``edict`` -- ``x``, ``y``; ``null_text`` -- ``x_noise`` and ``uncond_embeds`` (stacked ``[N, ...]``).
     """
-    known = {f.name for entry in METHOD_REGISTRY.values() for f in fields(entry.options)}
-    unknown = sorted(set(option_values) - known)
-    if unknown:
-        raise ValueError(f"unknown editing option(s) {unknown}; options: {', '.join(sorted(known))}")
-    options = method_options(method, option_values) if options is None else options
-    if not isinstance(options, METHOD_REGISTRY[method].options):
-        raise ValueError(f"{method} takes {METHOD_REGISTRY[method].options.__name__}, got {type(options).__name__}")
-    grid = tail_sigmas(sigmas, strength)
-    counted = RowCountingDenoiser(base)
-    setup = EditSetup(counted, guided(counted, guidance_scale, uncond_embeds), uncond_embeds, guidance_scale)
-    source = {"encoder_hidden_states": source_embeds}
-
-    def phase(fn):
-        counted.reset()
-        _synchronize(x_clean.device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = fn()
-        _synchronize(x_clean.device)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        backward = out.backward_passes if isinstance(out, Inverted) else 0
-        return out, {"nfe": counted.nfe, "network_rows": counted.network_rows, "backward_passes": backward,
-                     "seconds": seconds, "cpu_seconds": cpu_seconds}
-
-    inverted, c_inv = phase(lambda: METHOD_REGISTRY[method].invert(setup, x_clean, grid, source, options))
-    reconstruction, c_rec = phase(lambda: inverted.regenerate(source))
-    cost = {"inversion": c_inv, "reconstruction": c_rec}
+    cached = invert_image(method, base, x_clean, sigmas, source_embeds, uncond_embeds, guidance_scale, strength,
+                          options, **option_values)
+    reconstruction, c_rec = cached.regenerate(source_embeds)
+    cost = {**cached.cost, "reconstruction": c_rec}
     edited = None
     if edit_embeds is not None:
-        edited, cost["edit"] = phase(lambda: inverted.regenerate({"encoder_hidden_states": edit_embeds}))
-    settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
-                "dtype": str(x_clean.dtype).replace("torch.", ""), **inverted.settings}
-    return MethodResult(method, reconstruction, edited, inverted.representation, cost, settings)
+        edited, cost["edit"] = cached.regenerate(edit_embeds)
+    return MethodResult(method, reconstruction, edited, cached.inverted.representation, cost, cached.settings)
 
 
 # --------------------------------------------------------------------------------------------------
