@@ -32,8 +32,8 @@ Round-off in the recovered states grows like inversion's, by about ``1 / gamma``
 up front when the predicted error of the recovered states is above
 :data:`bdia.gammas.UNSTABLE_ROUNDTRIP_ERROR`, and the backward pass measures it: it recovers the starting state
 it was given and compares (``on_backward`` receives the numbers; a warning says when it exceeds that bound).
-Steps with ``gamma_k = 0`` cannot be inverted; there the state is kept (``store_every`` keeps more, to bound
-the drift of long, small-gamma or float32 runs).
+Steps with ``gamma_k = 0`` cannot be inverted; there the pair the step starts from is kept (``store_every``
+keeps more pairs, which bounds the drift of long, small-gamma or float32 runs).
 """
 
 from __future__ import annotations
@@ -77,18 +77,21 @@ def _maps_and_scale(solver: str, solver_kwargs: Mapping):
 
 
 def _is_stored(coeffs: Sequence[float], k: int, store_every: int | None) -> bool:
-    """Whether the reversible forward pass keeps ``x_{k-1}`` (the state step ``k`` forgets): where the step
-    cannot be inverted (``a_k = 0``), and every ``store_every`` steps when asked."""
+    """Whether the reversible forward pass keeps the pair ``(x_{k-1}, x_k)`` that step ``k`` starts from: where
+    the step cannot be inverted (``a_k = 0``), and every ``store_every`` steps when asked. Keeping both states
+    (not only the one the step forgets) resets the drift of the recovered pair completely."""
     return coeffs[k] == 0 or bool(store_every and k % store_every == 0)
 
 
 def predicted_recovery_error(gammas: Sequence[float], dtype: torch.dtype, store_every: int | None = None) -> float:
     """Predicted relative error of the states a reversible backward pass recovers: inversion's round-off model
-    (:func:`bdia.gammas.predicted_roundtrip_error`) over the longest run of steps between kept states."""
+    (:func:`bdia.gammas.predicted_roundtrip_error`) over the longest run of steps walked back from a kept pair
+    (the final one, or one kept by :func:`_is_stored`)."""
     worst, run = 0.0, [0.0]
-    for k in range(1, len(gammas)):
+    for k in range(len(gammas) - 1, 0, -1):
         if _is_stored(gammas, k, store_every):
-            run = [0.0]
+            run = [0.0]  # the walk continues from the exact pair here
+        if gammas[k] == 0:
             continue
         run.append(gammas[k])
         worst = max(worst, predicted_roundtrip_error(run, dtype))
@@ -168,7 +171,7 @@ class _ReversibleBDIA(torch.autograd.Function):
             x_prev, x = x_start, x_start_inner
         for k in _solvers._progress(range(1, p.num_steps), run.progress, run.solver):
             if _is_stored(coeffs, k, run.store_every):
-                stored[k] = x_prev  # x_{k-1}: step k cannot give it back (a_k = 0), or kept to bound the drift
+                stored[k] = (x_prev, x)  # step k cannot give x_{k-1} back (a_k = 0), or kept to bound the drift
             x_fwd, x_back = maps(p, x, k, need_back=coeffs[k] != 0)
             x_next = x_fwd if coeffs[k] == 0 else _solvers.bdia_combine(x_prev, x_fwd, x_back, coeffs[k])
             x_prev, x = x, x_next
@@ -208,13 +211,18 @@ class _ReversibleBDIA(torch.autograd.Function):
         errors = {}
         for k in _solvers._progress(range(p.num_steps - 1, 0, -1), run.progress, f"backprop {run.solver}"):
             a = coeffs[k]
+            if k in stored:  # the pair step k started from, as sampled: measure the drift, then continue exactly
+                exact_prev, exact = stored[k]
+                if k < p.num_steps - 1 and k not in errors:  # (x_k is known exactly when step k + 1 kept it)
+                    errors[k] = _relative_error(x, exact)
+                x = exact
             with torch.enable_grad():
                 x_k = x.detach().requires_grad_(True)
                 x_fwd, x_back = maps(p, x_k, k, need_back=a != 0)
                 g = g + vjp(x_fwd if a == 0 else x_fwd - a * x_back, x_k, g_next)
             x_k = x_k.detach()
             if k in stored:
-                x_prev = stored[k]
+                x_prev = exact_prev
                 if a != 0:
                     errors[k - 1] = _relative_error(_solvers.bdia_uncombine(x_next, x_fwd.detach(), x_back.detach(), a), x_prev)
             else:
@@ -223,7 +231,7 @@ class _ReversibleBDIA(torch.autograd.Function):
             g_prev = a * g_next if a != 0 else torch.zeros_like(g_next)
             x_next, x, g_next, g = x_k, x_prev, g, g_prev
         # Now x = x_0 (recovered), x_next = x_1, g_next = dL/dx_1 complete, g = dL/dx_0 from steps >= 1.
-        errors[0] = _relative_error(x, x_start)
+        errors.setdefault(0, _relative_error(x, x_start))
         if x_start_inner is None:  # the first, plain base step x_1 = F_0(x_0), at the x_0 we were given
             with torch.enable_grad():
                 x_0 = x_start.detach().requires_grad_(True)
@@ -231,7 +239,7 @@ class _ReversibleBDIA(torch.autograd.Function):
             grad_start, grad_start_inner = g, None
         else:
             if p.num_steps > 2:
-                errors[1] = _relative_error(x_next, x_start_inner)
+                errors.setdefault(1, _relative_error(x_next, x_start_inner))
             grad_start, grad_start_inner = g, g_next
         _report(run, errors)
         grads = iter(totals)
@@ -317,9 +325,9 @@ def sample_with_grad(
       denoiser that is not a module but uses tensors requiring grad must name them here, or they get no gradient
       (``"checkpoint"`` and ``"autograd"`` find them by themselves). ``params=()`` skips the weight gradients
       (noise optimisation: faster).
-    * ``store_every``: ``"reversible"`` keeps ``x_{k-1}`` every ``store_every`` steps (and always where
-      ``gamma_k = 0``, which cannot be inverted), which bounds the drift of the recovered states at the cost of
-      ``N / store_every`` stored states.
+    * ``store_every``: ``"reversible"`` keeps the pair ``(x_{k-1}, x_k)`` every ``store_every`` steps (and always
+      where ``gamma_k = 0``, which cannot be inverted); the walk back continues from it exactly, which bounds
+      the drift of the recovered states at the cost of ``2 N / store_every`` stored states.
     * ``on_backward``: called after each backward pass of ``"reversible"`` with ``{"recovery_error": the largest
       relative (max-norm) error of a recovered state against the state it recovers where that one is known
       (the given start, kept states), "recovery_errors": per state index, "predicted_error": the round-off
