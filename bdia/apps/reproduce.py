@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from ..imageio import parse_seeds
 from ..logger import WandbLogger
 from .cli import CONFIG_DIR, initialize_app
-from .tables import write_table
+from .tables import split_values, write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
            "sweep_commands", "plan_jobs", "planned_nfe", "planned_images", "dry_run_text", "reproduce"]
@@ -63,27 +63,6 @@ def load_spec(name: str) -> dict:
     if missing:
         raise ValueError(f"table spec {path} lacks {missing}")
     return spec
-
-
-def split_values(value: str) -> list[str]:
-    """Split a Hydra sweep value ``a,b,[1,2],'x,y'`` at its top-level commas."""
-    parts, depth, quote, current = [], 0, None, ""
-    for char in value:
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "[(":
-            depth += 1
-        elif char in "])":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-            continue
-        current += char
-    parts.append(current)
-    return parts
 
 
 def _key_value(override: str) -> tuple[str, str]:

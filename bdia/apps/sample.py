@@ -406,8 +406,9 @@ def summary_rows(metrics: Mapping[str, Any], out_dir) -> list[tuple[str, str]]:
     rows += headline_rows(evaluation)
     if "mixture" in metrics:
         mixture = metrics["mixture"]
-        numbers = {k: v for k, v in mixture.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rows.append(("mixture", ", ".join(f"{k} {v:.4g}" for k, v in list(numbers.items())[:4])))
+        rows.append(("mixture", f"RMS distance to the nearest component mean {mixture['nearest_mean_rms']:.4g} "
+                                f"(component std {mixture['component_std']:.4g}); log-density per pixel "
+                                f"{mixture['log_prob_per_dim']:.4g} (data: {mixture['log_prob_per_dim_reference']:.4g})"))
     rows.append(("run folder", str(out_dir)))
     if not evaluation:
         digits = list(metrics.get("image_shape") or []) == [1, 16, 16]

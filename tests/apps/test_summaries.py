@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +94,87 @@ def _row(line: str) -> tuple[str, str]:
     """A summary row ``  <label>  <text>``: labels are words separated by single spaces, then two or more."""
     label, _, text = line.strip().partition("  ")
     return label, text.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/summarize.py: any results folder as a table, built from the runs' metrics.json.
+
+SUMMARIZE = REPO / "scripts" / "summarize.py"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real tiny sweep: two solvers x two step counts on the analytic digits mixture, FD in digits features."""
+    import sys
+
+    from _pytest.monkeypatch import MonkeyPatch
+
+    folder = tmp_path_factory.mktemp("sweep")
+    patch = MonkeyPatch()
+    try:
+        torch.set_num_threads(1)
+        code = cli(patch, folder, "-m", "experiment=digits_demo", "solver=edm,bdia_edm", "solver.num_steps=2,3",
+                   "seeds=0-3", "network_batch=4", "progress=false", "model.num_components=20", *FAST_DIGITS_METRIC)
+    finally:
+        patch.undo()
+        sys.argv = sys.argv[:1]
+    assert code is None
+    return folder / "results" / "sample" / "digits_demo"
+
+
+def test_summarize_tabulates_a_sweep_by_its_varying_overrides(sweep):
+    from bdia.apps.tables import plot_axes, summarize
+
+    summary = summarize(sweep)
+    assert summary["keys"] == ["solver", "solver.num_steps"] and summary["common"]["seeds"] == "0-3"
+    assert len(summary["rows"]) == 4
+    for row in summary["rows"]:
+        metrics = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
+        assert row["settings"]["solver"] == metrics["solver"]
+        assert int(row["settings"]["solver.num_steps"]) == metrics["num_steps"]
+        assert row["values"]["nfe"] == metrics["nfe"]
+        assert row["values"]["evaluation.digits.fd"] == metrics["evaluation"]["digits"]["fd"]
+        assert row["values"]["images_per_second"] == metrics["images_per_second"]
+    assert [(r["settings"]["solver"], r["values"]["nfe"]) for r in summary["rows"]] == [
+        ("bdia_edm", 3), ("bdia_edm", 5), ("edm", 3), ("edm", 5)]
+    # The plot: FD against NFE, one line per solver (the step count follows from NFE and the solver).
+    assert plot_axes(summary) == ("evaluation.digits.fd", "nfe", ["solver"])
+    assert plot_axes(summary, "images_per_second", "solver.num_steps") == ("images_per_second", "solver.num_steps", ["solver"])
+    with pytest.raises(ValueError, match="not a column"):
+        plot_axes(summary, "evaluation.fid.fid")
+
+
+def test_summarize_command_writes_table_csv_and_plot_and_never_replaces_other_files(sweep, capsys):
+    import csv
+
+    from app_helpers import load_script
+
+    main = load_script("scripts/summarize.py").main
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| solver | solver.num_steps | nfe | evaluation.digits.fd |" in out and "| edm | 3 | 5 |" in out
+    assert (sweep / "summary.png").stat().st_size > 5000
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["solver"] for r in rows} == {"edm", "bdia_edm"}
+    assert main([str(sweep)]) == 0  # its own files are replaced
+    foreign = sweep / "mine"
+    foreign.with_suffix(".md").write_text("my notes\n")
+    assert main([str(sweep), "--output", str(foreign)]) == 1
+    assert "was not written by scripts/summarize.py" in capsys.readouterr().err
+    assert foreign.with_suffix(".md").read_text() == "my notes\n" and not foreign.with_suffix(".csv").exists()
+    assert main([str(sweep), "--metrics", "no.such.key"]) == 1
+    assert "in no run's metrics.json" in capsys.readouterr().err
+    assert main([str(sweep / "nothing-here")]) == 1
+
+
+def test_summarize_reads_config_yaml_where_folder_names_are_not_overrides(sweep, tmp_path):
+    """Runs in folders named by hand: the settings that differ come from their config.yaml."""
+    from bdia.apps.tables import summarize
+
+    for i, run in enumerate(sorted(p for p in sweep.iterdir() if p.is_dir())[:2]):
+        target = tmp_path / f"run{i}"
+        shutil.copytree(run, target)
+    summary = summarize(tmp_path)
+    assert "solver.name" in summary["keys"] or "solver.num_steps" in summary["keys"]
+    assert "out_dir" not in summary["keys"] and len(summary["rows"]) == 2
