@@ -178,3 +178,40 @@ def test_summarize_reads_config_yaml_where_folder_names_are_not_overrides(sweep,
     summary = summarize(tmp_path)
     assert "solver.name" in summary["keys"] or "solver.num_steps" in summary["keys"]
     assert "out_dir" not in summary["keys"] and len(summary["rows"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Paper tables (bdia.apps.tables): timings survive resumes, no winners inside the noise, no meaningless ratios.
+
+TIMING_SPEC = {"name": "t", "title": "T", "section": "model.config", "lines": ["solver", "gamma"], "column": "nfe",
+               "metrics": [{"key": "evaluation.digits.fd", "label": "FD", "format": ".3f"},
+                           {"key": "sampling_seconds", "label": "seconds", "format": ".2f", "timing": True, "noise": 0.1},
+                           {"key": "ssim", "label": "SSIM", "format": ".3f", "higher_is_better": True}]}
+
+
+def _table_run(solver, gamma, nfe, fd, seconds, ssim, **extra):
+    return {"solver": solver, "gamma": gamma, "nfe": nfe, "num_steps": nfe, "num_images": 8, "model": {"config": "m"},
+            "evaluation": {"digits": {"fd": fd}}, "sampling_seconds": seconds, "ssim": ssim,
+            "run_dir": f"runs/{solver}-{nfe}", **extra}
+
+
+def test_tables_keep_timings_of_resumed_runs_and_mark_no_winner_inside_the_noise():
+    from bdia.apps.tables import render_markdown, table_rows
+
+    runs = [
+        # resumed runs keep their times (timed_images == num_images): shown
+        _table_run("ddim", None, 5, 2.0, 1.00, 0.02, num_resumed=8, timed_images=8),
+        _table_run("bdia_ddim", 0.5, 5, 1.0, 1.05, -0.01, num_resumed=8, timed_images=8),
+        # a run resumed before per-image times were recorded: its time is not the run's
+        _table_run("ddim", None, 9, 1.0, 0.1, 0.03, num_resumed=4),
+        _table_run("bdia_ddim", 0.5, 9, 1.2, 2.5, 0.01, num_resumed=0),
+    ]
+    text = render_markdown(TIMING_SPEC, table_rows(TIMING_SPEC, runs), "make x", ["runs"])
+    assert "### seconds (lower is better)" in text  # the section stays
+    assert "| ddim | 1.00 | — |" in text and "| bdia_ddim γ=0.5 | 1.05 | 2.50 |" in text  # 5 % apart: no bold
+    assert "Values within 10% of each other count as equal" in text and "rerun it with resume=false" in text
+    assert "bdia_ddim γ=0.5: better than ddim at 0 of 1 (none), equal within 10% at 5; ratio to ddim 1.05–1.05" in text
+    assert "| bdia_ddim γ=0.5 | **1.000** | 1.200 |" in text  # FD: a real winner stays bold
+    # SSIM can be negative: no ratio to the base solver (it would mean nothing).
+    ssim = text.split("### SSIM")[1]
+    assert "better than ddim at 0 of 2" in ssim and "ratio" not in ssim
