@@ -8,19 +8,25 @@
 
 Both return a :class:`bdia.GaussianMixtureDenoiser`, whose output for one image does not depend on the
 other images in its batch.
+
+* :class:`FlowGaussianMixture`: the same mixture under the rectified-flow path ``x_t = (1 - t) x0 + t eps``, as a
+  flow model (coordinates ``"flow"``, :mod:`bdia.flow`) with its closed-form velocity, finite at ``t = 1``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from .data import digits_images
-from .denoisers import GaussianMixtureDenoiser
+from .denoisers import GaussianMixtureDenoiser, _per_row
+from .schedules import flow_time
 
-__all__ = ["digits_gmm", "gmm_toy", "mixture_metrics"]
+__all__ = ["digits_gmm", "gmm_toy", "mixture_metrics", "FlowGaussianMixture"]
 
 
 #: The largest image side of the digits mixture (every component holds a full float64 image).
@@ -126,3 +132,64 @@ def mixture_metrics(
         counts = torch.bincount(labels[nearest_index], minlength=int(labels.max()) + 1)
         out["class_counts"] = {str(c): int(n) for c, n in enumerate(counts.tolist())}
     return out
+
+
+class FlowGaussianMixture(nn.Module):
+    """The exact velocity of a Gaussian mixture ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` under the rectified-flow path
+    ``x_t = (1 - t) x0 + t eps``: a flow model (coordinates ``"flow"``) for exact tests and accuracy studies.
+
+    With ``a = 1 - t``, ``x_t | k ~ N(a mu_k, (a^2 s_k^2 + t^2) I)``, and per component
+    ``E[eps - x0 | x_t, k] = c_k (x_t - a mu_k) - mu_k`` with ``c_k = (t - a s_k^2) / (a^2 s_k^2 + t^2)``, so
+
+        v(x_t, t) = x_t sum_k r_k c_k - sum_k r_k (a c_k + 1) mu_k,
+
+    ``r_k`` the posterior component probabilities given ``x_t``. Everything is computed in ``x_t``, so ``t = 1``
+    (``v = x_t - E[x0]``) and ``t = 0`` are ordinary points. Called as ``model(x_t, sigma)`` with EDM's ``sigma``
+    (``t = sigma / (1 + sigma)``), like :class:`bdia.flow.FlowDenoiser`; float64, one small product per row.
+    :meth:`from_mixture` takes the components of a :class:`bdia.GaussianMixtureDenoiser`, whose
+    ``(x_t - t v) `` at ``x = x_t / (1 - t)`` it equals (an independent check of both).
+    """
+
+    coordinates = "flow"
+
+    def __init__(self, means, stds, weights=None):
+        super().__init__()
+        mixture = GaussianMixtureDenoiser(means, stds, weights)  # the same checks
+        self.register_buffer("means", mixture.means)
+        self.register_buffer("stds", mixture.stds)
+        self.register_buffer("weights", mixture.weights)
+        self.sigma_min = 0.0
+        self.sigma_max = math.inf
+
+    @classmethod
+    def from_mixture(cls, mixture: GaussianMixtureDenoiser) -> "FlowGaussianMixture":
+        return cls(mixture.means, mixture.stds, mixture.weights)
+
+    def round_sigma(self, sigma):
+        return sigma
+
+    @property
+    def event_shape(self):
+        return tuple(self.means.shape[1:])
+
+    def forward(self, x, sigma, class_labels=None, **cond):
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        t = flow_time(_per_row(sigma, flat))  # [B, 1]
+        a = 1 - t
+        means = self.means.reshape(self.means.shape[0], -1)  # [K, d]
+        var = a**2 * self.stds**2 + t**2  # [B, K]
+        # ||x_t - a mu_k||^2 per row, in difference form (no cancellation for far-away rows)
+        sq = torch.stack([torch.cdist(row[None], a_row * means, compute_mode="donot_use_mm_for_euclid_dist")[0]
+                          for row, a_row in zip(flat, a[:, 0])]).square()
+        dim = means.shape[1]
+        resp = (self.weights.log() - 0.5 * sq / var - 0.5 * dim * var.log()).softmax(dim=-1)  # [B, K]
+        c = (t - a * self.stds**2) / var  # [B, K]
+        keep = (resp * c).sum(-1, keepdim=True)  # [B, 1]
+        pulled = torch.bmm((resp * (a * c + 1)).unsqueeze(1), means.expand(flat.shape[0], *means.shape)).squeeze(1)
+        return (keep * flat - pulled).reshape(x.shape).to(x.dtype)
+
+    def sample_data(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``num`` samples of x0 (float64)."""
+        k = torch.multinomial(self.weights, num, replacement=True, generator=generator)
+        noise = torch.randn((num, *self.event_shape), dtype=torch.float64, generator=generator)
+        return self.means[k] + self.stds[k].reshape(-1, *([1] * len(self.event_shape))) * noise

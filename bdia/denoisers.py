@@ -121,11 +121,17 @@ class VPEpsDenoiser(nn.Module):
 
 
 class DenoiserWrapper(nn.Module):
-    """Base for wrappers around a denoiser: forwards ``sigma_min``, ``sigma_max`` and ``round_sigma``."""
+    """Base for wrappers around a denoiser: forwards ``sigma_min``, ``sigma_max``, ``round_sigma`` and
+    ``coordinates`` (``"flow"`` for a flow-matching model, whose states are its latents ``x_t`` and whose output is
+    a velocity; see :mod:`bdia.flow`)."""
 
     def __init__(self, denoiser):
         super().__init__()
         self.denoiser = denoiser
+
+    @property
+    def coordinates(self):
+        return getattr(self.denoiser, "coordinates", "edm")
 
     @property
     def sigma_min(self):

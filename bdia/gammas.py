@@ -5,6 +5,12 @@ base step, is 0). The weight multiplies ``c_k (x_{k-1} - Phi(x_k; k -> k-1))``, 
 factor of the solver's space (:func:`ddim_scale` for BDIA-DDIM's VP latents, :func:`vp_scale` for BDIA-EDM's
 ``space="vp"``, 1 in EDM's x-space). Inversion divides by ``gamma_k c_k``, so round-off grows about
 ``prod_k 1 / gamma_k`` (:func:`predicted_roundtrip_error`).
+
+A flow-matching model's states are its own latents ``x_t = s x`` (``s = 1 / (1 + sigma)``, coordinates
+``"flow"``), so there a factor is the one of the same space written in ``x_t``: :func:`scale_in` maps each
+x-space factor to it (BDIA-DDIM combines in the model's own latents, so 1 on a flow; ``space="vp"`` is
+``(alpha/s)_{k-1} / (alpha/s)_{k+1}``, finite at ``sigma = inf``; EDM's x-space is ``s_{k+1} / s_{k-1}``, infinite
+there).
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Sequence
 
 import torch
 
-from .schedules import as_sigmas, vp_alpha
+from .schedules import as_sigmas, flow_time, vp_alpha
 
-__all__ = ["GAMMA_SCHEDULES", "UNSTABLE_ROUNDTRIP_ERROR", "check_invertible", "gamma_schedule", "predicted_roundtrip_error", "ddim_scale", "vp_scale"]
+__all__ = ["GAMMA_SCHEDULES", "UNSTABLE_ROUNDTRIP_ERROR", "check_invertible", "gamma_schedule", "predicted_roundtrip_error",
+           "ddim_scale", "vp_scale", "unit_scale", "scale_in"]
 
 GAMMA_SCHEDULES = ("obelm", "lte")
 
@@ -29,7 +36,19 @@ def vp_scale(sigma_data: float = 1.0):
     """``c_k = alpha_{k-1} / alpha_{k+1}`` with ``alpha = 1 / sqrt(sigma_data^2 + sigma^2)`` (up to a constant,
     which cancels): BDIA applied to ``z = alpha x`` and written in ``x``. ``sigma_data = 1``: the VP latents
     (``alpha = 1/sqrt(1 + sigma^2)``, BDIA-DDIM's); ``0.5``: EDM's network input scaling ``c_in``."""
-    return lambda levels, k: math.sqrt((sigma_data**2 + levels[k + 1] ** 2) / (sigma_data**2 + levels[k - 1] ** 2))
+    def scale(levels, k):
+        return math.sqrt((sigma_data**2 + levels[k + 1] ** 2) / (sigma_data**2 + levels[k - 1] ** 2))
+
+    def in_flow(levels, k):  # the same space written in x_t = x / (1 + sigma): (alpha / s)_{k-1} / (alpha / s)_{k+1}
+        def alpha_over_s(sigma):  # (1 + sigma) / sqrt(sigma_data^2 + sigma^2), 1 at sigma = inf
+            if math.isinf(sigma):
+                return 1.0
+            return (1.0 + sigma) / math.sqrt(sigma_data**2 + sigma**2)
+
+        return alpha_over_s(levels[k - 1]) / alpha_over_s(levels[k + 1])
+
+    scale.in_flow = in_flow
+    return scale
 
 
 def ddim_scale(levels, k):
@@ -37,7 +56,37 @@ def ddim_scale(levels, k):
     return vp_alpha(levels[k - 1]) / vp_alpha(levels[k + 1])
 
 
-def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None) -> list[float]:
+def unit_scale(levels, k):
+    """``c_k = 1``: the combination in the solver state's own coordinates (EDM's ``x``; a flow's ``x_t``)."""
+    return 1.0
+
+
+def x_space_in_flow(levels, k):
+    """EDM's x-space combination (``c_k = 1`` in ``x``) written in a flow's ``x_t = x / (1 + sigma)``:
+    ``s_{k+1} / s_{k-1} = (1 + sigma_{k-1}) / (1 + sigma_{k+1})``; infinite where ``sigma_{k-1} = inf``."""
+    if math.isinf(levels[k - 1]):
+        raise ValueError("space='x' combines BDIA's gamma-term in EDM's x, which is infinite at sigma = inf (a flow "
+                         "grid's t = 1); use space='vp' (the default) or a grid that starts below t = 1")
+    return (1.0 + levels[k - 1]) / (1.0 + levels[k + 1])
+
+
+#: BDIA-DDIM combines in the model's own latents: the VP latents for an x-state model, x_t itself for a flow.
+ddim_scale.in_flow = unit_scale
+unit_scale.in_flow = x_space_in_flow  # "1 in EDM's x" (bdia_edm's space="x")
+
+
+def scale_in(scale_fn, coordinates: str):
+    """The factor ``c_k`` of ``scale_fn`` (an x-space factor of this module) for states in ``coordinates``:
+    ``"edm"`` (EDM's ``x``) returns it as it is, ``"flow"`` (a flow's ``x_t``) its ``in_flow`` form."""
+    if coordinates == "edm" or scale_fn is None:
+        return scale_fn
+    in_flow = getattr(scale_fn, "in_flow", None)
+    if in_flow is None:
+        raise ValueError(f"no flow-coordinates form of the BDIA factor {getattr(scale_fn, '__name__', scale_fn)!r}")
+    return in_flow
+
+
+def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None, coordinates: str = "edm") -> list[float]:
     """The per-step gamma a BDIA solver uses, as a list of ``N`` floats (entry ``k`` for the step that makes
     ``x_{k+1}``; entry 0 belongs to the first, plain base step and is 0).
 
@@ -53,21 +102,28 @@ def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None) -> li
       cancels) the forward step's; this weight caps BDIA's share, ``gamma_k c_k h_{k-1}^3``, at Heun's own
       ``h_k^3``, tapering gamma where the steps shrink fast (few steps, and near the data). ``scale_fn`` gives
       ``c_k`` (the solver passes its own; default 1, x-space).
+
+    ``coordinates="flow"`` (a flow-matching model's states ``x_t``, :func:`bdia.schedules.flow_time`): the step
+    ratios are those of the flow time ``t``, in which the solvers step there, and ``c_k`` the flow form of
+    ``scale_fn`` (:func:`scale_in`; BDIA-DDIM's is 1): ``"obelm"`` is then O-BELM over flow Euler in ``(x_t, t)``.
     """
-    levels = as_sigmas(sigmas).tolist()
+    sigmas = as_sigmas(sigmas)
+    levels = sigmas.tolist()
     N = len(levels) - 1
     if isinstance(gamma, str):
         if gamma not in GAMMA_SCHEDULES:
             raise ValueError(f"unknown gamma schedule {gamma!r}; named schedules: {list(GAMMA_SCHEDULES)}")
-        ratios = [0.0] + [(levels[k] - levels[k + 1]) / (levels[k - 1] - levels[k]) for k in range(1, N)]
+        times = flow_time(sigmas).tolist() if coordinates == "flow" else levels  # the solver's time variable
+        ratios = [0.0] + [(times[k] - times[k + 1]) / (times[k - 1] - times[k]) for k in range(1, N)]
         if gamma == "lte":
             if solver != "bdia_edm":
                 raise ValueError("gamma='lte' is derived from Heun's local error: bdia_edm only (bdia_ddim: 'obelm')")
-            scale = scale_fn or (lambda levels, k: 1.0)
+            scale = scale_in(scale_fn or unit_scale, coordinates)
             return [0.0] + [min(1.0, ratios[k] ** 3 / scale(levels, k)) for k in range(1, N)]
         gammas = [r**2 for r in ratios]
         if solver == "bdia_ddim":
-            gammas = [0.0] + [gammas[k] / ddim_scale(levels, k) for k in range(1, N)]
+            scale = scale_in(ddim_scale, coordinates)
+            gammas = [0.0] + [gammas[k] / scale(levels, k) for k in range(1, N)]
         return gammas
     if isinstance(gamma, torch.Tensor) and gamma.ndim == 0:
         gamma = gamma.item()

@@ -30,6 +30,8 @@ __all__ = [
     "sigmas_from_alphas_cumprod",
     "sigma_to_timestep",
     "as_sigmas",
+    "flow_time",
+    "flow_sigma",
     "TIMESTEP_SPACINGS",
     "SD_SCHEDULE",
     "DDPM_SCHEDULE",
@@ -190,6 +192,28 @@ def vp_alpha(sigma):
     return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
 
 
+def flow_time(sigma):
+    """Rectified-flow time ``t = sigma / (1 + sigma)`` of an EDM-convention ``sigma`` (``inf`` -> 1, 0 -> 0).
+
+    A flow-matching model's latent ``x_t = (1 - t) x0 + t eps`` is EDM's ``x = x0 + sigma eps`` scaled by
+    ``s = 1 - t = 1 / (1 + sigma)``: ``x_t = s x``, ``t = s sigma``. A tensor gives a float64 tensor."""
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.to(torch.float64)
+        return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+    sigma = float(sigma)
+    return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
+
+
+def flow_sigma(t):
+    """EDM-convention ``sigma = t / (1 - t)`` of a rectified-flow time ``t`` in [0, 1] (1 -> ``inf``); the inverse of
+    :func:`flow_time` (up to one rounding). A tensor gives a float64 tensor."""
+    if isinstance(t, torch.Tensor):
+        t = t.to(torch.float64)
+        return torch.where(t == 1, torch.full_like(t, math.inf), t / (1 - torch.where(t == 1, torch.zeros_like(t), t)))
+    t = float(t)
+    return math.inf if t == 1.0 else t / (1.0 - t)
+
+
 def z_to_x(z: torch.Tensor, sigma) -> torch.Tensor:
     """VP latent ``z`` at level ``sigma`` -> EDM-scaled state ``x = z / alpha`` (float64). The one z <-> x map:
     Stable Diffusion's UNet sees ``z``, every solver works on ``x``."""
@@ -232,8 +256,9 @@ def sigma_to_timestep(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.
 def as_sigmas(sigmas) -> torch.Tensor:
     """Validate a sampling grid and return it as a 1-D float64 CPU tensor.
 
-    Requires at least 3 levels (2 steps), finite values, strictly descending, all positive except possibly
-    the last, which may be 0.
+    Requires at least 3 levels (2 steps), strictly descending, all positive except possibly the last, which may
+    be 0, and finite except possibly the first, which may be ``inf``: pure noise, the start ``t = 1`` of a
+    flow-matching grid (:func:`flow_time`), where only a model stepping in its own coordinates can start.
     """
     if isinstance(sigmas, torch.Tensor):
         s = sigmas.detach().to(device="cpu", dtype=torch.float64).flatten()
@@ -243,8 +268,8 @@ def as_sigmas(sigmas) -> torch.Tensor:
         raise ValueError(
             f"need at least 2 steps (3 sigma levels, the terminal one included), got {s.numel()} level(s)"
         )
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError("sigmas contain NaN or Inf")
+    if not bool(torch.isfinite(s[1:]).all()) or not bool(s[0] > -math.inf):  # s[0] may be +inf, not NaN or -inf
+        raise ValueError("sigmas contain NaN or Inf (only sigmas[0] may be inf: a flow grid's t = 1)")
     diffs = s[1:] - s[:-1]
     if not bool((diffs < 0).all()):
         i = int(torch.nonzero(diffs >= 0)[0])

@@ -20,6 +20,14 @@ Conventions (``docs/design.md`` draws where they bite):
 * Inversion runs the same recurrence backwards, ``x_{k-1} = (x_{k+1} - Phi_fwd) / (gamma c_k) + Phi_back``,
   with both maps evaluated at the middle state ``x_k``; it is exact up to round-off, which it amplifies
   by about ``1 / gamma`` per step.
+* **Flow-matching models** (a denoiser with ``coordinates = "flow"``, :class:`bdia.flow.FlowDenoiser`): the
+  states are the model's own latents ``x_t = (1 - t) x0 + t eps = x / (1 + sigma)``, the time variable is
+  ``t = sigma / (1 + sigma)`` (:func:`bdia.schedules.flow_time`) and the model returns the velocity
+  ``dx_t/dt``. Every map above steps in ``(x_t, t)`` instead of ``(x, sigma)``: Euler there is flow Euler,
+  ``x_t + (t' - t) v``, which is DDIM (eta = 0) again; Heun there is diffusers' flow Heun. So a flow grid may
+  start at pure noise, ``t = 1`` (``sigma = inf``), where ``x`` is infinite but ``x_t`` is the noise itself. The
+  factors ``c_k`` are those of the same combination space written in ``x_t`` (:func:`bdia.gammas.scale_in`):
+  BDIA-DDIM combines in the model's own latents, ``c_k = 1``.
 
 The BDIA state is the pair of the last two states, an explicit :class:`StatePair` value passed in and
 returned; nothing is kept on objects between calls.
@@ -41,8 +49,9 @@ from .gammas import (  # noqa: F401  (public here too)
     predicted_roundtrip_error,
 )
 from .gammas import ddim_scale as _ddim_scale
+from .gammas import scale_in, unit_scale
 from .gammas import vp_scale as _vp_scale  # noqa: F401  (the tests' name)
-from .schedules import as_sigmas
+from .schedules import as_sigmas, flow_time
 
 __all__ = [
     "StatePair",
@@ -98,23 +107,47 @@ def bdia_uncombine(x_next, x_fwd, x_back, coeff):
 # Helpers shared by the solvers.
 
 
+def coordinates_of(denoiser) -> str:
+    """The coordinates a model's states live in: ``"edm"`` (EDM's ``x``; the model returns ``denoised``; the
+    default) or ``"flow"`` (a flow-matching model's latents ``x_t``; the model returns the velocity)."""
+    coordinates = getattr(denoiser, "coordinates", "edm")
+    if coordinates not in ("edm", "flow"):
+        raise ValueError(f"a denoiser's coordinates must be 'edm' or 'flow', got {coordinates!r}")
+    return coordinates
+
+
 class _Problem:
-    """The denoiser with its conditioning bound, the grid on the state's device, and checks."""
+    """The denoiser with its conditioning bound, the grid on the state's device, and checks.
+
+    ``tau`` is the time variable the maps step in: ``sigma`` on EDM's ``x``, the flow time ``t`` on a flow's
+    ``x_t`` (module notes); ``slope`` is the state's derivative in it."""
 
     def __init__(self, denoiser, sigmas, x, class_labels, cond):
         self.denoiser = denoiser
         self.sigmas = as_sigmas(sigmas)
         self.levels = self.sigmas.tolist()  # python floats, for branching without device syncs
+        self.coordinates = coordinates_of(denoiser)
+        if self.coordinates == "edm" and math.isinf(self.levels[0]):
+            raise ValueError("sigmas[0] is inf (pure noise, a flow grid's t = 1), where EDM's x is infinite: only a "
+                             "flow-matching model (coordinates 'flow', bdia.FlowDenoiser) starts there")
         self.sig = self.sigmas.to(device=x.device, dtype=x.dtype)  # 0-dim views of this feed the maths
+        self.tau = self.sig if self.coordinates == "edm" else flow_time(self.sigmas).to(device=x.device, dtype=x.dtype)
         self.num_steps = len(self.levels) - 1
         self.class_labels = class_labels
         self.cond = dict(cond or {})
 
     def slope(self, x, k, sigma=None):
-        """``d = (x - D(x, sigma)) / sigma`` at level ``sigmas[k]`` (or an explicit 0-dim ``sigma``)."""
+        """The state's derivative in ``tau`` at level ``sigmas[k]`` (or an explicit 0-dim ``sigma``): on EDM's x
+        ``d = (x - D(x, sigma)) / sigma``; on a flow's ``x_t`` the model's velocity itself."""
         sigma = self.sig[k] if sigma is None else sigma
-        denoised = self.denoiser(x, sigma, self.class_labels, **self.cond).to(x.dtype)
-        return (x - denoised) / sigma
+        out = self.denoiser(x, sigma, self.class_labels, **self.cond).to(x.dtype)
+        if self.coordinates == "flow":
+            return out
+        return (x - out) / sigma
+
+    def scale(self, scale_fn):
+        """``scale_fn`` (an x-space factor ``c_k``) in this problem's coordinates (:func:`bdia.gammas.scale_in`)."""
+        return scale_in(scale_fn, self.coordinates)
 
     def check(self, x, k, action="step"):
         if not bool(torch.isfinite(x).all()):
@@ -125,18 +158,20 @@ class _Problem:
 
 
 def _euler(p: _Problem, x, k_from, k_to, d=None):
-    """Euler step in sigma from ``sigmas[k_from]`` to ``sigmas[k_to]``; DDIM (eta = 0) on ``z = alpha x``."""
+    """Euler step in sigma from ``sigmas[k_from]`` to ``sigmas[k_to]``; DDIM (eta = 0) on ``z = alpha x``.
+    (On a flow: flow Euler in ``t``, the same DDIM step.)"""
     d = p.slope(x, k_from) if d is None else d
-    return x + (p.sig[k_to] - p.sig[k_from]) * d, d
+    return x + (p.tau[k_to] - p.tau[k_from]) * d, d
 
 
 def _heun(p: _Problem, x, k_from, k_to, d=None, sigma_from=None):
     """EDM's Heun step; plain Euler when it lands on sigma = 0 (where the slope is undefined).
     ``sigma_from`` overrides ``sigmas[k_from]`` (EDM's churned level ``sigma_hat``).
     Returns ``(x_next, d, d_next)``: the two slopes it took (``d_next`` at the Euler predictor; None on sigma = 0)."""
-    sigma_from = p.sig[k_from] if sigma_from is None else sigma_from
+    if sigma_from is not None and p.coordinates == "flow":
+        raise ValueError("EDM's churn (s_churn > 0) raises sigma on EDM's x; it is not defined on a flow model")
     d = p.slope(x, k_from, sigma_from) if d is None else d
-    h = p.sig[k_to] - sigma_from
+    h = p.tau[k_to] - (p.tau[k_from] if sigma_from is None else sigma_from)
     x_next = x + h * d
     d_next = None
     if p.levels[k_to] > 0:
@@ -164,8 +199,11 @@ def _edm_backward(p: _Problem, backward, x, k, d, d_next):
       ``taylor``'s times ``sigma_{k+1}^2 / (sigma_k sigma_{k-1})``, damped where the Karras steps grow fast.
 
     On the last step (onto sigma = 0) Heun is Euler and has one slope, so every map but ``heun`` is Euler there.
+    On a flow every map is the same formula in ``(x_t, t)``; for ``exp`` that is exact, not an analogy:
+    ``x/sigma = x_t/t`` and ``u = 1/sigma``, and the correction works out to ``taylor``'s (in t) times
+    ``t_{k+1}^2 / (t_k t_{k-1})``, finite at ``t_{k-1} = 1``.
     """
-    h_b, h_f = p.sig[k - 1] - p.sig[k], p.sig[k + 1] - p.sig[k]
+    h_b, h_f = p.tau[k - 1] - p.tau[k], p.tau[k + 1] - p.tau[k]
     x_back = x + h_b * d  # Euler
     if backward == "heun":
         return _heun(p, x, k, k - 1, d)[0]
@@ -174,7 +212,7 @@ def _edm_backward(p: _Problem, backward, x, k, d, d_next):
     taylor = h_b**2 / (2 * h_f) * (d_next - d)
     if backward == "taylor":
         return x_back + taylor
-    return x_back + taylor * p.sig[k + 1] ** 2 / (p.sig[k] * p.sig[k - 1])  # "exp"
+    return x_back + taylor * p.tau[k + 1] ** 2 / (p.tau[k] * p.tau[k - 1])  # "exp"
 
 
 def _edm_maps(backward: str):
@@ -186,6 +224,7 @@ def _edm_maps(backward: str):
 
 
 def _coefficients(p: _Problem, gammas, scale_fn):
+    scale_fn = p.scale(scale_fn)
     return [0.0] + [gammas[k] * scale_fn(p.levels, k) for k in range(1, p.num_steps)]
 
 
@@ -260,7 +299,7 @@ def edm(
 def _bdia_sample(maps, scale_fn, denoiser, x_init, sigmas, gamma, solver, class_labels, cond, progress):
     first = x_init[0] if isinstance(x_init, (tuple, list)) else x_init
     p = _Problem(denoiser, sigmas, first, class_labels, cond)
-    coeffs = _coefficients(p, gamma_schedule(gamma, p.sigmas, solver, scale_fn), scale_fn)
+    coeffs = _coefficients(p, gamma_schedule(gamma, p.sigmas, solver, scale_fn, p.coordinates), scale_fn)
     if isinstance(x_init, (tuple, list)):
         x_prev, x = x_init  # (x_0, x_1), e.g. from `invert`: continue with BDIA steps from k = 1
     else:
@@ -278,7 +317,7 @@ def _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, solver, class_
     first = x_last[0] if isinstance(x_last, (tuple, list)) else x_last
     p = _Problem(denoiser, sigmas, first, class_labels, cond)
     N = p.num_steps
-    gammas = gamma_schedule(gamma, p.sigmas, solver, scale_fn)
+    gammas = gamma_schedule(gamma, p.sigmas, solver, scale_fn, p.coordinates)
     check_invertible(gammas, first.dtype, f"{solver} inversion with gamma={gamma!r}, N={N}")
     coeffs = _coefficients(p, gammas, scale_fn)
     if isinstance(x_last, (tuple, list)):
@@ -288,7 +327,7 @@ def _bdia_invert(maps, scale_fn, denoiser, x_last, sigmas, gamma, solver, class_
         # label of the target level sigma_{N-1} (the slope at sigma_N = 0 is undefined), as diffusers'
         # DDIMInverseScheduler does. Everything after it is exact.
         x_next = x_last
-        x = x_last + (p.sig[N - 1] - p.sig[N]) * p.slope(x_last, N - 1)
+        x = x_last + (p.tau[N - 1] - p.tau[N]) * p.slope(x_last, N - 1)
         p.check(x, N, action="inversion step")
     for k in _progress(range(N - 1, 0, -1), progress, f"invert {solver}"):
         x_fwd, x_back = maps(p, x, k)
@@ -318,7 +357,7 @@ def _edm_options(backward, space, sigma_data):
         raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
     if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
         raise ValueError(f"sigma_data must be a positive number, got {sigma_data!r}")
-    return _edm_maps(backward), (_vp_scale(float(sigma_data)) if space == "vp" else lambda levels, k: 1.0)
+    return _edm_maps(backward), (_vp_scale(float(sigma_data)) if space == "vp" else unit_scale)
 
 
 def bdia_edm(
