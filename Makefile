@@ -5,9 +5,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
-export WANDB_MODE ?= disabled
+# W&B: logger=wandb logs offline into the run folder (bdia.logger); WANDB_MODE=online|disabled picks another mode.
+# The tests switch it off themselves (tests/conftest.py), so nothing here forces it.
 
-.PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables \
+# Torch threads for the CPU jobs below: one, unless OMP_NUM_THREADS is set. On a busy 2-core machine torch's default
+# of two threads ran `make sample` several times slower (README, "Set-up"); GPU jobs do not care.
+CPU_THREADS := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+
+# Where the measurement and table targets write: results/local/ (not tracked), so a run on your machine never
+# rewrites the tracked results/ files. REGENERATE=1 writes the tracked files (when you mean to update them).
+RESULTS := $(if $(filter 1,$(REGENERATE)),results,results/local)
+
+.PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables summarize \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
 	tiny-sd edit-demo editing-cost demo test-browser
 
@@ -35,37 +44,44 @@ test-numerics: $(STAMP)  ## rerun the floating-point-sensitive tests as another 
 test-all: $(STAMP)  ## run every test, the slow ones included
 	$(PY) -m pytest -q
 
+SAMPLE := scripts/sample.py solver=bdia_edm dataset=digits metrics=digits
 sample: $(STAMP)  ## main job: BDIA-EDM on the embedded digits model + FD/KID -> results/sample/default/
-	$(PY) scripts/sample.py solver=bdia_edm dataset=digits metrics=digits $(ARGS)
+	$(CPU_THREADS) $(PY) $(SAMPLE) $(ARGS)
 
 NPROC ?= 2
-sample-torchrun: $(STAMP)  ## sample on NPROC processes with torchrun (GPUs if present, else CPU/gloo; NPROC=2)
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) scripts/sample.py launcher=torchrun $(ARGS)
+sample-torchrun: $(STAMP)  ## `make sample` on NPROC processes with torchrun (GPUs, else CPU/gloo; NPROC=2) -> results/sample/torchrun/
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) $(SAMPLE) launcher=torchrun \
+		hydra.sweep.dir=results/sample/torchrun $(ARGS)
 
 sample-demo: $(STAMP)  ## sweep the four solvers on the analytic digits model (Hydra multirun) -> results/sample/digits_demo/
-	$(PY) scripts/sample.py -m experiment=digits_demo $(ARGS)
+	$(CPU_THREADS) $(PY) scripts/sample.py -m experiment=digits_demo $(ARGS)
 
-accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/solver_accuracy.{md,csv}
-	$(PY) benchmarks/solver_accuracy.py
+summarize:  ## tabulate + plot any results folder or sweep: make summarize DIR=results/sample/digits_demo [ARGS="--y ... --x ..."]
+	@test -n "$(DIR)" || { echo "error: make summarize DIR=<results folder>" >&2; exit 1; }
+	$(PY) scripts/summarize.py "$(DIR)" $(ARGS)
 
-study: $(STAMP)  ## which BDIA-EDM? every bdia_edm formulation vs EDM, mixture + digits network -> results/solver_study.{md,csv,png}
-	OMP_NUM_THREADS=1 $(PY) benchmarks/solver_study.py $(ARGS)
+accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> results/local/solver_accuracy.{md,csv} (REGENERATE=1: results/)
+	$(PY) benchmarks/solver_accuracy.py --out-dir $(RESULTS)
 
-bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost -> results/bench/
-	$(PY) benchmarks/bench_solvers.py
-	$(PY) benchmarks/bench_roundtrip.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py
-	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_speed.py
-	OMP_NUM_THREADS=2 $(PY) benchmarks/precision_quality.py
+study: $(STAMP)  ## which BDIA-EDM? every bdia_edm formulation vs EDM -> results/local/solver_study.{md,csv,png} (REGENERATE=1: results/)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/solver_study.py --out-dir $(RESULTS) $(ARGS)
+
+bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost, speed -> results/local/bench/ (REGENERATE=1: results/)
+	$(PY) benchmarks/bench_solvers.py --out-dir $(RESULTS)/bench
+	$(PY) benchmarks/bench_roundtrip.py --out-dir $(RESULTS)/bench
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline_roundtrip.py --out-dir $(RESULTS)/bench
+	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py --out-dir $(RESULTS)/editing
+	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_speed.py --out-dir $(RESULTS)/bench
+	OMP_NUM_THREADS=2 $(PY) benchmarks/precision_quality.py --out-dir $(RESULTS)/bench
 
 # Paper tables (configs/tables/*.yaml): Hydra multiruns that resume when re-run, then the table is rebuilt from
 # the run folders' metrics.json. NGPU=8: torchrun with 8 ranks per run; LAUNCHER=slurm: Hydra's submitit
 # launcher; DRY_RUN=1: print every job (overrides, seeds, rank layout) and run nothing; ARGS: extra overrides.
 NGPU ?= 1
 LAUNCHER ?= local
-REPRODUCE = $(PY) scripts/reproduce.py --ngpu $(NGPU) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run)
+REPRODUCE = $(PY) scripts/reproduce.py --ngpu $(NGPU) --launcher $(LAUNCHER) --results-dir $(RESULTS) $(if $(DRY_RUN),--dry-run)
 
-TINY_SD := results/tiny_sd/model_index.json
+TINY_SD := results/tiny_sd/RANDOM_WEIGHTS.txt
 $(TINY_SD): | $(STAMP)
 	$(PY) scripts/make_tiny_sd.py results/tiny_sd --clip results/tiny_clip
 
@@ -74,23 +90,23 @@ tiny-sd: $(TINY_SD)  ## write the tiny random Stable Diffusion (+ tiny CLIP) use
 reproduce-table1: $(STAMP)  ## Table 1: DDIM vs BDIA-DDIM on SD 2.1-base, COCO FID + CLIP (ARGS="coco_captions=... metrics.fid.ref=...")
 	$(REPRODUCE) table1 $(ARGS)
 
-reproduce-table1-mini: $(TINY_SD)  ## Table 1's twin on the tiny random SD, CPU (pipeline check) -> results/mini/table1.*
-	$(REPRODUCE) table1_mini $(ARGS)
+reproduce-table1-mini: $(TINY_SD)  ## Table 1's twin on the tiny random SD, CPU (pipeline check) -> results/local/mini/table1.*
+	$(CPU_THREADS) $(REPRODUCE) table1_mini $(ARGS)
 
 reproduce-table2: $(STAMP)  ## Table 2: EDM vs BDIA-EDM FID on the 4 EDM networks (GPUs; NGPU=8, LAUNCHER=slurm, DRY_RUN=1)
 	$(REPRODUCE) table2 $(ARGS)
 
-reproduce-table2-mini: $(STAMP)  ## Table 2's twin on the embedded digits model, CPU -> results/embedded/table2.{md,csv,png}
-	$(REPRODUCE) table2_mini $(ARGS)
+reproduce-table2-mini: $(STAMP)  ## Table 2's twin on the embedded digits model, CPU -> results/local/embedded/table2.{md,csv,png}
+	$(CPU_THREADS) $(REPRODUCE) table2_mini $(ARGS)
 
 reproduce-table3: $(STAMP)  ## Table 3: inversion of real images on SD 1.4 (float64): DDIM inv., EDICT, null-text, BDIA
 	$(REPRODUCE) table3 $(ARGS)
 
-reproduce-table3-mini: $(TINY_SD)  ## Table 3's twin on the tiny random SD, CPU -> results/mini/table3.*
-	$(REPRODUCE) table3_mini $(ARGS)
+reproduce-table3-mini: $(TINY_SD)  ## Table 3's twin on the tiny random SD, CPU -> results/local/mini/table3.*
+	$(CPU_THREADS) $(REPRODUCE) table3_mini $(ARGS)
 
 edit-demo: $(TINY_SD)  ## invert + edit scikit-learn's china.jpg with all four methods on the tiny SD -> results/edit/default/
-	$(PY) scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4 $(ARGS)
+	$(CPU_THREADS) $(PY) scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4 $(ARGS)
 
 # The web demo (scripts/demo.py, Gradio) on 127.0.0.1, offline on the tiny SD; ARGS: e.g. "model=sd15 port=7861".
 demo: $(TINY_SD)  ## serve the exact-editing web demo on http://127.0.0.1:7860 (tiny SD offline; ARGS="model=sd15")
@@ -104,11 +120,11 @@ test-browser: $(STAMP)  ## the web demo driven in headless Chromium: upload, inv
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 	BDIA_CHROMIUM=$(CHROMIUM) BDIA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser $(ARGS)
 
-editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/editing/
-	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py
+editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/local/editing/
+	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py --out-dir $(RESULTS)/editing
 
-tables:  ## rebuild every table from the run folders present (scripts/make_tables.py --all)
-	$(PY) scripts/make_tables.py --all
+tables:  ## rebuild every table from the run folders present (scripts/make_tables.py --all) -> results/local/ (REGENERATE=1: results/)
+	$(PY) scripts/make_tables.py --all --results-dir $(RESULTS)
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

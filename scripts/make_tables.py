@@ -3,6 +3,7 @@
     python scripts/make_tables.py table2_mini          # -> results/embedded/table2.{md,csv,png}
     python scripts/make_tables.py table2 --runs-root /scratch/results/sample
     python scripts/make_tables.py --all                # every table whose runs exist
+    python scripts/make_tables.py --all --results-dir results/local   # ... without touching the tracked results/
 
 Table specs: configs/tables/<name>.yaml (bdia.apps.tables explains the keys).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bdia.apps.reproduce import load_spec, run_roots, spec_names
+from bdia.apps.reproduce import load_spec, run_roots, spec_names, table_output
 from bdia.apps.tables import write_table
 
 
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="every table with at least one run folder")
     parser.add_argument("--runs-root", default=None, help="where the run folders are (default: the spec's runs_root)")
     parser.add_argument("--output", default=None, help="table path without suffix (one table only)")
+    parser.add_argument("--results-dir", default=None,
+                        help="write the tables under this folder instead of results/ (make: results/local unless REGENERATE=1)")
     args = parser.parse_args(argv)
     names = spec_names() if args.all else args.tables
     if not names:
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
             spec = load_spec(name)
             if args.all and not any(root.is_dir() for root in run_roots(spec, args.runs_root)):
                 continue
-            paths = write_table(spec, run_roots(spec, args.runs_root), args.output,
+            paths = write_table(spec, run_roots(spec, args.runs_root), table_output(spec, args.output, args.results_dir),
                                 command=f"python scripts/make_tables.py {spec['name']}")
             print(f"{spec['name']}: " + ", ".join(str(p) for p in paths.values()))
     except ValueError as e:

@@ -28,11 +28,14 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the smallest size of every sweep (tests)")
     parser.add_argument("--runs-root", default=None, help="put run folders here instead of the spec's runs_root")
     parser.add_argument("--output", default=None, help="table path without suffix (default: the spec's output)")
+    parser.add_argument("--results-dir", default=None,
+                        help="write the table under this folder instead of results/ (make: results/local unless REGENERATE=1)")
     parser.add_argument("--wandb", action="store_true", help="log every run (offline) and the summary table to W&B")
     args = parser.parse_intermixed_args(argv)  # overrides may come after the options
     try:
         reproduce(args.table, ngpu=args.ngpu, launcher=args.launcher, dry_run=args.dry_run, smoke=args.smoke,
-                  extra=args.overrides, runs_root=args.runs_root, output=args.output, wandb=args.wandb)
+                  extra=args.overrides, runs_root=args.runs_root, output=args.output, wandb=args.wandb,
+                  results_dir=args.results_dir)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

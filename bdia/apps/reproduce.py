@@ -40,7 +40,8 @@ from .cli import CONFIG_DIR, initialize_app
 from .tables import split_values, write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
-           "sweep_commands", "plan_jobs", "planned_nfe", "planned_images", "dry_run_text", "reproduce"]
+           "sweep_commands", "plan_jobs", "planned_nfe", "planned_images", "dry_run_text", "table_output",
+           "reproduce"]
 
 REPO_ROOT = CONFIG_DIR.parent
 SPEC_DIR = CONFIG_DIR / "tables"
@@ -223,11 +224,26 @@ def dry_run_text(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]], ngpu:
     return "\n".join(lines)
 
 
+def table_output(spec: Mapping[str, Any], output: str | Path | None = None, results_dir: str | Path | None = None) -> Path:
+    """Where a table's ``.md`` / ``.csv`` / ``.png`` go: ``output``, else the spec's ``output``
+    (``results/<path>``) moved under ``results_dir`` (``results/local`` keeps the tracked ``results/`` files
+    as they are: ``make`` writes there unless ``REGENERATE=1``)."""
+    if output is not None:
+        return Path(output)
+    path = Path(spec["output"])
+    if results_dir is None:
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "results" else path.parts
+    return Path(results_dir, *parts)
+
+
 def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool = False, smoke: bool = False,
               extra: Sequence[str] = (), runs_root: str | Path | None = None, output: str | Path | None = None,
-              wandb: bool = False, python: str = sys.executable) -> dict:
-    """Run every multirun of table ``name`` (resuming), then write its table. Returns what was done."""
+              wandb: bool = False, python: str = sys.executable, results_dir: str | Path | None = None) -> dict:
+    """Run every multirun of table ``name`` (resuming), then write its table (:func:`table_output`). Returns
+    what was done."""
     spec = load_spec(name)
+    output = table_output(spec, output, results_dir)
     if wandb and not spec.get("wandb", True):
         raise ValueError(f"{spec['script']} has no W&B logger (its table spec says wandb: false)")
     extra = list(extra) + (["logger=wandb", f"logger.group={spec['name']}"] if wandb else [])
