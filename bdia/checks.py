@@ -9,7 +9,8 @@ import math
 from . import solvers as _solvers
 
 __all__ = ["MAX_NUM_STEPS", "is_number", "solver_options", "check_solver_options", "check_num_steps", "check_flags",
-           "check_grid", "check_image_grid", "check_class_idx"]
+           "check_grid", "check_image_grid", "check_class_idx", "check_grid_size", "MAX_GRID_BYTES", "check_int",
+           "check_number"]
 
 #: Bound on a setting that sizes allocations (solver steps): far above any real run.
 MAX_NUM_STEPS = 100_000
@@ -89,6 +90,50 @@ def check_image_grid(grid_nrow, grid_scale, grid_padding) -> None:
         raise ValueError(f"grid_scale must be an integer in 1..64, got {grid_scale!r}")
     if isinstance(grid_padding, bool) or not isinstance(grid_padding, int) or not 0 <= grid_padding <= 1024:
         raise ValueError(f"grid_padding must be an integer in 0..1024, got {grid_padding!r}")
+
+
+#: Bound on an image grid's size (``grid.png``, built in memory before it is encoded): 1 GiB of pixels.
+MAX_GRID_BYTES = 2**30
+
+
+def check_grid_size(num_images: int, image_shape, grid_nrow, grid_padding, grid_scale, max_bytes: int = MAX_GRID_BYTES):
+    """Refuse a grid (:func:`bdia.imageio.image_grid`'s layout) larger than ``max_bytes``, before any sampling."""
+    channels, height, width = (int(s) for s in image_shape)
+    nrow = grid_nrow or math.ceil(math.sqrt(max(num_images, 1)))
+    cols, rows = min(nrow, num_images), math.ceil(num_images / nrow)
+    grid = (grid_padding + rows * (height * grid_scale + grid_padding)) * \
+        (grid_padding + cols * (width * grid_scale + grid_padding)) * channels
+    tiles = num_images * channels * height * width * grid_scale**2  # the enlarged images, before tiling
+    if max(grid, tiles) > max_bytes:
+        raise ValueError(f"the image grid of {num_images} images (grid_nrow={grid_nrow}, grid_scale={grid_scale}, "
+                         f"grid_padding={grid_padding}) would take {max(grid, tiles) / 2**30:.1f} GiB, more than the "
+                         f"{max_bytes / 2**30:.0f} GiB allowed; lower grid_scale or grid_padding")
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an integer in ``[low, high]`` (a bool, float or string is refused), naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or \
+            (high is not None and value > high):
+        where = f" in {low}..{high}" if low is not None and high is not None else \
+            f" >= {low}" if low is not None else f" <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be an integer{where}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` as a finite number in the interval (``low_open``/``high_open``: excluding that end), naming ``name``."""
+    ok = is_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        where = f" in {lo or '(-inf, '}{hi or 'inf)'}" if (low is not None or high is not None) else ""
+        raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
+    return float(value)
 
 
 def check_class_idx(label_dim: int, class_idx) -> None:

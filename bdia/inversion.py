@@ -163,6 +163,34 @@ def ddim_invert(denoiser, x_clean: torch.Tensor, sigmas, cond: dict | None = Non
 
 
 # --------------------------------------------------------------------------------------------------
+# Option checks (one line naming the option; every entry point: the functions and the registry's options).
+
+#: Bound on null-text's Adam iterations per step (the authors use 10).
+MAX_INNER_STEPS = 1000
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_edict_p(p) -> None:
+    """EDICT's mixing weight: its inverse divides by ``p``, so ``p`` must be in (0, 1]."""
+    if not _finite(p) or not 0 < p <= 1:
+        raise ValueError(f"p (EDICT's mixing weight) must be a number in (0, 1], got {p!r}")
+
+
+def check_null_text(num_inner_steps, lr, early_stop) -> None:
+    if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or \
+            not 0 <= num_inner_steps <= MAX_INNER_STEPS:
+        raise ValueError(f"num_inner_steps (null-text's Adam iterations per step) must be an integer in "
+                         f"0..{MAX_INNER_STEPS}, got {num_inner_steps!r}")
+    if not _finite(lr) or lr <= 0:
+        raise ValueError(f"lr (null-text's learning rate) must be a positive number, got {lr!r}")
+    if not _finite(early_stop) or early_stop < 0:
+        raise ValueError(f"early_stop (null-text's loss threshold) must be a number >= 0, got {early_stop!r}")
+
+
+# --------------------------------------------------------------------------------------------------
 # EDICT (exact, two coupled chains).
 
 
@@ -194,6 +222,7 @@ def edict_sample(denoiser, pair, sigmas, cond: dict | None = None, p: float = 0.
     ``pair``: :class:`EDICTPair` at ``sigmas[0]`` (e.g. from :func:`edict_invert`) or one tensor for ``x = y``.
     Returns the pair at ``sigmas[-1]``; the paper decodes ``x``.
     """
+    check_edict_p(p)
     levels = as_sigmas(sigmas).tolist()
     x, y = (pair, pair) if isinstance(pair, torch.Tensor) else pair
     x, y = x * vp_alpha(levels[0]), y * vp_alpha(levels[0])
@@ -221,6 +250,7 @@ def edict_invert(denoiser, x_clean, sigmas, cond: dict | None = None, p: float =
     ``x_clean``: one clean state (both chains start at the encoded image, as in the paper) or an
     :class:`EDICTPair`. Returns the pair at ``sigmas[0]``. Two calls per step.
     """
+    check_edict_p(p)
     levels = as_sigmas(sigmas).tolist()
     x, y = (x_clean, x_clean) if isinstance(x_clean, torch.Tensor) else x_clean
     x, y = x * vp_alpha(levels[-1]), y * vp_alpha(levels[-1])
@@ -291,6 +321,7 @@ def null_text_invert(
     backward pass) + 1 guided call to advance ``zbar``. Returns :class:`NullTextInversion`;
     regenerate with :func:`null_text_sample`.
     """
+    check_null_text(num_inner_steps, lr, early_stop)
     levels = as_sigmas(sigmas).tolist()
     N = len(levels) - 1
     cond = {"encoder_hidden_states": cond_embeds}
@@ -351,6 +382,10 @@ class BDIAOptions:
 
     gamma: float = 0.96
 
+    def __post_init__(self):
+        if not _finite(self.gamma) or not 0 < self.gamma <= 1:  # gamma = 0 (DDIM) cannot be inverted exactly
+            raise ValueError(f"gamma (BDIA's weight) must be a number in (0, 1] for inversion, got {self.gamma!r}")
+
 
 @dataclass(frozen=True)
 class DDIMInversionOptions:
@@ -359,6 +394,10 @@ class DDIMInversionOptions:
 
     ddim_inversion_guidance: float | None = None
 
+    def __post_init__(self):
+        if self.ddim_inversion_guidance is not None and not _finite(self.ddim_inversion_guidance):
+            raise ValueError(f"ddim_inversion_guidance must be a number or null, got {self.ddim_inversion_guidance!r}")
+
 
 @dataclass(frozen=True)
 class EDICTOptions:
@@ -366,6 +405,11 @@ class EDICTOptions:
 
     p: float = 0.93
     leapfrog: bool = True
+
+    def __post_init__(self):
+        check_edict_p(self.p)
+        if not isinstance(self.leapfrog, bool):
+            raise ValueError(f"leapfrog must be true or false, got {self.leapfrog!r}")
 
 
 @dataclass(frozen=True)
@@ -376,6 +420,9 @@ class NullTextOptions:
     num_inner_steps: int = 10
     lr: float = 1e-2
     early_stop: float = 1e-5
+
+    def __post_init__(self):
+        check_null_text(self.num_inner_steps, self.lr, self.early_stop)
 
 
 class Inverted(NamedTuple):

@@ -67,7 +67,11 @@ def edit_from_config(cfg, choices=None) -> dict | None:
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
-    check_out_dir(config.get("out_dir", "."), "edit")  # before the model is loaded
+    from bdia.apps.edit import check_edit_settings
+
+    settings = {k: v for k, v in config.items() if k != "out_dir"}
+    check_edit_settings(**settings)  # every setting, before the model is loaded or the folder is claimed
+    check_out_dir(config.get("out_dir"), "edit")
     sd = load_sd_config(model_cfg, device)
     model_info = {"config": (choices or {}).get("model"), **sd.describe()}
     full_config = OmegaConf.to_container(cfg, resolve=True)

@@ -15,6 +15,8 @@ two forward passes.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -22,7 +24,8 @@ from typing import Sequence
 import torch
 
 from ..denoisers import RowCountingDenoiser
-from ..imageio import quantize, save_image_grid
+from ..checks import check_flags, check_grid_size, check_image_grid, check_int, check_num_steps, check_number
+from ..imageio import image_grid, png_bytes, quantize
 from ..inversion import (
     METHOD_REGISTRY,
     METHODS,
@@ -37,9 +40,10 @@ from ..inversion import (
 from ..metrics.clip_score import clip_edit_metrics, load_clip
 from ..metrics.lpips import LPIPS
 from ..metrics.reconstruction import latent_metrics, pixel_metrics
-from ..runfolder import atomic_write, claim_run_folder, environment_info, mark_state
+from ..runfolder import check_out_dir, environment_info, jsonable, open_run
 
-__all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run"]
+__all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run",
+           "check_edit_settings", "image_identity", "EDIT_WRITTEN"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,38 +189,119 @@ SAMPLE_IMAGES = ("china.jpg", "flower.jpg")
 MAX_IMAGE_PIXELS = 64 * 10**6
 
 
+def _image_path(image) -> tuple[str, "Path | None"]:
+    """``(name, path)`` of the ``image`` setting: a sample photo's name with ``None``, or a path to a regular file
+    (checked without opening it: a folder, a FIFO or a device is refused by name)."""
+    from pathlib import Path
+
+    if image is not None and not isinstance(image, (str, Path)):
+        raise ValueError(f"image must be a file path or one of {', '.join(SAMPLE_IMAGES)}, got {image!r}")
+    name = "china.jpg" if image is None or not str(image).strip() else str(image).strip()
+    if name in SAMPLE_IMAGES:
+        return name, None
+    path = Path(name).expanduser()
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
+        raise ValueError(f"image={image}: no such file (give a path or one of {', '.join(SAMPLE_IMAGES)})")
+    if path.is_dir():
+        raise ValueError(f"image={image}: a folder, not an image file")
+    if not path.is_file():
+        raise ValueError(f"image={image}: not a regular file (a pipe, socket or device); give an image file")
+    return name, path
+
+
+def _open_picture(image):
+    """The ``image`` setting as a PIL RGB picture, its size bounded from the header before decoding."""
+    from PIL import Image
+
+    name, path = _image_path(image)
+    if path is None:
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(name))
+    try:
+        with Image.open(path) as opened:  # reads the header only
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image={image}: {opened.width}x{opened.height} pixels, more than this app "
+                                 f"reads ({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
+            return opened.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image={image}: too large to read safely ({e})") from None
+    except OSError as e:
+        raise ValueError(f"image={image}: not an image PIL can read ({e})") from None
+
+
+def image_identity(image) -> str:
+    """What identifies the ``image`` setting's content in ``settings.json``: a sample photo's name, or a file's
+    sha256 (a changed file at the same path is another image)."""
+    name, path = _image_path(image)
+    if path is None:
+        return f"sklearn:{name}"
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def load_image(image: str | None, size: int) -> torch.Tensor:
     """An RGB image as uint8 ``[1, 3, size, size]``: the largest centred square, resized (bicubic) to ``size``.
     ``image``: a file path, or ``china.jpg`` / ``flower.jpg`` (scikit-learn's sample photos; ``None`` = china)."""
     import numpy as np
     from PIL import Image
 
-    name = "china.jpg" if image is None or not str(image).strip() else str(image).strip()
-    if name in SAMPLE_IMAGES:
-        from sklearn.datasets import load_sample_image
-
-        picture = Image.fromarray(load_sample_image(name))
-    else:
-        from pathlib import Path
-
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ValueError(f"image={image}: no such file (give a path or one of {', '.join(SAMPLE_IMAGES)})")
-        try:
-            with Image.open(path) as opened:  # reads the header only
-                if opened.width * opened.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"image={image}: {opened.width}x{opened.height} pixels, more than this app "
-                                     f"reads ({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
-                picture = opened.convert("RGB")
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"image={image}: too large to read safely ({e})") from None
-        except OSError as e:
-            raise ValueError(f"image={image}: not an image PIL can read ({e})") from None
+    picture = _open_picture(image)
     w, h = picture.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     picture = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+#: Bound on ``image_size`` (pixels per side): far above Stable Diffusion's native sizes.
+MAX_IMAGE_SIZE = 4096
+#: What an edit run writes (:mod:`bdia.runfolder`): ``resume=false`` removes these (and only these) first.
+EDIT_WRITTEN = (rf"({'|'.join(METHODS)})\.png", rf"({'|'.join(METHODS)})_inversion\.npz", r"bdia_pair\.npz",
+                r"edit_grid\.png", r"metrics\.json")
+
+
+def check_edit_settings(image="china.jpg", source_prompt="", edit_prompt="", methods=METHODS, num_steps=50,
+                        guidance_scale=7.5, gamma=0.96, strength=1.0, p=0.93, leapfrog=True, num_inner_steps=10,
+                        lr=1e-2, early_stop=1e-5, ddim_inversion_guidance=None, image_size=None, clip_path=None,
+                        lpips_net=None, lpips_weights=None, grid_scale=1, resume=True) -> list[str]:
+    """Every :func:`edit_run` setting checked without a model (one-line ``ValueError`` naming the key); returns the
+    methods as a list. ``scripts/edit.py`` calls it before loading Stable Diffusion."""
+    methods = [methods] if isinstance(methods, str) else methods
+    if not isinstance(methods, (list, tuple)) or not methods or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {methods!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"methods: {'unknown ' + str(unknown) if unknown else 'a method given twice'} "
+                         f"(choose from {', '.join(METHODS)})")
+    for key, prompt in (("source_prompt", source_prompt), ("edit_prompt", edit_prompt)):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{key} must be a string, got {type(prompt).__name__}")
+    check_num_steps(num_steps)
+    check_number("guidance_scale", guidance_scale)
+    check_number("strength", strength, 0, 1, low_open=True)
+    tail_sigmas(torch.linspace(1, 0.1, num_steps + 1, dtype=torch.float64), strength)  # >= 2 steps left
+    if ddim_inversion_guidance is not None:
+        check_number("ddim_inversion_guidance", ddim_inversion_guidance)
+    check_flags(leapfrog=leapfrog, resume=resume)
+    for method in methods:  # each method's options (gamma, p, num_inner_steps, lr, early_stop) check themselves
+        method_options(method, dict(gamma=gamma, p=p, leapfrog=leapfrog, num_inner_steps=num_inner_steps, lr=lr,
+                                    early_stop=early_stop, ddim_inversion_guidance=ddim_inversion_guidance))
+    if image_size is not None:
+        check_int("image_size", image_size, 8, MAX_IMAGE_SIZE)
+    check_image_grid(None, grid_scale, 0)
+    if lpips_net is not None and lpips_net not in ("alex", "vgg"):
+        raise ValueError(f"lpips_net must be alex, vgg or null, got {lpips_net!r}")
+    for key, value in (("clip_path", clip_path), ("lpips_weights", lpips_weights)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key} must be a path, a Hub id or null, got {value!r}")
+    _image_path(image)
+    return list(methods)
 
 
 def edit_run(
@@ -241,6 +326,7 @@ def edit_run(
     lpips_net: str | None = None,
     lpips_weights: str | None = None,
     grid_scale: int = 1,
+    resume: bool = True,
     config: dict | None = None,
     model_info: dict | None = None,
 ) -> dict:
@@ -259,88 +345,98 @@ def edit_run(
       ``lpips_weights`` or torchvision's cache, :mod:`bdia.metrics.lpips`) the reconstruction's LPIPS
       (``image.lpips``), and with ``clip_path`` (a CLIP model: Hub id or folder) the edit's CLIP
       score against the edit prompt and its CLIP directional similarity (``clip``); ``env.json``;
-      ``config.yaml`` when ``config`` is given.
+      ``config.yaml`` when ``config`` is given; ``settings.json`` (what determines the outputs).
 
-    Image-space numbers include the VAE: ``vae`` in metrics.json is the encode/decode error alone.
-    Returns the metrics.
+    The folder follows the run-folder contract (:mod:`bdia.runfolder`): a new, empty or own edit folder; the
+    settings are checked and the image read before the folder is claimed; a rerun with the same settings
+    returns the finished run's metrics (or redoes an unfinished one), other settings are refused unless
+    ``resume=False``, which first removes what an edit run writes (every method's files), so no earlier
+    method's file stays beside the new ones. Image-space numbers include the VAE: ``vae`` in metrics.json is the
+    encode/decode error alone. Returns the metrics.
     """
-    import json
-    from pathlib import Path
-
     import numpy as np
 
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ValueError(f"methods: unknown {unknown} (choose from {', '.join(METHODS)})")
+    methods = check_edit_settings(image, source_prompt, edit_prompt, methods, num_steps, guidance_scale, gamma,
+                                  strength, p, leapfrog, num_inner_steps, lr, early_stop, ddim_inversion_guidance,
+                                  image_size, clip_path, lpips_net, lpips_weights, grid_scale, resume)
+    check_out_dir(out_dir, "edit")  # cheap, before any work: an out_dir that is not an edit folder is refused
     size = int(image_size or sd.image_size)
-    claim_run_folder(out_dir, "edit")  # before any work: an out_dir that is not an edit folder is refused
-    out_dir = Path(out_dir)
+    sd.latent_shape(size, size)  # the size suits the VAE
+    check_grid_size(3 * len(methods), (3, size, size), 3, 1, grid_scale)
     original = load_image(image, size)
-    pixels = original.to(torch.float32) / 127.5 - 1
-    z0 = sd.encode_images(pixels)
-    sigmas = sd.sigmas(num_steps)
-    x_clean = latent_to_state(z0, sigmas)
-    source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
-    uncond = sd.encode_prompts([""])
-    vae_images = sd.decode_latents(z0)
-    # Before any work, so that a missing model fails at once:
-    clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None
-    perceptual = LPIPS(lpips_net, lpips_weights, sd.device) if lpips_net else None
-    metrics = {
-        "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
-        "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
-        "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
-        "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention": "z0 = alpha(sigma_min) x"},
-        "vae": _scalars(pixel_metrics(pixels, vae_images, per_image=False)),
-        "methods": {},
-    }
-    rows = []
-    for method in methods:
-        result = invert_and_edit(method, sd.eps_denoiser(), x_clean, sigmas, source, uncond, edit, guidance_scale,
-                                 gamma=gamma, strength=strength, p=p, leapfrog=leapfrog, num_inner_steps=num_inner_steps,
-                                 lr=lr, early_stop=early_stop, ddim_inversion_guidance=ddim_inversion_guidance)
-        grid = tail_sigmas(sigmas, strength)
-        z_rec = state_to_latent(result.reconstruction, grid)
-        recon_images = sd.decode_latents(z_rec)
-        edit_images = sd.decode_latents(state_to_latent(result.edit, grid))
-        cost = result.cost
-        metrics["methods"][method] = {
-            "latent": _scalars(latent_metrics(z0, z_rec, per_image=False)),
-            "image": _scalars(pixel_metrics(pixels, recon_images, per_image=False)),
-            "image_vs_vae": _scalars(pixel_metrics(vae_images, recon_images, per_image=False)),
-            "edit_vs_reconstruction": _scalars(pixel_metrics(recon_images, edit_images, per_image=False)),
-            "nfe_inversion_and_reconstruction": cost["inversion"]["nfe"] + cost["reconstruction"]["nfe"],
-            "seconds_inversion_and_reconstruction": cost["inversion"]["seconds"] + cost["reconstruction"]["seconds"],
-            "cost": cost,
-            "settings": {**result.settings, "sigma_top": float(grid[0])},
-        }
-        if perceptual is not None:
-            metrics["methods"][method]["image"]["lpips"] = float(perceptual(pixels, recon_images).mean())
-        if clip is not None:
-            metrics["methods"][method]["clip"] = clip_edit_metrics(*clip, original, quantize(edit_images),
-                                                                   source_prompt, edit_prompt)
-        tiles = torch.cat([original, quantize(recon_images), quantize(edit_images)])
-        rows.append(tiles)
-        save_image_grid(tiles, out_dir / f"{method}.png", nrow=3, padding=1, scale=grid_scale)
-        arrays = {k: v.detach().cpu().numpy() for k, v in result.representation.items()}
-        arrays.update(sigmas=grid.numpy(), method=np.array(method))
-        if method == "bdia":
-            arrays["gamma"] = np.array(float(gamma))
-        with atomic_write(out_dir / ("bdia_pair.npz" if method == "bdia" else f"{method}_inversion.npz")) as f:
-            np.savez(f, **arrays)
-    save_image_grid(torch.cat(rows), out_dir / "edit_grid.png", nrow=3, padding=1, scale=grid_scale)
-    with atomic_write(out_dir / "env.json", "w") as f:
-        json.dump(environment_info(sd.device), f, indent=2)
+    settings = jsonable({
+        "image": str(image), "image_content": image_identity(image), "image_size": size,
+        "source_prompt": source_prompt, "edit_prompt": edit_prompt, "methods": methods, "num_steps": num_steps,
+        "guidance_scale": guidance_scale, "gamma": gamma, "strength": strength, "p": p, "leapfrog": leapfrog,
+        "num_inner_steps": num_inner_steps, "lr": lr, "early_stop": early_stop,
+        "ddim_inversion_guidance": ddim_inversion_guidance, "clip_path": clip_path, "lpips_net": lpips_net,
+        "grid_scale": grid_scale, "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""),
+        "device_type": torch.device(sd.device).type,
+    })
+    records = {"env.json": lambda: json.dumps(jsonable(environment_info(sd.device)), indent=2) + "\n"}
     if config is not None:
         from omegaconf import OmegaConf
 
-        with atomic_write(out_dir / "config.yaml", "w") as f:
-            f.write(OmegaConf.to_yaml(OmegaConf.create(config)))
-    with atomic_write(out_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
-        f.write("\n")
-    mark_state(out_dir, "edit", "complete")
+        records["config.yaml"] = lambda: OmegaConf.to_yaml(OmegaConf.create(jsonable(config)))
+    with open_run(out_dir, "edit", settings, resume, written=EDIT_WRITTEN, records=records) as run:
+        if run.previous_state == "complete" and isinstance(finished := run.read_json("metrics.json"), dict):
+            run.mark("complete")  # the same settings, already done: nothing to redo
+            return finished
+        pixels = original.to(torch.float32) / 127.5 - 1
+        z0 = sd.encode_images(pixels)
+        sigmas = sd.sigmas(num_steps)
+        x_clean = latent_to_state(z0, sigmas)
+        source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
+        uncond = sd.encode_prompts([""])
+        vae_images = sd.decode_latents(z0)
+        # Before any work, so that a missing model fails at once:
+        clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None
+        perceptual = LPIPS(lpips_net, lpips_weights, sd.device) if lpips_net else None
+        metrics = {
+            "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
+            "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
+            "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
+            "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention": "z0 = alpha(sigma_min) x"},
+            "vae": _scalars(pixel_metrics(pixels, vae_images, per_image=False)),
+            "methods": {},
+        }
+        rows = []
+        for method in methods:
+            result = invert_and_edit(method, sd.eps_denoiser(), x_clean, sigmas, source, uncond, edit, guidance_scale,
+                                     gamma=gamma, strength=strength, p=p, leapfrog=leapfrog,
+                                     num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop,
+                                     ddim_inversion_guidance=ddim_inversion_guidance)
+            grid = tail_sigmas(sigmas, strength)
+            z_rec = state_to_latent(result.reconstruction, grid)
+            recon_images = sd.decode_latents(z_rec)
+            edit_images = sd.decode_latents(state_to_latent(result.edit, grid))
+            cost = result.cost
+            metrics["methods"][method] = {
+                "latent": _scalars(latent_metrics(z0, z_rec, per_image=False)),
+                "image": _scalars(pixel_metrics(pixels, recon_images, per_image=False)),
+                "image_vs_vae": _scalars(pixel_metrics(vae_images, recon_images, per_image=False)),
+                "edit_vs_reconstruction": _scalars(pixel_metrics(recon_images, edit_images, per_image=False)),
+                "nfe_inversion_and_reconstruction": cost["inversion"]["nfe"] + cost["reconstruction"]["nfe"],
+                "seconds_inversion_and_reconstruction": cost["inversion"]["seconds"] + cost["reconstruction"]["seconds"],
+                "cost": cost,
+                "settings": {**result.settings, "sigma_top": float(grid[0])},
+            }
+            if perceptual is not None:
+                metrics["methods"][method]["image"]["lpips"] = float(perceptual(pixels, recon_images).mean())
+            if clip is not None:
+                metrics["methods"][method]["clip"] = clip_edit_metrics(*clip, original, quantize(edit_images),
+                                                                       source_prompt, edit_prompt)
+            tiles = torch.cat([original, quantize(recon_images), quantize(edit_images)])
+            rows.append(tiles)
+            run.write_bytes(f"{method}.png", png_bytes(image_grid(tiles, nrow=3, padding=1, scale=grid_scale)))
+            arrays = {k: v.detach().cpu().numpy() for k, v in result.representation.items()}
+            arrays.update(sigmas=grid.numpy(), method=np.array(method))
+            if method == "bdia":
+                arrays["gamma"] = np.array(float(gamma))
+            run.write_npz("bdia_pair.npz" if method == "bdia" else f"{method}_inversion.npz", arrays)
+        run.write_bytes("edit_grid.png", png_bytes(image_grid(torch.cat(rows), nrow=3, padding=1, scale=grid_scale)))
+        run.write_json("metrics.json", metrics)
+        run.mark("complete")
     return metrics
 
 

@@ -35,7 +35,7 @@ import torch
 
 from .. import solvers as _solvers
 from ..analytic import mixture_metrics
-from ..checks import check_class_idx, check_flags, check_grid, check_num_steps, check_solver_options
+from ..checks import check_class_idx, check_flags, check_grid, check_grid_size, check_num_steps, check_solver_options
 from ..configs import build_metrics, instantiate
 from ..denoisers import CountingDenoiser, FixedBatchDenoiser, GaussianMixtureDenoiser, check_network_batch
 from ..distributed import DistContext, init_distributed, resolve_device
@@ -45,6 +45,7 @@ from ..imageio import (  # noqa: F401  (seeds and images: re-exported for sample
     format_seeds,
     image_grid,
     parse_seeds,
+    png_bytes,
     quantize,
     read_png,
     save_image_grid,
@@ -56,18 +57,16 @@ from ..models import image_shape_of, label_dim_of, load_model
 from ..runfolder import (  # noqa: F401
     IMAGES_DIR,
     RECORDS_DIR,
+    RunFolder,
     atomic_write,
     check_out_dir,
     environment_info,
-    image_complete,
-    mark_state,
 )
 from ..runfolder import jsonable as _jsonable
-from ..runfolder import write_json as _write_json
 from ..schedules import karras_sigmas
 from ..speed import SpeedOptions, auto_batch_size, with_speed
 from .cli import headline_rows, print_summary, run_timing, shell_command, speed_text, sweep_folder
-from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
+from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish, item_need, open_run_folder, read_item
 
 __all__ = [
     "parse_seeds",
@@ -100,12 +99,18 @@ def _seed_name(seed: int) -> str:
     return f"{seed:06d}"
 
 
+#: File stems of a sampling run's items (``_seed_name``): what ``resume=false`` may remove.
+ITEM_PATTERN = r"[0-9]{6,}"
+
+
 def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = (), shape: Sequence[int] | None = None) -> list[int]:
-    """The seeds among ``seeds`` whose image is complete in ``out_dir`` (:func:`bdia.runfolder.image_complete`:
-    ``images/<seed>.png`` decodes to ``shape`` and ``records/<seed>.npz`` reads back holding ``nfe`` and the
-    arrays named in ``need``, e.g. ``x_end``). Anything damaged is simply sampled again."""
-    need = set(need) | {"nfe"}
-    return [seed for seed in seeds if image_complete(out_dir, _seed_name(seed), need, shape)]
+    """The seeds among ``seeds`` whose image is done in ``out_dir``
+    (:meth:`bdia.runfolder.RunFolder.item_record`: ``records/<seed>.npz`` reads back holding ``nfe``, the arrays
+    named in ``need`` (e.g. ``x_end``) and the sha256 of ``images/<seed>.png``, whose header says ``shape``).
+    Anything damaged or not written by the run is simply sampled again."""
+    with RunFolder.for_reading(out_dir, (IMAGES_DIR, RECORDS_DIR)) as run:
+        need = item_need(list(need))
+        return [seed for seed in seeds if run.item_record(_seed_name(seed), need, shape) is not None]
 
 
 def sample_run(
@@ -196,8 +201,10 @@ def sample_run(
     bdia_solver = solver in _solvers.INVERTIBLE_SOLVERS
     keep_x = save_states or is_mixture  # mixture metrics need the float states
     keep_inner = save_states and bdia_solver
-    need = {"x_end"} if keep_x else set()
-    need |= {"x_inner"} if keep_inner else set()
+    need = {"class_label": ((), "iu")}  # what a record must hold to count as done (else it is sampled again)
+    need |= {"x_end": (shape, "f")} if keep_x else {}
+    need |= {"x_inner": (shape, "f")} if keep_inner else {}
+    check_grid_size(len(seeds), shape, grid_nrow, grid_padding, grid_scale)  # before any sampling
 
     settings = _jsonable({
         "solver": solver,
@@ -249,13 +256,8 @@ def sample_run(
             records.append(record)
         return BatchResult(quantize(x_end).cpu().numpy(), records, counter.nfe, {"sampling": seconds})
 
-    desc = f"{solver} rank 0/{ctx.world_size}" if ctx.world_size > 1 else solver
-    stats = drive(seeds, [_seed_name(s) for s in seeds], solve, out_dir, app="sample", settings=settings,
-                  resume=resume, batch_size=batch_size, image_shape=shape, need=need, ctx=ctx, config=config,
-                  device=device, assembled=ASSEMBLED_OUTPUTS, progress=progress, desc=desc)
-
-    def write_outputs() -> dict:
-        assembled = _assemble(Path(out_dir), seeds, shape, label_dim, sigmas, save_states, keep_inner,
+    def _write_outputs(run: RunFolder, stats) -> dict:
+        assembled = _assemble(run, seeds, shape, label_dim, sigmas, save_states, keep_inner, need,
                               denoiser if is_mixture else None, grid_nrow, grid_padding, grid_scale)
         timing = run_timing(stats, assembled["timed"], len(seeds), ("sampling",))
         metrics = {
@@ -286,17 +288,22 @@ def sample_run(
         metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
         metrics["session"]["wall_seconds"] = metrics["wall_seconds"]
         metrics = _jsonable(metrics)
-        _write_json(Path(out_dir) / "metrics.json", metrics)  # the last end-of-run file: it marks a finished run
-        mark_state(out_dir, "sample", "complete")
+        run.write_json("metrics.json", metrics)  # the last end-of-run file: it marks a finished run
+        run.mark("complete")
         log.info("%s: %d images (%d sampled now, %d resumed), NFE %s, %s -> %s", solver, len(seeds), stats.sampled,
                  len(seeds) - stats.sampled, metrics["nfe"], speed_text(metrics), out_dir)
         return metrics
 
-    return finish(ctx, write_outputs)
+    desc = f"{solver} rank 0/{ctx.world_size}" if ctx.world_size > 1 else solver
+    with open_run_folder(out_dir, app="sample", settings=settings, resume=resume, item_pattern=ITEM_PATTERN,
+                         outputs=ASSEMBLED_OUTPUTS, ctx=ctx, config=config, device=device) as run:
+        stats = drive(run, seeds, [_seed_name(s) for s in seeds], solve, batch_size=batch_size, image_shape=shape,
+                      need=need, ctx=ctx, progress=progress, desc=desc)
+        return finish(ctx, lambda: _write_outputs(run, stats))
 
 
-def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_inner, mixture, grid_nrow, grid_padding,
-              grid_scale) -> dict:
+def _assemble(run: RunFolder, seeds, shape, label_dim, sigmas, save_states, keep_inner, need, mixture, grid_nrow,
+              grid_padding, grid_scale) -> dict:
     """Rank 0, after every rank finished: ``images.npz`` and ``grid.png`` from the per-seed files (in seed
     order), NFE from the records, mixture metrics from the float states."""
     images = np.empty((len(seeds), *shape), dtype=np.uint8)
@@ -305,22 +312,15 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
     keep_x = save_states or mixture is not None
     x_end = np.empty((len(seeds), *shape), dtype=np.float64) if keep_x else None
     x_inner = np.empty((len(seeds), *shape), dtype=np.float64) if keep_inner else None
-    missing, timed = [], 0
+    timed = 0
     for i, seed in enumerate(seeds):
-        name = _seed_name(seed)
-        try:
-            images[i] = read_png(out_dir / IMAGES_DIR / f"{name}.png", shape)
-            with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
-                nfe[i], labels[i] = record["nfe"], record["class_label"]
-                timed += "seconds_sampling" in record.files
-                if keep_x:
-                    x_end[i] = record["x_end"]
-                if keep_inner:
-                    x_inner[i] = record["x_inner"]
-        except (OSError, KeyError, ValueError) as e:
-            missing.append(f"{seed} ({type(e).__name__})")
-    if missing:
-        raise RuntimeError(f"{out_dir}: {len(missing)} image(s) missing or unreadable after sampling: {', '.join(missing[:5])}")
+        images[i], record = read_item(run, _seed_name(seed), need, shape)  # verified as resume verifies it
+        nfe[i], labels[i] = record["nfe"], record["class_label"]
+        timed += "seconds_sampling" in record
+        if keep_x:
+            x_end[i] = record["x_end"]
+        if keep_inner:
+            x_inner[i] = record["x_inner"]
 
     arrays = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64), "sigmas": sigmas.numpy()}
     if label_dim:
@@ -329,9 +329,9 @@ def _assemble(out_dir: Path, seeds, shape, label_dim, sigmas, save_states, keep_
         arrays["x_end"] = x_end
         if keep_inner:
             arrays["x_inner"] = x_inner
-    with atomic_write(out_dir / "images.npz") as f:
-        np.savez_compressed(f, **arrays)
-    save_image_grid(images, out_dir / "grid.png", nrow=grid_nrow, padding=grid_padding, pad_value=128, scale=grid_scale)
+    run.write_npz("images.npz", arrays, compressed=True)
+    grid = image_grid(images, nrow=grid_nrow, padding=grid_padding, pad_value=128, scale=grid_scale)
+    run.write_bytes("grid.png", png_bytes(grid))
     distinct = sorted(set(nfe.tolist()))
     out = {"nfe": distinct[0] if len(distinct) == 1 else distinct, "timed": timed}
     if mixture is not None:

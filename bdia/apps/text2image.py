@@ -44,24 +44,23 @@ import numpy as np
 import torch
 
 from .. import solvers as _solvers
-from ..checks import check_flags, check_image_grid, check_num_steps, check_solver_options
+from ..checks import check_flags, check_grid_size, check_image_grid, check_int, check_num_steps, check_solver_options
 from ..configs import build_metrics, instantiate
 from ..denoisers import CountingDenoiser, FixedBatchDenoiser, check_network_batch
 from ..distributed import DistContext, init_distributed
-from ..imageio import StackedRandomGenerator, format_seeds, parse_seeds, quantize, read_png, save_image_grid
+from ..imageio import StackedRandomGenerator, format_seeds, image_grid, parse_seeds, png_bytes, quantize
 from ..logger import NullLogger, Table, log_run
 from ..metrics.clip_score import CLIPScore
 from ..metrics.evaluate import evaluate_run
 from ..metrics.fid import FID
 from ..prompts import describe_prompt_source, load_prompts
-from ..runfolder import IMAGES_DIR, RECORDS_DIR, atomic_write, check_out_dir, mark_state
+from ..runfolder import IMAGES_DIR, RECORDS_DIR, RunFolder, check_out_dir
 from ..runfolder import jsonable as _jsonable
-from ..runfolder import write_json as _write_json
 from ..schedules import x_to_z, z_to_x
 from ..speed import SpeedOptions, auto_batch_size, with_speed
 from ..testing import has_random_weights
 from .cli import headline_rows, print_summary, run_timing, shell_command, speed_text, sweep_folder
-from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish
+from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish, open_run_folder, read_item
 
 __all__ = ["TEXT2IMAGE_SOLVERS", "RECOMMENDED_GAMMA", "text_to_image", "text2image_from_config", "image_name"]
 
@@ -73,6 +72,12 @@ RECOMMENDED_GAMMA = {10: 0.5, 40: 1.0}
 
 #: Written from all images at the end (bdia.apps.sample's, plus the prompt lists); removed when a resumed run starts.
 _ASSEMBLED_OUTPUTS = (*ASSEMBLED_OUTPUTS, "prompts.json", "prompts.txt")
+
+
+#: Bound on ``height`` / ``width`` (pixels): far above Stable Diffusion's native sizes (512, 768, 1024).
+MAX_IMAGE_SIDE = 4096
+#: File stems of a text-to-image run's items (:func:`image_name`): what ``resume=false`` may remove.
+ITEM_PATTERN = r"p[0-9]{5,}_s[0-9]{6,}"
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -152,7 +157,12 @@ def text_to_image(
             metrics, the other ranks ``None``.
     """
     started = time.perf_counter()
-    prompts = [str(p) for p in prompts]
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__} {_short_repr(prompt)}")
+    prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts")
     seeds = parse_seeds(seeds)
@@ -164,6 +174,9 @@ def text_to_image(
     bdia_solver = solver == "bdia_ddim"
     gamma = (1.0 if gamma is None else gamma) if bdia_solver else None
     check_flags(save_states=save_states, save_npz=save_npz, resume=resume, noise_per_prompt=noise_per_prompt)
+    for name, side in (("height", height), ("width", width)):  # None: the model's native size
+        if side is not None:
+            check_int(name, side, 8, MAX_IMAGE_SIDE)
     latent_shape = sd.latent_shape(height, width)
     image_shape = (3, latent_shape[1] * sd.vae_scale_factor, latent_shape[2] * sd.vae_scale_factor)
     device = sd.device
@@ -185,11 +198,15 @@ def text_to_image(
         **({} if speed.is_default else {"speed": speed.as_dict()}),
     })
     ctx = dist or DistContext()
-    check_out_dir(out_dir, "text2image")  # before the model is used (the driver checks again on every rank)
     items = [(p, s) for p in range(len(prompts)) for s in seeds]
     names = [image_name(p, s) for p, s in items]
     keep_inner = save_states and bdia_solver
-    need = ({"z_end"} if save_states else set()) | ({"z_inner"} if keep_inner else set())
+    need = {"prompt_index": ((), "iu"), "seed": ((), "iu")}  # what a record must hold to count as done
+    need |= {"z_end": (tuple(latent_shape), "f")} if save_states else {}
+    need |= {"z_inner": (tuple(latent_shape), "f")} if keep_inner else {}
+    check_grid_size(len(items), image_shape, grid_nrow or len(seeds), grid_padding, 1)  # before any sampling
+    # before the model is used (open_run checks again, under the lock, on every rank):
+    check_out_dir(out_dir, "text2image", settings, resume, (IMAGES_DIR, RECORDS_DIR))
 
     uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
     net = with_speed(sd.denoiser(guidance_scale, uncond), **speed.as_dict())
@@ -227,12 +244,8 @@ def text_to_image(
             records.append(record)
         return BatchResult(images, records, counter.nfe, {"sampling": t1 - t0, "decode": t2 - t1})
 
-    stats = drive(items, names, solve, out_dir, app="text2image", settings=settings, resume=resume,
-                  batch_size=batch_size, image_shape=image_shape, need=need, ctx=ctx, config=config, device=device,
-                  assembled=_ASSEMBLED_OUTPUTS, progress=progress, desc=f"{solver} text2image")
-
-    def write_outputs() -> dict:
-        assembled = _assemble(Path(out_dir), prompts, items, names, image_shape, save_states, keep_inner, save_npz,
+    def write_outputs(run: RunFolder, stats) -> dict:
+        assembled = _assemble(run, prompts, items, names, image_shape, need, save_states, keep_inner, save_npz,
                               grid_nrow or len(seeds), grid_padding)
         sampled = stats.sampled
         metrics = {
@@ -270,31 +283,36 @@ def text_to_image(
         metrics["wall_seconds"] = round(time.perf_counter() - started, 4)
         metrics["session"]["wall_seconds"] = metrics["wall_seconds"]
         metrics = _jsonable(metrics)
-        _write_json(Path(out_dir) / "metrics.json", metrics)
-        mark_state(out_dir, "text2image", "complete")
+        run.write_json("metrics.json", metrics)
+        run.mark("complete")
         log.info("%s: %d images (%d sampled now), NFE %s, %s -> %s", solver, len(items), sampled,
                  metrics["nfe"], speed_text(metrics), out_dir)
         return metrics
 
-    return finish(ctx, write_outputs)
+    with open_run_folder(out_dir, app="text2image", settings=settings, resume=resume, item_pattern=ITEM_PATTERN,
+                         outputs=_ASSEMBLED_OUTPUTS, ctx=ctx, config=config, device=device) as run:
+        stats = drive(run, items, names, solve, batch_size=batch_size, image_shape=image_shape, need=need, ctx=ctx,
+                      progress=progress, desc=f"{solver} text2image")
+        return finish(ctx, lambda: write_outputs(run, stats))
 
 
-def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, keep_inner, save_npz, grid_nrow, grid_padding) -> dict:
-    images, nfe, z_end, z_inner, missing, timed = [], [], [], [], [], 0
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _assemble(run: RunFolder, prompts, items, names, image_shape, need, save_states, keep_inner, save_npz, grid_nrow,
+              grid_padding) -> dict:
+    images, nfe, z_end, z_inner, timed = [], [], [], [], 0
     for name in names:
-        try:
-            images.append(read_png(out_dir / IMAGES_DIR / f"{name}.png", image_shape))
-            with np.load(out_dir / RECORDS_DIR / f"{name}.npz") as record:
-                nfe.append(int(record["nfe"]))
-                timed += "seconds_sampling" in record.files and "seconds_decode" in record.files
-                if save_states:
-                    z_end.append(record["z_end"])
-                if keep_inner:
-                    z_inner.append(record["z_inner"])
-        except (OSError, KeyError, ValueError) as e:
-            missing.append(f"{name} ({type(e).__name__})")
-    if missing:
-        raise RuntimeError(f"{out_dir}: {len(missing)} image(s) missing or unreadable: {', '.join(missing[:5])}")
+        image, record = read_item(run, name, need, image_shape)  # verified as resume verifies it
+        images.append(image)
+        nfe.append(int(record["nfe"]))
+        timed += "seconds_sampling" in record and "seconds_decode" in record
+        if save_states:
+            z_end.append(record["z_end"])
+        if keep_inner:
+            z_inner.append(record["z_inner"])
     images = np.stack(images)
     per_image_prompts = [prompts[p] for p, _ in items]
     if save_npz:
@@ -305,12 +323,10 @@ def _assemble(out_dir: Path, prompts, items, names, image_shape, save_states, ke
             arrays["z_end"] = np.stack(z_end)
             if keep_inner:
                 arrays["z_inner"] = np.stack(z_inner)
-        with atomic_write(out_dir / "images.npz") as f:
-            np.savez_compressed(f, **arrays)
-    _write_json(out_dir / "prompts.json", per_image_prompts)
-    with atomic_write(out_dir / "prompts.txt", "w") as f:
-        f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
-    save_image_grid(images, out_dir / "grid.png", nrow=grid_nrow, padding=grid_padding, pad_value=255)
+        run.write_npz("images.npz", arrays, compressed=True)
+    run.write_json("prompts.json", per_image_prompts)
+    run.write_text("prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
+    run.write_bytes("grid.png", png_bytes(image_grid(images, nrow=grid_nrow, padding=grid_padding, pad_value=255)))
     distinct = sorted(set(nfe))
     return {"nfe": distinct[0] if len(distinct) == 1 else distinct, "timed": timed}
 

@@ -131,9 +131,9 @@ def test_resume_after_a_failure_midway_completes_the_remaining_seeds(tmp_path, m
         sample_run(den, out_dir=run, **kwargs)
     monkeypatch.setattr(driver_module, "write_item", original)
     assert written == [4, 5, 6]
-    # Not mistaken for finished: the marker says the extension is still sampling, while the earlier run's
+    # Not mistaken for finished: the marker says the extension is still running, while the earlier run's
     # end-of-run files stay as they were, describing the 4 images they were built from.
-    assert json.loads((run / ".bdia-run.json").read_text())["state"] == "sampling"
+    assert json.loads((run / ".bdia-run.json").read_text())["state"] == "running"
     assert json.loads((run / "metrics.json").read_text())["num_images"] == 4
     with np.load(run / "images.npz") as data:
         assert data["seeds"].tolist() == [0, 1, 2, 3]

@@ -21,7 +21,8 @@ import pytest
 from app_helpers import REPO, cli, subprocess_env
 
 from bdia.apps.sample import sample_run
-from bdia.runfolder import MARKER_FILE, RunFolderError, image_complete, prepare_run_folder
+from bdia.apps.sample import seeds_done
+from bdia.runfolder import MARKER_FILE, RunFolderError, open_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,12 +223,9 @@ def test_damaged_records_and_wrong_size_pngs_are_sampled_again(finished_run, tmp
 
     originals = {name: (finished_run / "images" / name).read_bytes() for name in ("000001.png", "000002.png")}
     record = finished_run / "records" / "000001.npz"
-    _flip_byte(record, len(record.read_bytes()) // 2)  # inside the stored arrays: the CRC no longer matches
+    _flip_byte(record, record.read_bytes().index(b"\x93NUMPY") + 128)  # the first array's data: its CRC fails
     Image.new("L", (5, 5)).save(finished_run / "images" / "000002.png")  # a valid PNG of the wrong size
-    need, shape = {"nfe"}, (1, 16, 16)
-    assert not image_complete(finished_run, "000001", need, shape)
-    assert not image_complete(finished_run, "000002", need, shape)
-    assert image_complete(finished_run, "000000", need, shape)
+    assert seeds_done(finished_run, [0, 1, 2], {"class_label"}, (1, 16, 16)) == [0]
 
     assert cli(monkeypatch, tmp_path, *DIGITS, f"out_dir={finished_run}") is None
     metrics = json.loads((finished_run / "metrics.json").read_text())
@@ -241,7 +239,7 @@ def test_any_flipped_byte_in_a_record_is_caught_or_harmless(finished_run, offset
     record = finished_run / "records" / "000003.npz"
     original = record.read_bytes()
     _flip_byte(record, offset % len(original))
-    if image_complete(finished_run, "000003", {"nfe", "class_label"}, (1, 16, 16)):
+    if seeds_done(finished_run, [3], {"class_label"}, (1, 16, 16)):
         # Accepted only when every array still reads back unchanged (a flip in zip metadata that no reader uses).
         with np.load(record) as damaged, np.load(__import__("io").BytesIO(original)) as intact:
             assert damaged.files == intact.files
@@ -252,7 +250,8 @@ def test_any_flipped_byte_in_a_record_is_caught_or_harmless(finished_run, offset
 def test_resumed_run_keeps_end_of_run_files_until_it_replaces_them(finished_run):
     settings = json.loads((finished_run / "settings.json").read_text())
     assembled = {name: (finished_run / name).read_bytes() for name in ("images.npz", "grid.png", "metrics.json")}
-    prepare_run_folder(finished_run, settings, resume=True, app="sample")
+    with open_run(finished_run, "sample", settings, resume=True, subfolders=("images", "records")):
+        pass
     for name, data in assembled.items():
         assert (finished_run / name).read_bytes() == data, name
 
