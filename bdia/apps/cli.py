@@ -40,13 +40,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 #: Each app's shared config folders (under :data:`CONFIG_DIR`), searched after its own ``configs/<app>/``:
 #: ``shared`` holds ``hydra/bdia.yaml`` (the Hydra settings every app selects); ``loggers``: ``logger/``;
-#: ``launchers``: ``launcher/``; ``image_metrics`` / ``digits_metrics`` / ``prompt_metrics``: the ``metrics/``
-#: options for any image run / 16x16 digits runs / runs with prompts; ``sd``: the Stable Diffusion ``model/``.
+#: ``launchers``: ``launcher/``; ``image_metrics`` / ``digits_metrics`` / ``prompt_metrics`` / ``sample_metrics``: the
+#: ``metrics/`` options for any image run / 16x16 digits runs / runs with prompts / sampling runs (inverting their
+#: records); ``sd``: the Stable Diffusion ``model/``.
 APP_CONFIGS = {
-    "sample": ("shared", "loggers", "launchers", "image_metrics", "digits_metrics"),
+    "sample": ("shared", "loggers", "launchers", "image_metrics", "digits_metrics", "sample_metrics"),
     "text2image": ("shared", "loggers", "launchers", "image_metrics", "prompt_metrics", "sd"),
     "edit": ("shared", "loggers", "launchers", "sd"),
-    "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics"),
+    "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics", "sample_metrics"),
     "fid_ref": ("shared",),
     "train": ("shared",),
 }

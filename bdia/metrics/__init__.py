@@ -15,6 +15,7 @@ from .features import feature_statistics, inception_extractor, resolve_inception
 from .fid import FID, DigitsFD, ReferenceStats, load_reference
 from .frechet import FeatureStats, frechet_distance, kernel_distance, polynomial_mmd2
 from .images import ImageSource, open_images
+from .inversion import RecordInversion, invert_run_records
 from .reconstruction import Reconstruction, latent_metrics, pixel_metrics, reconstruction_metrics
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "FeatureStats",
     "ImageSource",
     "Reconstruction",
+    "RecordInversion",
     "ReferenceStats",
     "clip_scores",
     "digits_split",
@@ -37,6 +39,7 @@ __all__ = [
     "flatten_numbers",
     "frechet_distance",
     "inception_extractor",
+    "invert_run_records",
     "kernel_distance",
     "latent_metrics",
     "load_clip",

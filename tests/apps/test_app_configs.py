@@ -241,7 +241,7 @@ HELP_GROUPS = {
                        "table2_imagenet64"],
         "launcher": ["local", "slurm", "torchrun"],
         "logger": ["none", "wandb"],
-        "metrics": ["digits", "fid", "fid_edm", "none", "reconstruction"],
+        "metrics": ["digits", "fid", "fid_edm", "inversion", "none", "reconstruction"],
         "model": sorted([*CHECKPOINTS, "digits", "gmm-digits"]),
         "solver": ["bdia_ddim", "bdia_edm", "ddim", "edm"],
     },
@@ -260,7 +260,7 @@ HELP_GROUPS = {
     },
     "evaluate": {
         "logger": ["none", "wandb"],
-        "metrics": ["clip", "digits", "fid", "fid_edm", "none", "reconstruction"],
+        "metrics": ["clip", "digits", "fid", "fid_edm", "inversion", "none", "reconstruction"],
     },
     "fid_ref": {},
     "train": {},
@@ -307,7 +307,7 @@ def test_preflight_lists_the_options_of_the_apps_own_search_path():
 
     assert preflight(["-m", "logger=none,wandb", "launcher=local"]) is None  # shared groups of the sampling app
     assert preflight(["-m", "metrics=clip,none"]) == (
-        "unknown metrics 'clip' (metrics=clip); choose one of: digits, fid, fid_edm, none, reconstruction")
+        "unknown metrics 'clip' (metrics=clip); choose one of: digits, fid, fid_edm, inversion, none, reconstruction")
     assert preflight(["model=sd15"]).startswith("unknown model 'sd15' (model=sd15); choose one of: baseline-")
     assert preflight(["-m", "solver=edm,ddim"], config_name="text2image") == (
         "unknown solver 'edm' (solver=edm); choose one of: bdia_ddim, ddim")
