@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import math
 
+from . import multistep as _multistep
+from . import rex as _rex
 from . import solvers as _solvers
 
 __all__ = ["MAX_NUM_STEPS", "is_number", "solver_options", "check_solver_options", "check_num_steps", "check_flags",
@@ -61,12 +63,17 @@ def check_solver_options(solver, gamma, solver_kwargs, sigmas, batch_size=1, sol
         value = solver_kwargs.get(name, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValueError(f"{name} must be a number, got {value!r}")
+    if solver in _multistep.MULTISTEP_SOLVERS:
+        _multistep.check_options(solver, solver_kwargs)
+    if solver == "rex":
+        _rex.check_options(**solver_kwargs)
     if isinstance(gamma, bool):
         raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
-    if solver in _solvers.INVERTIBLE_SOLVERS:
+    if solver in _solvers.GAMMA_SOLVERS:
         _solvers.gamma_schedule(1.0 if gamma is None else gamma, sigmas, solver)  # raises on bad gamma
     elif gamma is not None and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma == 0):
-        raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
+        hint = f"is gamma = 0 (use bdia_{solver})" if f"bdia_{solver}" in _solvers.GAMMA_SOLVERS else "has no gamma"
+        raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} {hint}")
 
 
 def is_number(value) -> bool:

@@ -52,6 +52,8 @@ from .gammas import ddim_scale as _ddim_scale
 from .gammas import scale_in, unit_scale
 from .gammas import vp_scale as _vp_scale  # noqa: F401  (the tests' name)
 from .schedules import as_sigmas, flow_time
+from .multistep import dpmpp_2m, ipndm, unipc
+from .rex import invert_rex, rex
 
 __all__ = [
     "StatePair",
@@ -70,10 +72,17 @@ __all__ = [
     "predicted_roundtrip_error",
     "sample",
     "invert",
+    "dpmpp_2m",
+    "unipc",
+    "ipndm",
+    "rex",
+    "invert_rex",
 ]
 
-SOLVERS = ("ddim", "bdia_ddim", "edm", "bdia_edm")
-INVERTIBLE_SOLVERS = ("bdia_ddim", "bdia_edm")
+SOLVERS = ("ddim", "bdia_ddim", "edm", "bdia_edm", "dpmpp_2m", "unipc", "ipndm", "rex")
+INVERTIBLE_SOLVERS = ("bdia_ddim", "bdia_edm", "rex")
+#: The solvers with a BDIA weight ``gamma`` (the others refuse one). Rex couples with ``zeta`` instead.
+GAMMA_SOLVERS = ("bdia_ddim", "bdia_edm")
 BACKWARD_MAPS = ("euler", "heun", "taylor", "exp")
 SPACES = ("x", "vp")
 
@@ -82,7 +91,8 @@ class StatePair(NamedTuple):
     """Two consecutive BDIA states: ``x_end`` at one end of the sigma grid, ``x_inner`` one step inside it.
 
     ``sample(..., return_pair=True)`` returns ``(x at sigmas[-1], x at sigmas[-2])``; ``invert`` returns
-    ``(x at sigmas[0], x at sigmas[1])``, which ``sample`` accepts as its starting point.
+    ``(x at sigmas[0], x at sigmas[1])``, which ``sample`` accepts as its starting point. For ``rex`` the second
+    state is its coupled companion ``x_hat`` (:mod:`bdia.rex`): ``(x_N, x_hat_{N-1})`` and ``(x_0, x_hat_0)``.
     """
 
     x_end: torch.Tensor
@@ -453,19 +463,27 @@ def sample(
     _check_solver(solver, SOLVERS)
     x_init = _cast(x_init, dtype)
     common = dict(class_labels=class_labels, cond=cond, progress=progress)
-    if solver in INVERTIBLE_SOLVERS:
+    if solver in GAMMA_SOLVERS:
         fn = bdia_ddim if solver == "bdia_ddim" else bdia_edm
         gamma = DEFAULT_GAMMA[solver] if gamma is None else gamma
         pair = fn(denoiser, x_init, sigmas, gamma=gamma, **common, **solver_kwargs)
         return pair if return_pair else pair.x_end
-    if gamma is not None and not (isinstance(gamma, (int, float)) and gamma == 0):
-        raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} is gamma = 0 (use bdia_{solver})")
+    _refuse_gamma(solver, gamma)
+    if solver == "rex":
+        pair = StatePair(*rex(denoiser, x_init, sigmas, **common, **solver_kwargs))
+        return pair if return_pair else pair.x_end
     if return_pair:
         raise ValueError(f"return_pair needs a BDIA solver ({', '.join(INVERTIBLE_SOLVERS)}), not {solver!r}")
     if isinstance(x_init, tuple):
         raise TypeError(f"{solver!r} starts from a single tensor; a state pair is BDIA state (use its x_end)")
-    fn = ddim if solver == "ddim" else edm
+    fn = {"ddim": ddim, "edm": edm, "dpmpp_2m": dpmpp_2m, "unipc": unipc, "ipndm": ipndm}[solver]
     return fn(denoiser, x_init, sigmas, **common, **solver_kwargs)
+
+
+def _refuse_gamma(solver, gamma):
+    if gamma is not None and not (isinstance(gamma, (int, float)) and gamma == 0):
+        hint = f"is gamma = 0 (use bdia_{solver})" if f"bdia_{solver}" in GAMMA_SOLVERS else "has no gamma"
+        raise ValueError(f"gamma applies to the BDIA solvers only; {solver!r} {hint}")
 
 
 @torch.no_grad()
@@ -492,6 +510,10 @@ def invert(
         raise ValueError(f"{solver!r} has no exact inverse; invertible solvers: {', '.join(INVERTIBLE_SOLVERS)}")
     _check_solver(solver, INVERTIBLE_SOLVERS)
     x_last = _cast(x_last, dtype)
+    if solver == "rex":
+        _refuse_gamma(solver, gamma)
+        return StatePair(*invert_rex(denoiser, x_last, sigmas, class_labels=class_labels, cond=cond, progress=progress,
+                                     **solver_kwargs))
     gamma = DEFAULT_GAMMA[solver] if gamma is None else gamma
     fn = invert_bdia_ddim if solver == "bdia_ddim" else invert_bdia_edm
     return fn(denoiser, x_last, sigmas, gamma=gamma, class_labels=class_labels, cond=cond, progress=progress, **solver_kwargs)

@@ -104,7 +104,8 @@ def test_imports_inside_functions_are_only_the_declared_lazy_ones():
 #: The layers of ``docs/design.md``, lowest first. A module imports only from its own layer or lower ones.
 LAYERS = {
     "core": ("bdia.download", "bdia.schedules", "bdia.denoisers", "bdia.gammas", "bdia.solvers", "bdia.checks",
-             "bdia.speed", "bdia.analytic", "bdia.data", "bdia.networks", "bdia.inversion", "bdia.reversible"),
+             "bdia.speed", "bdia.analytic", "bdia.data", "bdia.networks", "bdia.inversion", "bdia.reversible",
+             "bdia.multistep", "bdia.rex"),
     "services": ("bdia.imageio", "bdia.runfolder", "bdia.distributed", "bdia.metrics", "bdia.logger", "bdia.configs",
                  "bdia.models", "bdia.prompts", "bdia.testing", "bdia.schedulers", "bdia.pipelines", "bdia.assets"),
     "apps": ("bdia.apps",),
