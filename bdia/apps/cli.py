@@ -47,6 +47,7 @@ APP_CONFIGS = {
     "sample": ("shared", "loggers", "launchers", "image_metrics", "digits_metrics", "sample_metrics"),
     "text2image": ("shared", "loggers", "launchers", "image_metrics", "prompt_metrics", "sd"),
     "edit": ("shared", "loggers", "launchers", "sd"),
+    "demo": ("shared", "sd"),
     "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics", "sample_metrics"),
     "fid_ref": ("shared",),
     "train": ("shared",),
