@@ -67,8 +67,11 @@ def check_solver_options(solver, gamma, solver_kwargs, sigmas, batch_size=1, sol
         _multistep.check_options(solver, solver_kwargs)
     if solver == "rex":
         _rex.check_options(**solver_kwargs)
-    if isinstance(gamma, bool):
-        raise ValueError(f"gamma must be a number in [0, 1], a list or a schedule name, got {gamma!r}")
+    numbers = isinstance(gamma, (list, tuple)) and all(isinstance(g, (int, float)) and not isinstance(g, bool)
+                                                       for g in gamma)
+    if isinstance(gamma, bool) or not (gamma is None or isinstance(gamma, (int, float, str)) or numbers):
+        shown = repr(gamma) if len(repr(gamma)) <= 60 else repr(gamma)[:57] + "..."
+        raise ValueError(f"gamma must be a number in [0, 1], a list of numbers or a schedule name, got {shown}")
     if solver in _solvers.GAMMA_SOLVERS:
         _solvers.gamma_schedule(1.0 if gamma is None else gamma, sigmas, solver)  # raises on bad gamma
     elif gamma is not None and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma == 0):

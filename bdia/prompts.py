@@ -35,13 +35,37 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
 
 
+#: Bound on a prompt file's / captions file's size (COCO's captions_val2014.json is 24 MB).
+MAX_TEXT_BYTES = 512 * 2**20
+
+
+def _read_text(path: Path, key: str) -> str:
+    """The UTF-8 text of the regular file ``path`` (a folder, a pipe, a binary or an oversized file is one line
+    naming ``key`` and the file)."""
+    if not path.exists():
+        raise ValueError(f"{key}={path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{key}={path}: a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"{key}={path}: not a regular file (a pipe, socket or device)")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise ValueError(f"{key}={path}: {path.stat().st_size / 2**20:.0f} MiB, more than the "
+                         f"{MAX_TEXT_BYTES // 2**20} MiB this reader accepts")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key}={path}: not UTF-8 text (byte {e.start}); give a text file") from None
+    if "\x00" in text:
+        raise ValueError(f"{key}={path}: holds NUL bytes, so it is not a text file")
+    return text
+
+
 def read_prompt_file(path) -> list[str]:
     """Prompts from a text file, one per line (blank lines and ``#`` comments skipped, whitespace stripped)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"prompt_file={path}: no such file")
     prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _read_text(path, "prompt_file").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             prompts.append(line)
@@ -70,14 +94,13 @@ def coco_captions(path, num: int | None = None, seed: int = 0, one_per_image: bo
                 break
         else:
             raise ValueError(f"coco_captions={path}: no annotations/captions_val2014.json in this folder")
-    if not path.is_file():
-        raise ValueError(f"coco_captions={path}: no such file (give annotations/captions_val2014.json)")
+    text = _read_text(path, "coco_captions")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
         annotations = data["annotations"]
         records = [{"caption": _clean(a["caption"]), "caption_id": int(a["id"]), "image_id": int(a["image_id"])}
                    for a in annotations]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"coco_captions={path}: not a COCO captions file ({type(e).__name__}: {e})") from None
     records.sort(key=lambda r: r["caption_id"])
     if one_per_image:

@@ -633,6 +633,12 @@ class RunFolder:
         fd, base, _ = self._where(name)
         return _read_regular(base, fd, limit)
 
+    def is_regular_file(self, name: str) -> bool:
+        """``name`` exists in the folder as a regular file (not a link, not a folder)."""
+        fd, base, _ = self._where(name)
+        info = _lstat(base, fd)
+        return info is not None and stat.S_ISREG(info.st_mode)
+
     def read_json(self, name: str):
         return _json_or_none(self.read_bytes(name, MAX_JSON_BYTES))
 

@@ -32,7 +32,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bdia.apps.cli import run_command_line, run_job
-from bdia.apps.sample import sample_from_config
+from bdia.apps.sample import check_config, sample_from_config
 
 
 @hydra.main(config_path="../configs/sample", config_name="sample", version_base="1.3")
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 def cli() -> None:
     """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
-    run_command_line(main, config_name="sample")
+    run_command_line(main, config_name="sample", check=check_config)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bdia.apps.cli import run_command_line, run_job
-from bdia.apps.text2image import text2image_from_config
+from bdia.apps.text2image import check_config, text2image_from_config
 
 
 @hydra.main(config_path="../configs/text2image", config_name="text2image", version_base="1.3")
@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 def cli() -> None:
     """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
-    run_command_line(main, config_name="text2image")
+    run_command_line(main, config_name="text2image", check=check_config)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,15 @@ import torch
 
 from .. import solvers as _solvers
 from ..analytic import mixture_metrics
-from ..checks import check_class_idx, check_flags, check_grid, check_grid_size, check_num_steps, check_solver_options
+from ..checks import (
+    check_class_idx,
+    check_flags,
+    check_grid,
+    check_grid_size,
+    check_int,
+    check_num_steps,
+    check_solver_options,
+)
 from ..configs import build_metrics, instantiate
 from ..denoisers import CountingDenoiser, FixedBatchDenoiser, GaussianMixtureDenoiser, check_network_batch
 from ..distributed import DistContext, init_distributed, resolve_device
@@ -343,6 +351,43 @@ def _assemble(run: RunFolder, seeds, shape, label_dim, sigmas, save_states, keep
 # The app behind scripts/sample.py: a composed config -> ranks -> model -> sample_run -> metrics -> logger.
 
 
+def check_config(cfg) -> None:
+    """The cheap checks of a composed ``configs/sample`` config, without loading a model or writing anything:
+    what ``scripts/sample.py`` runs on every job of a sweep before any job runs. Raises one-line
+    ``ValueError`` naming the key."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    solver = config.get("solver")
+    if not isinstance(solver, dict) or "name" not in solver:
+        raise ValueError(f"solver must be a solver config (solver=edm|bdia_edm|ddim|bdia_ddim), got {solver!r}")
+    solver = dict(solver)
+    name, gamma, num_steps = solver.pop("name"), solver.pop("gamma", None), solver.pop("num_steps", None)
+    seeds = parse_seeds(config.get("seeds"))
+    check_num_steps(num_steps)
+    grid = {k: config[k] for k in _GRID_KEYS if k in config}
+    check_grid(**grid)
+    batch_size = config.get("batch_size", 64)
+    if batch_size != "auto":
+        check_int("batch_size", batch_size, 1)
+    network_batch = config.get("network_batch")
+    if network_batch != "auto":
+        check_network_batch(network_batch)
+    sigmas = karras_sigmas(num_steps, grid.get("sigma_min", 0.002), grid.get("sigma_max", 80.0), grid.get("rho", 7.0))
+    check_solver_options(name, gamma, solver, sigmas, 1)
+    class_idx = config.get("class_idx")
+    if class_idx is not None:
+        check_int("class_idx", class_idx, 0)
+    check_flags(**{k: config[k] for k in ("save_states", "resume", "progress", "channels_last") if k in config})
+    SpeedOptions(config.get("precision", "float32"), config.get("channels_last", False), config.get("compile"))
+    image_size = (config.get("model") or {}).get("image_size") if isinstance(config.get("model"), dict) else None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        channels = (config.get("model") or {}).get("channels", 3)
+        check_grid_size(len(seeds), (channels if channels in (1, 3) else 3, image_size, image_size),
+                        grid.get("grid_nrow"), grid.get("grid_padding", 0), grid.get("grid_scale", 1))
+    check_out_dir(config.get("out_dir"), "sample")
+
+
 def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
     """Run ``scripts/sample.py`` for a composed config (``configs/sample/sample.yaml``): join the process group the
     environment describes (``distributed``: auto | required | off), load the model, sample, and log on rank 0.
@@ -353,6 +398,7 @@ def sample_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | 
     """
     from omegaconf import OmegaConf
 
+    check_config(cfg)  # cheap checks first: nothing is loaded for a refused run
     config = OmegaConf.to_container(cfg, resolve=True)
     ctx, device = init_distributed(config.get("device", "auto"), config.get("distributed", "auto"))
     solver = dict(config["solver"])

@@ -355,6 +355,43 @@ def _preload_metric_models(evaluators: Mapping[str, Any]) -> None:
             metric.reference_for(metric.ref_spec)  # cached; computed once from a folder
 
 
+def check_config(cfg) -> None:
+    """The cheap checks of a composed ``configs/text2image`` config (no model, no prompts read, nothing written):
+    what ``scripts/text2image.py`` runs on every job of a sweep before any runs. One-line ``ValueError`` naming
+    the key."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    spec = config.get("solver")
+    spec = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    name, gamma, num_steps = spec.get("name"), spec.get("gamma"), spec.get("num_steps")
+    if name not in TEXT2IMAGE_SOLVERS:
+        raise ValueError(f"unknown solver {name!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
+    check_num_steps(num_steps)
+    seeds = parse_seeds(config.get("seeds"))
+    _validate(name, gamma, config.get("guidance_scale", 7.5), 1 if config.get("batch_size") == "auto" else
+              config.get("batch_size", 4), config.get("network_batch"), config.get("grid_nrow"),
+              config.get("grid_padding", 2), torch.linspace(14.6, 0.03, num_steps + 1, dtype=torch.float64))
+    for key in ("height", "width"):
+        if config.get(key) is not None:
+            check_int(key, config[key], 8, MAX_IMAGE_SIDE)
+    for key in ("negative_prompt",):
+        if not isinstance(config.get(key, ""), str):
+            raise ValueError(f"{key} must be a string, got {config.get(key)!r}")
+    check_flags(**{k: config[k] for k in ("save_states", "save_npz", "resume", "noise_per_prompt", "progress",
+                                          "channels_last") if k in config})
+    SpeedOptions(config.get("precision", "float32"), config.get("channels_last", False), config.get("compile"))
+    prompts = config.get("prompts")
+    if isinstance(prompts, list):
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
+        side = max(config.get("height") or 512, config.get("width") or 512)
+        check_grid_size(len(prompts) * len(seeds), (3, side, side), config.get("grid_nrow") or len(seeds),
+                        config.get("grid_padding", 2), 1)
+    check_out_dir(config.get("out_dir"), "text2image")
+
+
 def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict | None:
     """Run ``scripts/text2image.py`` for a composed ``configs/text2image/text2image.yaml`` config: load the model
     (``model`` group, :func:`bdia.networks.sd.load_sd`), the prompts and the metrics (``metrics`` group, built
@@ -364,6 +401,7 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     the metrics dict on rank 0, ``None`` on the other ranks."""
     from omegaconf import OmegaConf
 
+    check_config(cfg)  # before any model is loaded
     config = OmegaConf.to_container(cfg, resolve=True)
     choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra/")}
     spec = config.get("solver")
