@@ -179,11 +179,20 @@ _register_resolvers()  # the app configs' out_dir uses ${bdia.run_name:...}
 #: Exceptions that mean "the input is wrong or a file is missing", reported as one line without a traceback.
 USER_ERRORS = (ValueError, AssetUnavailableError, SnapshotError, FloatingPointError)
 
+#: The longest error line printed (a message quoting a huge value is cut, never spread over many lines).
+MAX_LINE = 2000
+
+
 def one_line(error: BaseException | str) -> str:
     """A (possibly multi-line) message as one line: lines stripped and joined with `` | ``, runs of spaces
-    collapsed."""
-    text = str(error)
-    return " | ".join(re.sub(r"\s+", " ", line).strip() for line in text.splitlines() if line.strip())
+    collapsed, control characters shown escaped, at most :data:`MAX_LINE` characters."""
+    try:
+        text = str(error)
+    except RecursionError:  # a message built from a value nested too deeply to print
+        text = f"{type(error).__name__} (its message is too deeply nested to print)"
+    text = " | ".join(re.sub(r"\s+", " ", line).strip() for line in text.splitlines() if line.strip())
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,22 +213,100 @@ def _missing_config_line(error) -> str:
     return one_line(str(error).split("Config search path:")[0])
 
 
-def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample") -> str | None:
+def _compose_error_line(error: BaseException, config_dir: Path) -> str:
+    from hydra.errors import MissingConfigException
+
+    if isinstance(error, MissingConfigException):
+        return _missing_config_line(error)
+    message = str(error)
+    cause = error.__cause__
+    if cause is not None and str(cause) and str(cause) not in message:
+        message = f"{message}\n{cause}"
+    line = one_line(message.split("Config search path:")[0])
+    missing = re.search(r"Key '(gamma|num_steps)' is not in struct", line)
+    if missing and group_options(config_dir, "solver"):  # the spelling before every app had a solver group
+        line += f" | the solver's settings are solver.{missing.group(1)}=..."
+    return line
+
+
+#: Jobs of a sweep checked before any runs (a larger sweep has its first ones checked; the rest when they run).
+MAX_CHECKED_JOBS = 1000
+
+
+def _unknown_top_level_keys(parsed, config_dir: Path, base_keys) -> str | None:
+    """``+foo=1`` / ``++foo=1`` that would add a top-level key the app does not have (Hydra accepts them silently)."""
+    for o in parsed:
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add()) or "." in key or "/" in key or key.startswith("hydra"):
+            continue
+        if group_options(config_dir, key) is not None or key in base_keys:
+            continue
+        shown = ", ".join(sorted(k for k in base_keys if k != "hydra"))
+        return f"unknown setting {key!r} ({o.input_line}); this app's settings: {shown}"
+    return None
+
+
+def _jobs(parsed, sweep_params, argv_overrides) -> list[list[str]]:
+    """The override lists of a multirun's jobs, as Hydra's basic sweeper forms them (the config's
+    ``hydra.sweeper.params`` first, then the command line)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (sweep_params or {}).items()]
+    all_parsed = OverridesParser.create().parse_overrides([*params, *argv_overrides])
+    return BasicSweeper.split_arguments(all_parsed, None)[0]
+
+
+def _check_job(config_name: str, overrides: list[str], config_dir: Path, check) -> str | None:
+    """Compose one job exactly as Hydra will and run the app's ``check(cfg)`` (cheap: no model, no writes)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    try:
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    except Exception as e:
+        return _compose_error_line(e, config_dir)
+    if check is None:
+        return None
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations (out_dir) resolve as in the job
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        check(cfg)
+    except USER_ERRORS as e:
+        return one_line(e)
+    except OSError as e:
+        return f"cannot read or write a file: {one_line(e)}"
+    except Exception as e:  # an interpolation that does not resolve, a value of the wrong type
+        if type(e).__module__.startswith("omegaconf"):
+            return one_line(str(e).split("full_key:")[0])
+        raise
+    finally:
+        HydraConfig.instance().cfg = None
+    return None
+
+
+def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample", check=None) -> str | None:
     """Check an app's command line (``sys.argv[1:]``; the app's primary config ``config_name`` in
     ``config_dir``, default ``configs/<config_name>/``) before Hydra runs it; return one line describing the
     first problem, or ``None``.
 
-    Without sweeps the overrides are composed exactly as Hydra will (``hydra.compose``), which catches unknown
-    config names (the line lists the valid ones), keys that do not exist and malformed values. With sweeps
-    (``-m solver=edm,bdia_edm``) each named config group option is checked to exist. Command lines with other
-    Hydra flags (``--cfg``, ``--help`` …) are left to Hydra.
+    Every job is composed exactly as Hydra will (``hydra.compose``; a multirun ``-m`` is expanded into its jobs
+    as Hydra's basic sweeper does, the config's ``hydra.sweeper.params`` included, and **every** job is checked
+    before any runs), which catches unknown config names (the line lists the valid ones), keys that do not
+    exist, malformed values and ``+key=value`` adding a top-level key the app does not have. ``check(cfg)``, the
+    app's own check of a composed config (no model loaded, nothing written: values of the wrong type, bounds,
+    the run folder), runs on each job; its one-line ``ValueError`` is the answer. Command lines with other Hydra
+    flags (``--cfg``, ``--help`` …) are left to Hydra.
     """
+    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import MissingConfigException
 
-    overrides = []
+    overrides, multirun = [], False
     for arg in argv:
         if arg in ("-m", "--multirun"):
+            multirun = True
             continue
         if arg.startswith("-"):  # --cfg, --help, --info ...: Hydra's own business
             return None
@@ -229,34 +316,36 @@ def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample")
     except Exception as e:
         return f"cannot parse the command line: {one_line(e)}"
     config_dir = Path(config_dir) if config_dir is not None else app_config_dir(config_name)
-    if any(o.is_sweep_override() for o in parsed):
-        for o in parsed:
-            group = o.key_or_group
-            options = group_options(config_dir, group) if "." not in group and not group.startswith("hydra") else None
-            if options is None or o.is_delete():
-                continue
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-            for value in values:
-                if value not in options and value != "null":
-                    return f"unknown {group} {value!r} ({group}={value}); choose one of: {', '.join(options)}"
-        return None
-    from hydra import compose, initialize_config_dir
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        o = sweeps[0]
+        return f"{o.input_line} is a sweep: add -m (multirun) to run one job per value"
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    with initialize_config_dir(str(config_dir.resolve()), version_base="1.3"):
+        try:
+            base = compose(config_name, overrides=fixed, return_hydra_config=True)
+        except Exception as e:
+            return _compose_error_line(e, config_dir)
+        adds = {o.input_line for o in parsed if (o.is_add() or o.is_force_add()) and "." not in o.key_or_group}
+        known = set(compose(config_name, overrides=[f for f in fixed if f not in adds]).keys()) if adds else set()
+        problem = _unknown_top_level_keys(parsed, config_dir, known)
+        if problem:
+            return problem
+        if not multirun:
+            return _check_job(config_name, overrides, config_dir, check)
+        from omegaconf import OmegaConf
 
-    try:
-        with initialize_config_dir(str(config_dir.resolve()), version_base="1.3"):
-            compose(config_name, overrides=list(overrides))
-    except MissingConfigException as e:
-        return _missing_config_line(e)
-    except Exception as e:
-        message = str(e)
-        cause = e.__cause__
-        if cause is not None and str(cause) and str(cause) not in message:
-            message = f"{message}\n{cause}"
-        line = one_line(message.split("Config search path:")[0])
-        missing = re.search(r"Key '(gamma|num_steps)' is not in struct", line)
-        if missing and group_options(config_dir, "solver"):  # the spelling before every app had a solver group
-            line += f" | the solver's settings are solver.{missing.group(1)}=..."
-        return line
+        sweep_params = OmegaConf.to_container(base.hydra.sweeper, resolve=False).get("params") \
+            if "sweeper" in base.hydra else None
+        try:
+            jobs = _jobs(parsed, sweep_params, overrides)
+        except Exception as e:
+            return f"cannot expand the sweep: {one_line(e)}"
+        for number, job in enumerate(jobs[:MAX_CHECKED_JOBS]):
+            problem = _check_job(config_name, job, config_dir, check)
+            if problem:
+                where = f"job {number} of {len(jobs)} ({' '.join(job) or 'no overrides'})" if len(jobs) > 1 else ""
+                return f"{where}: {problem}; no job was run" if where else problem
     return None
 
 
@@ -268,14 +357,34 @@ def _full_errors() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
-def run_job(job, cfg):
-    """Inside a ``@hydra.main`` function: ``job(cfg, choices=<the config-group choices>)``; a user mistake
+#: What a run says when it is interrupted (Ctrl-C): the apps resume where they stopped.
+INTERRUPTED = "interrupted; rerun the same command to resume"
+#: Settings an out-of-memory message may suggest lowering, in order, when the app has them.
+_MEMORY_KEYS = ("batch_size", "network_batch", "image_size", "height", "width")
+
+
+def _memory_advice(cfg) -> str:
+    keys = [k for k in _MEMORY_KEYS if cfg is not None and k in cfg]
+    if cfg is not None and "train" in cfg and "batch_size" in (cfg.get("train") or {}):
+        keys.insert(0, "train.batch_size")
+    return f"; lower {' or '.join(keys)}" if keys else ""
+
+
+def run_job(job, cfg, interrupted: str = INTERRUPTED):
+    """Inside a ``@hydra.main`` function: ``job(cfg, choices=<the config-group choices>)``. A user mistake
     (:data:`USER_ERRORS`) or a file-system refusal (``OSError``: disk full, file-size limit, permissions) ends the
-    process with one line ``error: ...`` (``HYDRA_FULL_ERROR=1``: the traceback)."""
+    process with one line ``error: ...`` and exit status 1; running out of memory with one line naming the
+    settings the app has that would lower it; Ctrl-C (SIGINT) with the one line ``interrupted`` (exit status
+    130). ``HYDRA_FULL_ERROR=1``: the traceback instead."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
         return job(cfg, choices=dict(HydraConfig.get().runtime.choices))
+    except KeyboardInterrupt:
+        if _full_errors():
+            raise
+        print(interrupted, file=sys.stderr, flush=True)
+        sys.exit(130)
     except USER_ERRORS as e:
         if _full_errors():
             raise
@@ -287,7 +396,11 @@ def run_job(job, cfg):
     except (MemoryError, RuntimeError) as e:
         if _full_errors() or not _out_of_memory(e):
             raise
-        sys.exit(f"error: out of memory ({one_line(e)[:200]}); lower batch_size or network_batch")
+        sys.exit(f"error: out of memory ({one_line(e)[:200]}){_memory_advice(cfg)}")
+    except RecursionError as e:
+        if _full_errors():
+            raise
+        sys.exit(f"error: an input is nested too deeply to read ({one_line(e)[:200]})")
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -298,11 +411,16 @@ def _out_of_memory(error: BaseException) -> bool:
             or "can't allocate memory" in str(error) or "out of memory" in str(error).lower())
 
 
-def run_command_line(main, config_name: str, config_dir=None) -> None:
+def run_command_line(main, config_name: str, config_dir=None, check=None) -> None:
     """A script's entry point: check ``sys.argv``'s overrides with :func:`preflight` against the app's configs
-    (``config_dir``, default ``configs/<config_name>/``: the folder its ``@hydra.main`` names; one-line
-    errors), then let Hydra run ``main``."""
-    problem = None if _full_errors() else preflight(sys.argv[1:], config_dir, config_name)
+    (``config_dir``, default ``configs/<config_name>/``: the folder its ``@hydra.main`` names; ``check``: the
+    app's check of a composed config, run on every job of a sweep before any runs), one-line errors, then let
+    Hydra run ``main``."""
+    try:
+        problem = None if _full_errors() else preflight(sys.argv[1:], config_dir, config_name, check)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     if problem:
         sys.exit(f"error: {problem}")
     main()
