@@ -5,7 +5,7 @@
   :class:`StackedRandomGenerator`), so an image does not depend on the batch size, on the other seeds or on
   the number of processes.
 * Images are quantised as EDM does, ``(x * 127.5 + 128).clip(0, 255).to(uint8)`` (:func:`quantize`), and
-  saved as PNG; :func:`image_grid` tiles them.
+  saved as PNG; :func:`image_grid` tiles them, :func:`labelled_grid` with its rows and columns named.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "class_labels_for",
     "quantize",
     "image_grid",
+    "labelled_grid",
     "save_image_grid",
     "png_bytes",
     "read_png",
@@ -215,6 +216,78 @@ def image_grid(images, nrow: int | None = None, padding: int = 0, pad_value: int
         left = padding + (i % nrow) * (w + padding)
         grid[top : top + h, left : left + w] = array[i].transpose(1, 2, 0)
     return grid
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (needs FreeType, in the wheels)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels (words kept whole where they fit), ``max_lines`` at most."""
+    lines: list[str] = []
+    for word in str(text).split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate, font=font) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".,;") + " ..."
+    return lines or [""]
+
+
+def labelled_grid(images, nrow: int, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+                  title: str | None = None, padding: int = 2, scale: int = 1, pad_value: int = 255,
+                  font_size: int = 13) -> np.ndarray:
+    """:func:`image_grid` with its rows and columns named: ``row_labels`` (one per row of tiles) in a margin on
+    the left, ``col_labels`` (one per column) above the tiles, ``title`` above everything, black text on
+    ``pad_value``. Labels wrap to the tile width (columns) or the margin (rows). Returns ``[H', W', C]`` uint8
+    (greyscale tiles are drawn in RGB so the text stays readable)."""
+    from PIL import Image, ImageDraw
+
+    grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value, scale=scale)
+    if grid.shape[2] == 1:
+        grid = grid.repeat(3, axis=2)
+    n = _as_uint8_nchw(images).shape[0]
+    rows, cols = math.ceil(n / nrow), min(nrow, n)
+    tile_h, tile_w = (grid.shape[0] - padding) // rows - padding, (grid.shape[1] - padding) // cols - padding
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = font_size + 3
+    left = 0
+    if row_labels:
+        if len(row_labels) != rows:
+            raise ValueError(f"{len(row_labels)} row labels for {rows} rows of tiles")
+        left = min(max(int(probe.textlength(str(t), font=font)) for t in row_labels) + 8, max(120, tile_w))
+    col_lines = []
+    if col_labels:
+        if len(col_labels) != cols:
+            raise ValueError(f"{len(col_labels)} column labels for {cols} columns of tiles")
+        col_lines = [_wrap(probe, t, font, max(tile_w, 40), 3) for t in col_labels]
+    title_lines = _wrap(probe, title, font, left + grid.shape[1] - 8, 3) if title else []
+    top_cols = line_h * max((len(c) for c in col_lines), default=0) + (4 if col_lines else 0)
+    top = line_h * len(title_lines) + (4 if title_lines else 0) + top_cols
+    canvas = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), (pad_value,) * 3)
+    canvas.paste(Image.fromarray(grid), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((4, 2 + i * line_h), line, fill=(0, 0, 0), font=font)
+    y0 = top - top_cols
+    for c, lines in enumerate(col_lines):
+        x = left + padding + c * (tile_w + padding)
+        for i, line in enumerate(lines):
+            draw.text((x, y0 + i * line_h), line, fill=(0, 0, 0), font=font)
+    for r, label in enumerate(row_labels or []):
+        y = top + padding + r * (tile_h + padding)
+        for i, line in enumerate(_wrap(draw, label, font, left - 8, max(1, tile_h // line_h))):
+            draw.text((4, y + i * line_h), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def png_bytes(array_hwc: np.ndarray) -> bytes:

@@ -28,7 +28,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from bdia.apps.cli import run_command_line, run_job
+from bdia.apps.cli import print_summary, run_command_line, run_job, shell_command, sweep_folder
 from bdia.configs import instantiate
 from bdia.distributed import launch_context, resolve_device
 from bdia.logger import NullLogger, Table, log_run
@@ -51,7 +51,7 @@ def edit_from_config(cfg, choices=None) -> dict | None:
     multirun under torchrun, only this rank's jobs; ``None`` for the others)."""
     import inspect
 
-    from bdia.apps.edit import edit_run
+    from bdia.apps.edit import edit_run, summary_rows
 
     config = OmegaConf.to_container(cfg, resolve=True)
     model_cfg = config.pop("model", None)
@@ -69,7 +69,7 @@ def edit_from_config(cfg, choices=None) -> dict | None:
         raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
     from bdia.apps.edit import check_edit_settings
 
-    settings = {k: v for k, v in config.items() if k != "out_dir"}
+    settings = {k: v for k, v in config.items() if k not in ("out_dir", "progress")}
     check_edit_settings(**settings)  # every setting, before the model is loaded or the folder is claimed
     check_out_dir(config.get("out_dir"), "edit")
     sd = load_sd_config(model_cfg, device)
@@ -81,6 +81,10 @@ def edit_from_config(cfg, choices=None) -> dict | None:
     figures = {f"{method}/figure": out_dir / f"{method}.png" for method in metrics["methods"]}
     log_run(logger, {**full_config, "choices": dict(choices or {})}, out_dir, experiment_name, metrics,
             images={**figures, "edit_grid": out_dir / "edit_grid.png"}, tables=[edit_table(metrics)])
+    rows = summary_rows(metrics, out_dir)
+    if (sweep := sweep_folder()) is not None:
+        rows.append(("sweep table", shell_command("python", "scripts/summarize.py", sweep)))
+    print_summary(f"edit: {len(metrics['methods'])} method(s) in {out_dir}", rows)
     return metrics
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..denoisers import RowCountingDenoiser
 from ..checks import check_flags, check_grid_size, check_image_grid, check_int, check_num_steps, check_number
-from ..imageio import image_grid, png_bytes, quantize
+from ..imageio import labelled_grid, png_bytes, quantize
 from ..inversion import (
     METHOD_REGISTRY,
     METHODS,
@@ -41,9 +42,10 @@ from ..metrics.clip_score import clip_edit_metrics, load_clip
 from ..metrics.lpips import LPIPS
 from ..metrics.reconstruction import latent_metrics, pixel_metrics
 from ..runfolder import check_out_dir, environment_info, jsonable, open_run
+from ..testing import has_random_weights
 
 __all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run",
-           "check_edit_settings", "image_identity", "EDIT_WRITTEN"]
+           "check_edit_settings", "image_identity", "EDIT_WRITTEN", "summary_rows"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,13 +329,16 @@ def edit_run(
     lpips_weights: str | None = None,
     grid_scale: int = 1,
     resume: bool = True,
+    progress: bool = True,
     config: dict | None = None,
     model_info: dict | None = None,
 ) -> dict:
     """Encode ``image`` with ``sd`` (:class:`bdia.networks.sd.StableDiffusion`), invert it under
     ``source_prompt`` with each method, reconstruct it, edit it with ``edit_prompt``; write into ``out_dir``:
 
-    * ``<method>.png``: original | reconstruction | edit, side by side; ``edit_grid.png``: one row per method;
+    * ``<method>.png``: original | reconstruction | edit, side by side, labelled; ``edit_grid.png``: one row per
+      method (named, with its latent round-trip error), columns named (original / reconstruction / edit: prompt),
+      titled with the prompts (and, for a model with random weights, that its images are noise);
     * ``bdia_pair.npz``: BDIA's noise pair (``x_end`` at ``sigmas[0]``, ``x_inner`` at ``sigmas[1]``, EDM convention
       ``x = z / alpha``; ``sigmas`` is the inverted grid, ``gamma``) -- ``bdia.sample(sd.denoiser(w), (x_end, x_inner),
       sigmas, solver="bdia_ddim", gamma=gamma, return_pair=True)`` regenerates the image; other methods'
@@ -359,6 +364,7 @@ def edit_run(
     methods = check_edit_settings(image, source_prompt, edit_prompt, methods, num_steps, guidance_scale, gamma,
                                   strength, p, leapfrog, num_inner_steps, lr, early_stop, ddim_inversion_guidance,
                                   image_size, clip_path, lpips_net, lpips_weights, grid_scale, resume)
+    check_flags(progress=progress)
     check_out_dir(out_dir, "edit")  # cheap, before any work: an out_dir that is not an edit folder is refused
     size = int(image_size or sd.image_size)
     sd.latent_shape(size, size)  # the size suits the VAE
@@ -395,13 +401,16 @@ def edit_run(
         metrics = {
             "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
             "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
-            "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
+            "model": model_info or sd.describe(), "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
             "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention": "z0 = alpha(sigma_min) x"},
             "vae": _scalars(pixel_metrics(pixels, vae_images, per_image=False)),
             "methods": {},
         }
-        rows = []
-        for method in methods:
+        rows, row_labels = [], []
+        columns = ["original", f"reconstruction ({source_prompt})", f"edit ({edit_prompt})"]
+        bar = tqdm(methods, desc="edit", unit="method", dynamic_ncols=True, disable=not progress)
+        for method in bar:
+            bar.set_postfix_str(f"{method}: invert, reconstruct, edit")
             result = invert_and_edit(method, sd.eps_denoiser(), x_clean, sigmas, source, uncond, edit, guidance_scale,
                                      gamma=gamma, strength=strength, p=p, leapfrog=leapfrog,
                                      num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop,
@@ -428,16 +437,52 @@ def edit_run(
                                                                        source_prompt, edit_prompt)
             tiles = torch.cat([original, quantize(recon_images), quantize(edit_images)])
             rows.append(tiles)
-            run.write_bytes(f"{method}.png", png_bytes(image_grid(tiles, nrow=3, padding=1, scale=grid_scale)))
+            label = f"{method} (latent error {metrics['methods'][method]['latent'].get('relative_error', float('nan')):.1e})"
+            row_labels.append(label)
+            run.write_bytes(f"{method}.png", png_bytes(labelled_grid(tiles, 3, [label], columns, padding=1,
+                                                                     scale=grid_scale)))
             arrays = {k: v.detach().cpu().numpy() for k, v in result.representation.items()}
             arrays.update(sigmas=grid.numpy(), method=np.array(method))
             if method == "bdia":
                 arrays["gamma"] = np.array(float(gamma))
             run.write_npz("bdia_pair.npz" if method == "bdia" else f"{method}_inversion.npz", arrays)
-        run.write_bytes("edit_grid.png", png_bytes(image_grid(torch.cat(rows), nrow=3, padding=1, scale=grid_scale)))
+        bar.close()
+        title = f"{(model_info or {}).get('config') or sd.describe().get('source')}, N {num_steps}, guidance " \
+                f"{guidance_scale:g}, BDIA gamma {gamma:g}"
+        if has_random_weights(sd.describe().get("source")):
+            title += " - a model with random weights: its images are noise by construction"
+        run.write_bytes("edit_grid.png", png_bytes(labelled_grid(torch.cat(rows), 3, row_labels, columns, title=title,
+                                                                 padding=1, scale=grid_scale)))
         run.write_json("metrics.json", metrics)
         run.mark("complete")
     return metrics
+
+
+def summary_rows(metrics: dict, out_dir) -> list[tuple[str, str]]:
+    """What ``scripts/edit.py`` prints when it is done: the photo and prompts, per method its latent round-trip
+    error, PSNR, NFE and time of inversion + reconstruction (CLIP when measured), and the run folder."""
+    model = metrics.get("model") or {}
+    source = model.get("source")
+    rows = [("image", f"{metrics['image']} at {metrics['image_size']} px: \"{metrics['source_prompt']}\" -> "
+                      f"\"{metrics['edit_prompt']}\""),
+            ("setting", f"{model.get('config') or source}, {metrics['network_dtype']} network, float64 state, "
+                        f"N {metrics['num_steps']}, guidance {metrics['guidance_scale']:g}, strength {metrics['strength']:g}")]
+    for method, m in metrics["methods"].items():
+        text = (f"latent round trip {m['latent'].get('relative_error', float('nan')):.2g} relative, PSNR "
+                f"{m['image'].get('psnr', float('nan')):.2f} dB vs the photo; {m['nfe_inversion_and_reconstruction']} "
+                f"NFE, {m['seconds_inversion_and_reconstruction']:.2f} s (inversion + reconstruction)")
+        backward = sum(phase.get("backward_passes", 0) for phase in m["cost"].values())
+        if backward:
+            text += f", {backward} backward passes"
+        if "clip" in m:
+            text += f"; edit CLIP score {m['clip']['clip_score_edit']:.2f}"
+        gamma = (m.get("settings") or {}).get("gamma")
+        rows.append((method + (f" (gamma {gamma:g})" if isinstance(gamma, (int, float)) else ""), text))
+    if source and has_random_weights(source):
+        rows.append(("note", f"{source} has random weights (a tiny test model): the images are noise by construction; "
+                             "the round-trip errors, NFE and times are real"))
+    rows.append(("run folder", f"{out_dir} (edit_grid.png: rows = methods, columns = original / reconstruction / edit)"))
+    return rows
 
 
 def _scalars(values: dict) -> dict:

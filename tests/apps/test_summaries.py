@@ -215,3 +215,44 @@ def test_tables_keep_timings_of_resumed_runs_and_mark_no_winner_inside_the_noise
     # SSIM can be negative: no ratio to the base solver (it would mean nothing).
     ssim = text.split("### SSIM")[1]
     assert "better than ddim at 0 of 2" in ssim and "ratio" not in ssim
+
+
+# --------------------------------------------------------------------------------------------------
+# The edit app: a labelled grid, a progress bar and a summary that says what the numbers are.
+
+
+def test_labelled_grid_names_rows_and_columns_around_unchanged_tiles():
+    import numpy as np
+
+    from bdia.imageio import image_grid, labelled_grid
+
+    tiles = np.random.default_rng(0).integers(0, 255, (6, 3, 8, 8), dtype=np.uint8)
+    plain = image_grid(tiles, nrow=3, padding=1, pad_value=255, scale=2)
+    labelled = labelled_grid(tiles, 3, ["bdia", "ddim"], ["original", "reconstruction", "edit"], title="a title",
+                             padding=1, scale=2)
+    height, width = plain.shape[:2]
+    assert np.array_equal(labelled[-height:, -width:], plain)
+    left, top = labelled.shape[1] - width, labelled.shape[0] - height
+    assert left > 0 and top > 0
+    assert (labelled[top:, :left] < 128).any() and (labelled[:top, left:] < 128).any()  # text in both margins
+    grey = labelled_grid(tiles[:, :1], 3, None, ["a", "b", "c"])
+    assert grey.shape[2] == 3  # drawn in RGB
+    with pytest.raises(ValueError, match="row labels"):
+        labelled_grid(tiles, 3, ["only one"], None)
+
+
+def test_edit_ends_with_a_summary_and_a_labelled_grid(tiny_sd, tmp_path):
+    from PIL import Image
+
+    from bdia.apps.cli import summary_text
+    from bdia.apps.edit import edit_run, summary_rows
+
+    metrics = edit_run(tiny_sd, tmp_path / "edit", num_steps=3, methods=["bdia", "ddim"], guidance_scale=3.0,
+                       progress=False)
+    text = summary_text("edit", summary_rows(metrics, tmp_path / "edit"))
+    rows = dict(_row(line) for line in text.splitlines()[1:])
+    assert "latent round trip" in rows["bdia (gamma 0.96)"] and "NFE" in rows["bdia (gamma 0.96)"]
+    assert float(rows["bdia (gamma 0.96)"].split("latent round trip ")[1].split()[0]) < 1e-10
+    assert "noise by construction" in rows["note"] and str(tmp_path / "edit") in rows["run folder"]
+    with Image.open(tmp_path / "edit" / "edit_grid.png") as grid:
+        assert grid.size[0] > 3 * 33 + 1 and grid.size[1] > 2 * 33 + 1
