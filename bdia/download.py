@@ -45,6 +45,7 @@ __all__ = [
     "AssetVerificationError",
     "NotARegularFileError",
     "sha256_of",
+    "hub_reachable",
     "DEFAULT_TIMEOUT",
     "cache_dir",
     "fetch_file",
@@ -117,6 +118,25 @@ def cache_dir() -> Path:
 def is_offline() -> bool:
     """True when ``BDIA_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes/on."""
     return any(os.environ.get(k, "").strip().lower() in _TRUE for k in OFFLINE_ENV_VARS)
+
+
+def hub_reachable(timeout: float = 3.0) -> str | None:
+    """``None`` when the Hugging Face Hub's host (``HF_ENDPOINT``, default huggingface.co) accepts a TCP
+    connection within ``timeout`` seconds, else why not: a one-shot probe, so that a missing model fails at once
+    instead of after the Hub client's retries (about 30 s). Behind an HTTPS proxy the probe says nothing
+    (``None``)."""
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parsed = urllib.parse.urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"cannot reach {host} ({e.__class__.__name__}: {e})"
 
 
 def _offline_reason() -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..distributed import gather_rows, resolve_device, shard_indices
-from ..download import AssetUnavailableError, hub_cache_path, is_offline
+from ..download import AssetUnavailableError, hub_cache_path, hub_reachable, is_offline
 from .images import open_images
 
 __all__ = ["CLIPScore", "DEFAULT_CLIP_MODEL", "clip_edit_metrics", "clip_scores", "load_clip", "read_prompts"]
@@ -74,6 +74,9 @@ def load_clip(path: str = DEFAULT_CLIP_MODEL, device="cpu", dtype=torch.float32,
         if offline:
             var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "BDIA_OFFLINE"
             raise unavailable(f"offline mode ({var}=1) and not in the Hugging Face cache") from None
+        problem = hub_reachable()  # no network: fail now, not after the Hub client's retries
+        if problem:
+            raise unavailable(f"not in the Hugging Face cache and the Hub is unreachable ({problem})") from None
         try:
             model = CLIPModel.from_pretrained(text, dtype=dtype)
             processor = CLIPProcessor.from_pretrained(text)

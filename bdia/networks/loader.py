@@ -346,11 +346,12 @@ def _load_cached(path: Path, source_sha256: str, classes):
     return None
 
 
-def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key: str = "model.path"):
+def load_edm(source, device="cpu", cache: bool = True, classes=None, config_key: str = "source"):
     """Load an EDM network snapshot as our own module, without executing any code from the file.
 
     ``source``: a registry name (``"edm-cifar10-32x32-cond-vp"``), a URL, or a local ``.pkl`` path (a regular
-    file: directories, FIFOs and devices are refused before reading).
+    file: directories, FIFOs and devices are refused before reading). ``config_key``: what error messages tell
+    the user to set to a local file (``source`` here; the apps pass their config key, ``model.path``).
     The converted network is cached as ``<snapshot>.bdia.safetensors`` beside the snapshot (written
     atomically, only after a successful conversion) and reused while the snapshot's sha256 and the cache's
     own ``tensors_sha256`` match; a damaged cache is rebuilt, an unwritable one skipped (:class:`CacheWarning`).

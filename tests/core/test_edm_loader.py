@@ -194,4 +194,6 @@ def test_registry_name_offline_fails_fast(monkeypatch, tmp_path):
     assert time.monotonic() - start < 5
     message = str(info.value)
     assert "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl" in message
-    assert str(tmp_path) in message and "model.path=" in message
+    # The Python API's error names load_edm's own argument, not the command line's key (models.edm_network's).
+    assert str(tmp_path) in message and "source=/path/to/edm-cifar10-32x32-cond-vp.pkl" in message
+    assert "model.path" not in message
