@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as _hydra_instantiate
+from omegaconf.errors import MissingMandatoryValue
 
 __all__ = ["instantiate", "build_metrics"]
 
@@ -22,6 +23,9 @@ def instantiate(spec, what: str, **kwargs) -> Any:
     kwargs.setdefault("_convert_", "all")
     try:
         return _hydra_instantiate(spec, **kwargs)
+    except MissingMandatoryValue as e:  # a ??? the config leaves for the user (metrics.reconstruction.reference)
+        key = getattr(e, "full_key", None) or what
+        raise ValueError(f"{key} is not set: give it on the command line ({key}=...)") from None
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, TypeError):

@@ -75,6 +75,7 @@ __all__ = [
     "open_run",
     "open_finished_run",
     "open_output_file",
+    "check_output_file",
     "check_out_dir",
     "settings_mismatch",
     "atomic_write",
@@ -157,16 +158,17 @@ def _json_text(obj) -> str:
     return json.dumps(jsonable(obj), indent=2) + "\n"
 
 
-def _write_atomic(dir_fd: int, name: str, data: bytes, where: str) -> None:
-    """Write ``data`` to ``name`` in the open folder ``dir_fd``: a new temporary file (``O_EXCL | O_NOFOLLOW``),
-    then ``rename`` onto ``name`` unless ``name`` is something other than a regular file (a link, a folder)."""
+@contextlib.contextmanager
+def _atomic_in(dir_fd: int, name: str, where: str) -> Iterator[io.BufferedWriter]:
+    """A new temporary file (``O_EXCL | O_NOFOLLOW``) in the open folder ``dir_fd``, renamed onto ``name`` when the
+    block ends without error, unless ``name`` is something other than a regular file (a link, a folder)."""
     tmp = f".{name}.tmp-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)  # our own leftover (same pid): a temporary name is never a user's file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         existing = _lstat(name, dir_fd)
         if existing is not None and not stat.S_ISREG(existing.st_mode):
             kind = "a symbolic link" if stat.S_ISLNK(existing.st_mode) else "not a regular file"
@@ -177,6 +179,12 @@ def _write_atomic(dir_fd: int, name: str, data: bytes, where: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+def _write_atomic(dir_fd: int, name: str, data: bytes, where: str) -> None:
+    """``data`` as ``name`` in the open folder ``dir_fd``, atomically (:func:`_atomic_in`)."""
+    with _atomic_in(dir_fd, name, where) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager
@@ -595,6 +603,14 @@ class RunFolder:
         fd, base, where = self._where(name)
         _write_atomic(fd, base, bytes(data), where)
 
+    @contextlib.contextmanager
+    def open_atomic(self, name: str) -> Iterator[io.BufferedWriter]:
+        """A binary file to write ``name`` into; it appears (atomically, never through a link) when the block
+        ends without error. For large files written in pieces (``np.savez(f, ...)``)."""
+        fd, base, where = self._where(name)
+        with _atomic_in(fd, base, where) as f:
+            yield f
+
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
 
@@ -632,6 +648,21 @@ class RunFolder:
             return None
         fd, base, _ = self._where(name)
         return _read_regular(base, fd, limit)
+
+    def sha256(self, name: str) -> str | None:
+        """The sha256 of the regular file ``name`` (read without following links), or ``None``."""
+        fd, base, _ = self._where(name)
+        try:
+            handle = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+        except OSError:
+            return None
+        with os.fdopen(handle, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            digest = hashlib.sha256()
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     def is_regular_file(self, name: str) -> bool:
         """``name`` exists in the folder as a regular file (not a link, not a folder)."""
@@ -859,6 +890,8 @@ def open_output_file(path, app: str, is_own: Callable[[RunFolder, str], bool], *
     if path.name in ("", ".", ".."):
         raise RunFolderError(f"{key}={path}: not a file name")
     names = [path.name, *companions]
+    if path.parent.exists() and not path.parent.is_dir():
+        raise RunFolderError(f"{key}={path}: {path.parent} is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent.resolve(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     lock_name = f".{path.name}.lock"
@@ -866,16 +899,7 @@ def open_output_file(path, app: str, is_own: Callable[[RunFolder, str], bool], *
     try:
         lock = _Lock(fd, path.parent, app, lock_name)
         folder = RunFolder(path.parent, app, fd, written=[re.escape(n) for n in names], lock=lock)
-        for name in names:
-            info = _lstat(name, fd)
-            if info is None:
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                raise RunFolderError(f"{key}={path}: {path.parent / name} is {'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a regular file'}; "
-                                     f"choose another {key}")
-            if not is_own(folder, name):
-                raise RunFolderError(f"{key}={path}: {path.parent / name} exists and was not written by {app} (or was "
-                                     f"changed since); it is left as it is; choose another {key} or move it away")
+        _check_outputs(folder, path, names, app, is_own, key)
     except BaseException:
         if lock is not None:
             with contextlib.suppress(OSError):
@@ -888,6 +912,37 @@ def open_output_file(path, app: str, is_own: Callable[[RunFolder, str], bool], *
     finally:
         with contextlib.suppress(OSError):
             os.unlink(lock_name, dir_fd=fd)  # while still holding it: a waiting writer then finds no file
+        folder.close()
+
+
+def _check_outputs(folder: RunFolder, path: Path, names, app: str, is_own, key: str) -> None:
+    for name in names:
+        info = _lstat(name, folder._fd)
+        if info is None:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+            raise RunFolderError(f"{key}={path}: {path.parent / name} is {kind}; choose another {key}")
+        if not is_own(folder, name):
+            raise RunFolderError(f"{key}={path}: {path.parent / name} exists and was not written by {app} (or was "
+                                 f"changed since); it is left as it is; choose another {key} or move it away")
+
+
+def check_output_file(path, app: str, is_own: Callable[[RunFolder, str], bool], *, key: str = "out",
+                      companions: Sequence[str] = ()) -> None:
+    """:func:`open_output_file`'s checks, read-only and without the lock: an app calls it before hours of work."""
+    path = _as_folder(path, key)
+    if path.name in ("", ".", ".."):
+        raise RunFolderError(f"{key}={path}: not a file name")
+    if not path.parent.exists():
+        return
+    if not path.parent.is_dir():
+        raise RunFolderError(f"{key}={path}: {path.parent} is not a folder")
+    fd = os.open(path.parent.resolve(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    folder = RunFolder(path.parent, app, fd, create=False)
+    try:
+        _check_outputs(folder, path, [path.name, *companions], app, is_own, key)
+    finally:
         folder.close()
 
 

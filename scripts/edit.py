@@ -46,11 +46,27 @@ def load_sd_config(model_cfg: dict, device="cpu"):
     return sd
 
 
+def check_config(cfg) -> None:
+    """The checks of a composed ``configs/edit`` config that need no model (every :func:`bdia.apps.edit.edit_run`
+    setting, the run folder): run on every job of a sweep before any runs, and again by :func:`edit_from_config`."""
+    import inspect
+
+    from bdia.apps.edit import check_edit_settings, edit_run
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("model", "logger", "experiment_name", "distributed", "device", "launcher"):
+        config.pop(key, None)
+    keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
+    check_edit_settings(**{k: v for k, v in config.items() if k not in ("out_dir", "progress")})
+    check_out_dir(config.get("out_dir"), "edit")
+
+
 def edit_from_config(cfg, choices=None) -> dict | None:
     """Load the model of ``cfg.model`` and run :func:`bdia.apps.edit.edit_run` with the top-level keys (on a
     multirun under torchrun, only this rank's jobs; ``None`` for the others)."""
-    import inspect
-
     from bdia.apps.edit import edit_run, summary_rows
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -63,15 +79,7 @@ def edit_from_config(cfg, choices=None) -> dict | None:
     if job % ctx.world_size != ctx.rank:  # several processes (torchrun): the jobs of a sweep are dealt out
         print(f"rank {ctx.rank} of {ctx.world_size}: job {job} is rank {job % ctx.world_size}'s", flush=True)
         return None
-    keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
-    unknown = sorted(set(config) - set(keys))
-    if unknown:
-        raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
-    from bdia.apps.edit import check_edit_settings
-
-    settings = {k: v for k, v in config.items() if k not in ("out_dir", "progress")}
-    check_edit_settings(**settings)  # every setting, before the model is loaded or the folder is claimed
-    check_out_dir(config.get("out_dir"), "edit")
+    check_config(cfg)  # every setting and the folder, before the model is loaded or the folder is claimed
     sd = load_sd_config(model_cfg, device)
     model_info = {"config": (choices or {}).get("model"), **sd.describe()}
     full_config = OmegaConf.to_container(cfg, resolve=True)
@@ -116,7 +124,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 def cli() -> None:
     """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
-    run_command_line(main, config_name="edit")
+    run_command_line(main, config_name="edit", check=check_config)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ URL, the expected path and the key that takes a local copy. Errors end with one 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.apps.cli import run_job  # noqa: E402
+from bdia.apps.cli import run_command_line, run_job  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process, resolve_device  # noqa: E402
 from bdia.download import AssetUnavailableError, cache_dir, is_offline  # noqa: E402
 
@@ -54,10 +53,36 @@ def _cifar10(root: Path):
     return data.data  # uint8 [50000, 32, 32, 3]
 
 
-def compute(cfg) -> dict:
-    from bdia.metrics.fid import DIGITS_REFS, sha256_of, write_reference_stats
-    from bdia.metrics.images import open_images
+def _out_path(cfg, name: str, extractor_name: str) -> Path:
+    return Path(cfg.out).expanduser() if cfg.out else cache_dir() / "fid-refs" / f"{name}-{extractor_name}.npz"
 
+
+def check_config(cfg) -> None:
+    """The settings checked before any data or weights are read (one line naming the key), and ``out``: an
+    existing file there is replaced only when this script wrote it (its card holds the file's sha256)."""
+    from bdia.checks import check_int
+    from bdia.metrics.fid import check_reference_out
+
+    if not isinstance(cfg.source, str) or not cfg.source.strip():
+        raise ValueError(f"source must be cifar10, a digits split, a folder or an .npz, got {cfg.source!r}")
+    if cfg.features not in ("inception", "digits"):
+        raise ValueError(f"features must be 'inception' or 'digits', got {cfg.features!r}")
+    check_int("batch_size", cfg.batch_size, 1, 65536)
+    for key in ("save_features", "force", "progress"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg.out is not None:
+        if not isinstance(cfg.out, str) or not cfg.out.strip():
+            raise ValueError(f"out must be a file path or null, got {cfg.out!r}")
+        check_reference_out(Path(cfg.out).expanduser())
+
+
+def compute(cfg) -> dict:
+    from bdia.metrics.fid import DIGITS_REFS, check_reference_out, reference_card, sha256_of, write_reference_stats
+    from bdia.metrics.images import open_images
+    from bdia.runfolder import RunFolder
+
+    check_config(cfg)
     dataset = str(cfg.source)
     device = resolve_device(cfg.device)
     if dataset == "cifar10":
@@ -73,7 +98,7 @@ def compute(cfg) -> dict:
     if cfg.features == "digits":
         from bdia.metrics.digits_classifier import DigitsFeatures
 
-        extractor = DigitsFeatures(cfg.weights, device)
+        extractor = DigitsFeatures(cfg.weights, device, config_key="weights")
     elif cfg.features == "inception":
         from bdia.metrics.features import inception_extractor
 
@@ -82,16 +107,19 @@ def compute(cfg) -> dict:
         raise ValueError(f"features must be 'inception' or 'digits', got {cfg.features!r}")
 
     name = Path(dataset).name if dataset not in ("cifar10", *DIGITS_REFS) else dataset
-    out = Path(cfg.out).expanduser() if cfg.out else cache_dir() / "fid-refs" / f"{name}-{extractor.name}.npz"
+    out = _out_path(cfg, name, extractor.name)
+    check_reference_out(out)  # the default out too: a file there that this script did not write is never replaced
     settings = {"dataset": description, "num_images": len(images), "feature_extractor": extractor.name,
                 "save_features": bool(cfg.save_features)}
     if getattr(extractor, "weights_path", None):
         settings["feature_extractor_weights_sha256"] = sha256_of(extractor.weights_path)
-    card_path = out.with_name(out.name + ".json")
-    if not cfg.force and out.is_file() and card_path.is_file():
-        card = json.loads(card_path.read_text())
-        same = all(card.get(k if k != "save_features" else "saved_features") == v for k, v in settings.items())
-        if same and card.get("sha256") == sha256_of(out):
+    if not cfg.force and out.parent.is_dir():
+        with RunFolder.for_reading(out.parent) as folder:  # the card and file, read without following links
+            card = reference_card(folder, out.name)
+            digest = folder.sha256(out.name) if card is not None else None
+        same = card is not None and all(card.get(k if k != "save_features" else "saved_features") == v
+                                        for k, v in settings.items())
+        if same and digest is not None and card.get("sha256") == digest:
             card["reused"] = True
             return {"out": str(out), **card}
     provenance = {"dataset": description, "command": "python scripts/fid_ref.py " + " ".join(sys.argv[1:])}
@@ -114,5 +142,10 @@ def main(cfg: DictConfig) -> dict:
     return result
 
 
+def cli() -> None:
+    """The command line: check the overrides (one-line errors), then let Hydra run ``main``."""
+    run_command_line(main, config_name="fid_ref", check=check_config)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

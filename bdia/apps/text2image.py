@@ -361,6 +361,9 @@ def check_config(cfg) -> None:
     the key."""
     from omegaconf import OmegaConf
 
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k.startswith("metrics."))
+    if missing:  # e.g. metrics=reconstruction without metrics.reconstruction.reference
+        raise ValueError(f"{missing[0]} is not set: give it on the command line ({missing[0]}=...)")
     config = OmegaConf.to_container(cfg, resolve=True)
     spec = config.get("solver")
     spec = dict(spec) if isinstance(spec, dict) else {"name": spec}

@@ -129,40 +129,44 @@ class DigitsClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:
+def load_digits_classifier(path=None, device="cpu", config_key: str = "metrics.digits.weights") -> DigitsClassifier:
     """The shipped classifier (or the safetensors file ``path`` with its ``.json`` card beside it), in eval
-    mode, gradients off."""
+    mode, gradients off. ``config_key``: the setting that names the file, in every message."""
     from safetensors.torch import load_file
 
     weights = Path(path).expanduser() if path is not None else ASSET_WEIGHTS
     card_path = weights.with_suffix(".json")
+    for candidate in (weights, card_path):
+        if candidate.exists() and not candidate.is_file():
+            raise ValueError(f"{config_key}: {candidate} is {'a folder' if candidate.is_dir() else 'not a regular file'}"
+                             f", not a weights file")
     if not weights.is_file() or not card_path.is_file():
         missing = weights if not weights.is_file() else card_path
-        raise AssetUnavailableError(None, missing, config_key="metrics.digits.weights",
+        raise AssetUnavailableError(None, missing, config_key=config_key,
                                     reason="no such file (train it with scripts/train_digits_classifier.py)",
                                     what="digits classifier")
     if card_path.stat().st_size > 2**20:
-        raise ValueError(f"metrics.digits.weights: {card_path} is larger than a weights card can be (1 MiB)")
+        raise ValueError(f"{config_key}: {card_path} is larger than a weights card can be (1 MiB)")
     try:
         card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"metrics.digits.weights: {card_path} is not a readable JSON card ({e})") from None
-    model = DigitsClassifier(**_checked_architecture(card, card_path))  # sizes bounded before allocation
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{config_key}: {card_path} is not a readable JSON card ({e})") from None
+    model = DigitsClassifier(**_checked_architecture(card, card_path, config_key))  # sizes bounded before allocation
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:  # safetensors' and torch's errors for damaged or mismatched files
-        raise ValueError(f"metrics.digits.weights: {weights} does not hold this classifier's weights "
+        raise ValueError(f"{config_key}: {weights} does not hold this classifier's weights "
                          f"({' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval().requires_grad_(False)
 
 
-def _checked_architecture(card, card_path) -> dict:
+def _checked_architecture(card, card_path, config_key: str = "metrics.digits.weights") -> dict:
     """The card's ``architecture``, each argument of the expected type and within bounds far above the shipped
     classifier's (channels 16/32, 64 features, 16 px, 10 classes)."""
     bounds = {"feature_dim": (1, 4096), "image_size": (4, 256), "num_classes": (1, 1000)}
     arch = card.get("architecture") if isinstance(card, dict) else None
     if not isinstance(arch, dict) or set(arch) - {"channels", *bounds}:
-        raise ValueError(f"metrics.digits.weights: {card_path} has no valid 'architecture' "
+        raise ValueError(f"{config_key}: {card_path} has no valid 'architecture' "
                          f"(keys: channels, {', '.join(bounds)})")
 
     def is_int(value, low, high):
@@ -170,10 +174,10 @@ def _checked_architecture(card, card_path) -> dict:
 
     channels = arch.get("channels", [16, 32])
     if not (isinstance(channels, list) and len(channels) == 2 and all(is_int(c, 1, 1024) for c in channels)):
-        raise ValueError(f"metrics.digits.weights: {card_path}: channels must be two integers in 1..1024, got {channels!r}")
+        raise ValueError(f"{config_key}: {card_path}: channels must be two integers in 1..1024, got {channels!r}")
     for name, (low, high) in bounds.items():
         if name in arch and not is_int(arch[name], low, high):
-            raise ValueError(f"metrics.digits.weights: {card_path}: {name} must be an integer in {low}..{high}, "
+            raise ValueError(f"{config_key}: {card_path}: {name} must be an integer in {low}..{high}, "
                              f"got {arch[name]!r}")
     return arch
 
@@ -187,9 +191,9 @@ class DigitsFeatures(nn.Module):
     name = "digits-classifier"
     label = "FD in digits-classifier features (not FID)"
 
-    def __init__(self, weights=None, device="cpu"):
+    def __init__(self, weights=None, device="cpu", config_key: str = "metrics.digits.weights"):
         super().__init__()
-        self.classifier = load_digits_classifier(weights, device)
+        self.classifier = load_digits_classifier(weights, device, config_key)
         self.weights_path = str(Path(weights).expanduser() if weights is not None else ASSET_WEIGHTS)
         self.feature_dim = self.classifier.config["feature_dim"]
         size = self.classifier.config["image_size"]

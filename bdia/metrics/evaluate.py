@@ -6,11 +6,15 @@ or your own); ``metrics`` maps names to metrics (what a ``metrics/*.yaml`` confi
 
 Results go into ``metrics.json`` under ``"evaluation"``, one entry per metric name, merged with what is
 there (other metrics' entries are kept, the same metric's entry is replaced); the file is rewritten
-atomically. Under torchrun every rank computes (each on its shard) and rank 0 writes and logs.
+atomically, through the run folder (:func:`bdia.runfolder.open_finished_run`): only into a finished bdia run
+folder (its marker says ``complete``), with its lock held from reading the images to writing the file, so a
+run that is sampling there (or another evaluation) is refused in one line. Under torchrun every rank computes
+(each on its shard) and rank 0 writes and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..distributed import is_main_process
-from ..runfolder import atomic_write, jsonable
+from ..distributed import current, is_main_process
+from ..runfolder import MAX_JSON_BYTES, RunFolder, jsonable, open_finished_run
 from .images import open_images
 
 __all__ = ["find_runs", "evaluate_run", "evaluate_runs", "merge_metrics_json", "flatten_numbers"]
@@ -58,23 +62,41 @@ def find_runs(path) -> list[Path]:
     return runs
 
 
+def _read_metrics(run: RunFolder) -> dict:
+    """The run's ``metrics.json`` as a dict (``{}`` when there is none); anything else is refused, naming it."""
+    path = run.path / "metrics.json"
+    if not run.is_regular_file("metrics.json"):
+        if (run.path / "metrics.json").is_symlink() or (run.path / "metrics.json").exists():
+            raise ValueError(f"{path}: not a regular file (a link or a folder); refusing to write over it")
+        return {}
+    raw = run.read_bytes("metrics.json", MAX_JSON_BYTES)
+    if raw is None:
+        raise ValueError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB or unreadable; refusing to overwrite it")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not text (byte {e.start} is not UTF-8); refusing to overwrite it") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e)[:120]}); refusing to overwrite it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}; refusing to overwrite it")
+    if not isinstance(data.get(EVALUATION_KEY, {}), (dict, type(None))):
+        raise ValueError(f"{path}: its {EVALUATION_KEY!r} entry is a {type(data[EVALUATION_KEY]).__name__}, not an "
+                         f"object; refusing to overwrite it")
+    return data
+
+
 def merge_metrics_json(run_dir, results: Mapping[str, Any]) -> dict:
-    """Merge ``results`` (metric name -> dict) into ``run_dir/metrics.json["evaluation"]``; atomic rewrite."""
-    path = Path(run_dir) / "metrics.json"
-    data = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); refusing to overwrite it") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+    """Merge ``results`` (metric name -> dict) into ``metrics.json["evaluation"]`` of the finished run folder
+    ``run_dir`` (a path, opened with its lock, or an open :class:`bdia.runfolder.RunFolder`); atomic rewrite."""
+    if not isinstance(run_dir, RunFolder):
+        with open_finished_run(run_dir) as run:
+            return merge_metrics_json(run, results)
+    data = _read_metrics(run_dir)
     evaluation = dict(data.get(EVALUATION_KEY) or {})
     evaluation.update(jsonable(dict(results)))
     data[EVALUATION_KEY] = evaluation
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    run_dir.write_json("metrics.json", data)
     return data
 
 
@@ -93,17 +115,22 @@ def flatten_numbers(results: Mapping[str, Any], prefix: str = EVALUATION_KEY) ->
 
 
 def evaluate_run(run_dir, metrics: Mapping[str, Any], write: bool = True) -> dict:
-    """Compute every metric on one run folder's images; merge into its ``metrics.json`` (rank 0) if ``write``."""
+    """Compute every metric on one run folder's images; merge into its ``metrics.json`` (rank 0) if ``write``,
+    holding the run folder's lock from reading the images to writing (module notes)."""
     run_dir = Path(run_dir)
-    source = open_images(run_dir)
-    results = {}
-    for name, metric in metrics.items():
-        started = time.perf_counter()
-        values = dict(metric(source, run_dir=run_dir))
-        values["seconds"] = round(time.perf_counter() - started, 3)
-        results[name] = values
-    if write and is_main_process():
-        merge_metrics_json(run_dir, results)
+    holding = write and current().is_main
+    with (open_finished_run(run_dir) if holding else contextlib.nullcontext()) as run:
+        if holding:
+            _read_metrics(run)  # a metrics.json that cannot be merged into is refused before any computing
+        source = open_images(run_dir)
+        results = {}
+        for name, metric in metrics.items():
+            started = time.perf_counter()
+            values = dict(metric(source, run_dir=run_dir))
+            values["seconds"] = round(time.perf_counter() - started, 3)
+            results[name] = values
+        if holding:
+            merge_metrics_json(run, results)
     return results
 
 

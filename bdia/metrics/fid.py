@@ -20,7 +20,9 @@ Statistics are float64 sums all-reduced over torchrun ranks (:func:`feature_stat
 
 from __future__ import annotations
 
+import math
 import urllib.parse
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,14 +34,14 @@ from ..distributed import is_main_process, resolve_device
 from ..download import AssetUnavailableError, cache_dir, fetch_file, sha256_of
 from ..imageio import parse_seeds
 from ..networks.registry import FID_REF_ROOT
-from ..runfolder import atomic_write
+from ..runfolder import RunFolder, check_output_file, npz_members, open_output_file
 from .digits_classifier import DigitsFeatures, digits_uint8
 from .features import BACKENDS, CLEAN_FID_MODES, feature_statistics, inception_extractor
-from .frechet import frechet_distance, kernel_distance
+from .frechet import check_covariance, frechet_distance, kernel_distance
 from .images import ImageSource, open_images
 
 __all__ = ["EDM_FID_REFS", "FID", "DigitsFD", "ReferenceStats", "load_reference", "EDM_SEED_BLOCKS",
-           "write_reference_stats"]
+           "write_reference_stats", "check_reference_out", "is_own_reference", "reference_card"]
 
 #: EDM's published reference statistics (``mu``, ``sigma`` of Inception pool features; NVIDIA's Inception).
 EDM_FID_REFS = {
@@ -80,23 +82,44 @@ def _from_images(images, extractor, batch_size, source, need_features, path=None
     return ReferenceStats(stats.mu, stats.sigma, source, stats.n, path, sha, features, extractor.name)
 
 
+#: Bound on what a reference statistics file may declare (2048-d Inception: sigma 32 MiB; 50k saved features 800 MiB).
+MAX_REFERENCE_BYTES = 4 * 2**30
+
+
 def _load_npz(path: Path, source: str, extractor, batch_size, need_features, config_key) -> ReferenceStats:
-    sha = sha256_of(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            files = set(data.files)
-            if {"mu", "sigma"} <= files:
+    what = f"{config_key}={source}: {path}"
+    if not path.is_file():
+        raise ValueError(f"{what}: not a regular file")
+    members = npz_members(path, 2**40, what)  # zip and .npy headers only: nothing decompressed yet
+    files = set(members)
+    if {"mu", "sigma"} <= files:
+        (mu_shape, _), (sigma_shape, _) = members["mu"], members["sigma"]
+        if len(mu_shape) != 1 or tuple(sigma_shape) != (mu_shape[0], mu_shape[0]):
+            raise ValueError(f"{what}: mu must be [D] and sigma [D, D], got {list(mu_shape)} and {list(sigma_shape)}")
+        keys = ["mu", "sigma", *(["features"] if "features" in files else [])]
+        declared = sum(math.prod(members[k][0]) * max(members[k][1].itemsize, 8) for k in keys)
+        if declared > MAX_REFERENCE_BYTES:
+            raise ValueError(f"{what}: declares {declared / 2**30:.1f} GiB of statistics, more than the "
+                             f"{MAX_REFERENCE_BYTES / 2**30:.0f} GiB this reader accepts")
+        if "features" in files and (len(members["features"][0]) != 2 or members["features"][0][1] != mu_shape[0]):
+            raise ValueError(f"{what}: features must be [N, {mu_shape[0]}], got {list(members['features'][0])}")
+        sha = sha256_of(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-                n = int(data["num_images"]) if "num_images" in files else None
+                n = int(data["num_images"]) if "num_images" in files and members["num_images"][0] == () else None
                 features = torch.from_numpy(data["features"].astype(np.float64)) if "features" in files else None
                 name = str(data["feature_extractor"]) if "feature_extractor" in files else None
-                return ReferenceStats(mu, sigma, source, n, str(path), sha, features, name)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config_key}={source}: cannot read {path} as .npz ({e})") from None
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{what}: cannot read it as .npz ({type(e).__name__}: {e})") from None
+        if not np.isfinite(mu).all():
+            raise ValueError(f"{what}: mu contains NaN or Inf")
+        check_covariance(sigma, what)
+        return ReferenceStats(mu, sigma, source, n, str(path), sha, features, name)
     if {"images"} & files or {"arr_0"} & files:
         if extractor is None:
             raise ValueError(f"{config_key}={source}: an image .npz needs a feature extractor")
-        return _from_images(path, extractor, batch_size, source, need_features, str(path), sha)
+        return _from_images(path, extractor, batch_size, source, need_features, str(path), sha256_of(path))
     raise ValueError(f"{config_key}={source}: {path} has neither 'mu'/'sigma' nor images (it has {sorted(files)})")
 
 
@@ -373,15 +396,45 @@ class DigitsFD(_FeatureDistance):
         return out
 
 
+#: The keys a statistics card written by :func:`write_reference_stats` always holds.
+CARD_KEYS = ("file", "sha256", "num_images", "feature_extractor")
+
+
+def reference_card(folder: RunFolder, name: str) -> dict | None:
+    """The card ``<name>.json`` beside the statistics file ``name`` when it is one :func:`write_reference_stats`
+    wrote for that file (a JSON object naming it, with :data:`CARD_KEYS`), else ``None``."""
+    card = folder.read_json(f"{name}.json")
+    if not isinstance(card, dict) or card.get("file") != name or not set(CARD_KEYS) <= set(card):
+        return None
+    return card
+
+
+def is_own_reference(folder: RunFolder, name: str, out_name: str) -> bool:
+    """Whether ``name`` (the statistics file ``out_name`` or its card) is what ``scripts/fid_ref.py`` wrote: its
+    card says so and, for the statistics file, holds the file's sha256 (a file changed since is someone's)."""
+    card = reference_card(folder, out_name)
+    if card is None:
+        return False
+    return name != out_name or folder.sha256(out_name) == card.get("sha256")
+
+
+def check_reference_out(out) -> None:
+    """Refuse (one line) an ``out`` that :func:`write_reference_stats` may not write: an existing file (or card)
+    it did not write, a link, a folder. Read-only: run before the statistics are computed."""
+    out = Path(out).expanduser()
+    check_output_file(out, "fid_ref", lambda folder, name: is_own_reference(folder, name, out.name),
+                      companions=[f"{out.name}.json"])
+
+
 def write_reference_stats(images, extractor, out, batch_size: int = 250, save_features: bool = False,
                           provenance: dict | None = None, progress: bool = True) -> dict:
     """Compute the statistics of ``images`` with ``extractor`` and write ``out`` (``.npz``: ``mu``, ``sigma``
     float64, ``num_images``, ``feature_extractor``, and ``features`` if ``save_features``) plus ``<out>.json``
-    (provenance and the file's sha256). Under torchrun every rank computes its shard, rank 0 writes.
-    Returns the JSON card."""
-    import json
-
-
+    (provenance and the file's sha256). An existing ``out`` or card is replaced only when this function wrote
+    it (:func:`is_own_reference`), with a lock held (:func:`bdia.runfolder.open_output_file`); anything else is
+    refused in one line. Under torchrun every rank computes its shard, rank 0 writes. Returns the JSON card."""
+    out = Path(out).expanduser()
+    check_reference_out(out)  # before the (long) computation
     stats, features = feature_statistics(images, extractor, batch_size, return_features=save_features,
                                          progress=progress)
     card = {"num_images": stats.n, "feature_extractor": extractor.name, "feature_dim": extractor.feature_dim,
@@ -392,15 +445,14 @@ def write_reference_stats(images, extractor, out, batch_size: int = 250, save_fe
         card["feature_extractor_weights_sha256"] = sha256_of(weights)
     if not is_main_process():
         return card
-    out = Path(out).expanduser()
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num_images": np.int64(stats.n),
               "feature_extractor": np.str_(extractor.name)}
     if save_features:
         arrays["features"] = features.numpy()
-    with atomic_write(out) as f:
-        np.savez(f, **arrays)
-    card.update(file=out.name, sha256=sha256_of(out), saved_features=bool(save_features))
-    with atomic_write(out.with_name(out.name + ".json"), "w") as f:
-        json.dump(card, f, indent=2)
-        f.write("\n")
+    with open_output_file(out, "fid_ref", lambda folder, name: is_own_reference(folder, name, out.name),
+                          companions=[f"{out.name}.json"]) as folder:
+        with folder.open_atomic(out.name) as f:
+            np.savez(f, **arrays)
+        card.update(file=out.name, sha256=folder.sha256(out.name), saved_features=bool(save_features))
+        folder.write_json(f"{out.name}.json", card)
     return card

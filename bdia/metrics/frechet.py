@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["FeatureStats", "frechet_distance", "kernel_distance", "polynomial_mmd2"]
+__all__ = ["FeatureStats", "frechet_distance", "kernel_distance", "polynomial_mmd2", "check_covariance"]
 
 
 class FeatureStats:
@@ -98,6 +98,34 @@ def _as_stats(mu, sigma, which):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{which}: statistics contain NaN or Inf")
     return mu, sigma
+
+
+#: Relative tolerances of :func:`check_covariance`: far above the round-off of a covariance accumulated in float32
+#: (about 1e-7 of its largest entry / eigenvalue), far below any matrix that is not a covariance.
+SYMMETRY_TOLERANCE = 1e-6
+PSD_TOLERANCE = 1e-5
+
+
+def check_covariance(sigma, what: str) -> None:
+    """Refuse (one line naming ``what``) a matrix that cannot be a covariance: not square, not finite, not
+    symmetric (``max |S - S^T| > 1e-6 max |S|``) or with an eigenvalue below ``-1e-5`` times the largest. The
+    Fréchet distance of such "statistics" is meaningless (it can come out negative)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise ValueError(f"{what}: sigma must be a square matrix, got shape {list(sigma.shape)}")
+    if not np.isfinite(sigma).all():
+        raise ValueError(f"{what}: sigma contains NaN or Inf")
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    asymmetry = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"{what}: sigma is not symmetric (max |S - S^T| = {asymmetry:.3g} of max |S| = {scale:.3g}); "
+                         f"not a covariance matrix")
+    if sigma.size:
+        eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+        largest = float(np.abs(eigenvalues).max())
+        if eigenvalues[0] < -PSD_TOLERANCE * largest:
+            raise ValueError(f"{what}: sigma has a negative eigenvalue ({eigenvalues[0]:.3g}, largest {largest:.3g}); "
+                             f"not a covariance matrix")
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ C = 1 or 3), optional per-image ``seeds``, and ``source.batch(indices)`` returni
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from ..runfolder import npz_members
 
 __all__ = ["ImageSource", "open_images", "IMAGE_EXTENSIONS"]
 
@@ -129,17 +132,41 @@ def _folder_source(folder: Path, description: str) -> ImageSource:
     return ImageSource(files=files, seeds=None if None in seeds else seeds, description=description)
 
 
+#: Bound on the images an ``.npz`` may declare (50k ImageNet-64 images are 614 MB): this, or the free memory.
+MAX_IMAGES_BYTES = 16 * 2**30
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _npz_source(path: Path, description: str) -> ImageSource:
+    what = f"{description}: {path}" if str(path) != description else description
+    if not path.is_file():
+        raise ValueError(f"{what}: not a regular file")
+    members = npz_members(path, 2**40, f"{what} (cannot read it as .npz)")  # headers only: nothing unpacked yet
+    key = "images" if "images" in members else "arr_0" if "arr_0" in members else None
+    if key is None:
+        raise ValueError(f"{description}: {path} has no 'images' (or 'arr_0') array; it has {sorted(members)}")
+    shape, dtype = members[key]
+    if dtype != np.uint8 or len(shape) not in (3, 4):
+        raise ValueError(f"{what}: '{key}' must be uint8 images [N, C, H, W] (or NHWC), got {list(shape)} {dtype}")
+    declared = math.prod(shape)
+    free = _available_memory()
+    limit = min(MAX_IMAGES_BYTES, int(free * 0.8)) if free else MAX_IMAGES_BYTES
+    if declared > limit:
+        raise ValueError(f"{what}: '{key}' declares {declared / 2**30:.2f} GiB of images, more than the "
+                         f"{limit / 2**30:.2f} GiB this reader accepts here (free memory or {MAX_IMAGES_BYTES // 2**30} GiB)")
+    if "seeds" in members and (len(members["seeds"][0]) != 1 or members["seeds"][0][0] != shape[0]):
+        raise ValueError(f"{what}: 'seeds' must be one seed per image ({shape[0]}), got {list(members['seeds'][0])}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            key = "images" if "images" in data.files else "arr_0" if "arr_0" in data.files else None
-            if key is None:
-                raise ValueError(f"{description}: {path} has no 'images' (or 'arr_0') array; it has {data.files}")
             images = data[key]
             seeds = data["seeds"] if "seeds" in data.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated / damaged archives too
-        if isinstance(e, ValueError) and str(e).startswith(description):
-            raise
         raise ValueError(f"{description}: cannot read {path} as .npz ({e})") from None
     if key == "arr_0" and images.ndim == 4 and images.shape[-1] in (1, 3):
         images = images.transpose(0, 3, 1, 2)

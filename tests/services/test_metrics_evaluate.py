@@ -40,6 +40,8 @@ def _run_folder(folder: Path, images: np.ndarray, seeds=None, metrics=None) -> P
     seeds = np.arange(len(images)) if seeds is None else np.asarray(seeds)
     np.savez(folder / "images.npz", images=images, seeds=seeds)
     (folder / "metrics.json").write_text(json.dumps(metrics or {"solver": "bdia_edm", "nfe": 35}))
+    # a finished run's marker (bdia.runfolder): evaluate writes metrics.json only into finished bdia run folders
+    (folder / ".bdia-run.json").write_text(json.dumps({"app": "sample", "format": 2, "state": "complete"}))
     return folder
 
 
@@ -146,7 +148,7 @@ def test_merge_keeps_the_run_numbers_and_other_metrics(tmp_path):
     assert data["nfe"] == 35 and data["evaluation"] == {"digits": {"fd": 2.0}, "clip": {"clip_score": 30.0, "x": "inf"}}
     assert flatten_numbers({"digits": {"fd": 2.0, "ref": {"n": 5}, "label": "x", "list": [1]}}) == {
         "evaluation/digits/fd": 2.0, "evaluation/digits/ref/n": 5}
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]  # no temporary file left behind
 
 
 class RecordingLogger:
