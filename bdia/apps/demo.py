@@ -502,6 +502,12 @@ inverting again. The numbers show the round trip: regenerating under the source 
 to round-off."""
 
 
+def _photo_path(payload):
+    """gr.Image's upload payload -> the uploaded file's path (``None`` without one)."""
+    path = getattr(payload, "path", None)
+    return None if path is None else str(path)
+
+
 def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chinese temple",
                edit_prompt: str = "a watercolor painting of a chinese temple", num_steps: int = 50,
                gamma: float = 0.96, guidance_scale: float = 7.5, strength: float = 1.0, compare: Sequence[str] = (),
@@ -509,17 +515,6 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
     """The Gradio Blocks of the demo (not launched). ``temp_dir``: where example photos and saved zips go."""
     import gradio as gr
     from PIL import Image
-
-    class PhotoInput(gr.Image):
-        """gr.Image whose upload reaches the handler as the file's path without being opened here: the handler reads
-        it with the edit app's checks (size bound before decoding), so a bad file is a message in the page, not
-        Gradio's preprocessing error."""
-
-        def get_block_name(self) -> str:
-            return "image"  # the page draws it as gr.Image
-
-        def preprocess(self, payload):
-            return None if payload is None or payload.path is None else str(payload.path)
 
     temp_dir = Path(temp_dir)
     counters = counters if counters is not None else {}
@@ -579,8 +574,13 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
         gr.Markdown(_INTRO)
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                photo = PhotoInput(label="Photo", type="filepath", sources=["upload", "clipboard"], height=260,
+                photo = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"], height=260,
                                  elem_id="photo")
+                # The upload reaches the handler as the file's path, not opened here: the handler reads it with the
+                # edit app's checks (size bound before decoding), so a bad file is a message in the page instead of
+                # Gradio's preprocessing error. (An instance attribute: subclassing a Gradio component would make
+                # Gradio write a .pyi stub next to this module.)
+                photo.preprocess = _photo_path
                 gr.Examples(examples, inputs=[photo], label="Examples (scikit-learn's sample photos)")
                 model = gr.Dropdown(models.names, value=models.default, label="Model", elem_id="model",
                                     info="configs/sd/model/; real checkpoints must be in the Hugging Face cache offline")

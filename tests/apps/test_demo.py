@@ -214,6 +214,7 @@ def test_the_page_builds_and_its_handlers_report_mistakes_in_the_page(models, tm
     out = handlers["on_invert"](None, "china.jpg", "tiny-sd", SOURCE, 4, 0.96, 3.0, [], progress=lambda *a, **k: None)
     assert out[0] is not None and out[-1].startswith("Inverted") and out[1].shape == (256, 256, 3)  # 32 px x 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["examples"]  # the example photos only
+    assert not (REPO / "bdia" / "apps" / "demo.pyi").exists()  # (Gradio writes one for a component subclass)
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
