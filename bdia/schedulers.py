@@ -76,6 +76,8 @@ __all__ = [
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: Bound on ``num_train_timesteps`` (DDPM and Stable Diffusion use 1000); the schedule is allocated from it.
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 @dataclass
@@ -142,14 +144,24 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         gamma: float = 0.0,
     ):
-        self._check_gamma(float(gamma))
+        self._check_gamma(gamma)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)) or \
+                not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"num_train_timesteps must be an integer in 1..{MAX_TRAIN_TIMESTEPS}, got "
+                             f"{num_train_timesteps!r}")
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
         # the betas exactly as diffusers' DDIMScheduler builds them (float32), so every attribute matches it
         if trained_betas is not None:
-            betas = torch.tensor(trained_betas, dtype=torch.float32)
+            betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+            if betas.ndim != 1 or len(betas) != num_train_timesteps:
+                raise ValueError(f"trained_betas must be {num_train_timesteps} numbers (num_train_timesteps), got "
+                                 f"shape {list(betas.shape)}")
         elif beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
@@ -160,6 +172,9 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
+        if not bool(torch.isfinite(betas).all()) or bool((betas < 0).any()) or bool((betas > 1).any()):
+            bad = betas[~(torch.isfinite(betas) & (betas >= 0) & (betas <= 1))][0].item()
+            raise ValueError(f"betas must be finite numbers in [0, 1] (noise variances per step), got {bad}")
         self.betas = betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -171,9 +186,9 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
         self.state: BDIASchedulerState | None = None
 
     @staticmethod
-    def _check_gamma(gamma: float) -> None:
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1] (0 = DDIM, 1 = full BDIA), got {gamma}")
+    def _check_gamma(gamma) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1] (0 = DDIM, 1 = full BDIA), got {gamma!r}")
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -192,6 +207,12 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
 
     def _grid(self, num_inference_steps: int) -> np.ndarray:
         cfg = self.config
+        if isinstance(num_inference_steps, torch.Tensor) and num_inference_steps.numel() == 1 and \
+                not num_inference_steps.is_floating_point():
+            num_inference_steps = int(num_inference_steps.item())
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or \
+                num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if num_inference_steps > cfg.num_train_timesteps:
             raise ValueError(f"num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps "
                              f"({cfg.num_train_timesteps})")
@@ -252,9 +273,32 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
         """``D_{t->s} = sqrt(a_s) x0 + sqrt(1 - a_s) eps``."""
         return alpha_prod_s ** (0.5) * x0 + (1 - alpha_prod_s) ** (0.5) * eps
 
+    def _timestep(self, timestep, model_output: torch.Tensor, sample: torch.Tensor) -> int:
+        """``timestep`` as an int, checked: one of this loop's timesteps (so never negative or off the grid), and
+        ``model_output`` of ``sample``'s shape (no broadcasting across a batch)."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1 or timestep.is_floating_point() and timestep.item() != int(timestep.item()):
+                raise ValueError(f"timestep must be one integer timestep, got {timestep}")
+            timestep = timestep.item()
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer, float)) or timestep != int(timestep):
+            raise ValueError(f"timestep must be an integer timestep, got {timestep!r}")
+        t = int(timestep)
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        if t not in set(self.timesteps.tolist()):
+            raise ValueError(f"timestep {t} is not one of this loop's timesteps (set_timesteps gave "
+                             f"{self.timesteps.tolist()[:6]}{' ...' if len(self.timesteps) > 6 else ''})")
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(f"model_output has shape {list(model_output.shape)} but sample {list(sample.shape)}; "
+                             f"they must match (no broadcasting across the batch)")
+        return t
+
     @staticmethod
-    def _timestep(timestep) -> int:
-        return int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+    def _check_continuation(state, sample: torch.Tensor) -> None:
+        if state is not None and tuple(state.sample.shape) != tuple(sample.shape):
+            raise ValueError(f"sample has shape {list(sample.shape)} but the previous step's had "
+                             f"{list(state.sample.shape)}; a new batch is a new trajectory: call set_timesteps() or "
+                             f"reset() first")
 
     # --- forward process (img2img pipelines, training) -------------------------------------------------------
 
@@ -346,12 +390,13 @@ class BDIADDIMScheduler(_BDIABase):
         if eta != 0:
             raise ValueError(f"BDIADDIMScheduler is deterministic: eta must be 0, got eta={eta} (BDIA integrates the "
                              "probability-flow ODE; for stochastic DDIM sampling use diffusers' DDIMScheduler)")
-        t = self._timestep(timestep)
+        t = self._timestep(timestep, model_output, sample)
         t_next = t - self._step_ratio()
         x0, eps = self._x0_and_eps(model_output, sample, self.alphas_cumprod[t], use_clipped_model_output)
         state = self.state
         if state is not None and state.timestep <= t:  # not a continuation: a new trajectory starts here
             state = None
+        self._check_continuation(state, sample)
         if state is None and self._starts_the_pair(t, sample):
             prev_sample = self.start_pair.lower.to(device=sample.device, dtype=sample.dtype).clone()
         else:
@@ -407,8 +452,8 @@ class BDIADDIMInverseScheduler(_BDIABase):
         for p in inspect.signature(_BDIABase.__init__).parameters.values()])
 
     @staticmethod
-    def _check_gamma(gamma: float) -> None:
-        if not 0.0 < gamma <= 1.0:
+    def _check_gamma(gamma) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
             raise ValueError(f"BDIADDIMInverseScheduler needs gamma in (0, 1] (the inverse divides by gamma; use the "
                              f"sampling scheduler's gamma), got {gamma}")
 
@@ -436,11 +481,12 @@ class BDIADDIMInverseScheduler(_BDIABase):
         ``(output, sample)`` afterwards."""
         if self.grid is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        t = self._timestep(timestep)
+        t = self._timestep(timestep, model_output, sample)
         below = t - self._step_ratio()  # where BDIADDIMScheduler's step from t lands
         state = self.state
         if state is not None and state.timestep >= t:  # not a continuation: a new trajectory starts here
             state = None
+        self._check_continuation(state, sample)
         if state is None:
             # DDIM inversion, the sample taken to be at level `below`, the model output (label t) used as its eps
             x0, eps = self._x0_and_eps(model_output, sample, self._alpha_bar(below))
