@@ -426,7 +426,11 @@ def _cast(x_init, dtype):
     if isinstance(x_init, (tuple, list)):
         if len(x_init) != 2:
             raise ValueError(f"a BDIA state pair has 2 tensors, got {len(x_init)}")
-        return StatePair(*(_cast(x, dtype) for x in x_init))
+        pair = StatePair(*(_cast(x, dtype) for x in x_init))
+        if pair[0].shape != pair[1].shape:  # never broadcast one half over the other (another batch size)
+            raise ValueError(f"the two states of a BDIA pair must have one shape, got {list(pair[0].shape)} and "
+                             f"{list(pair[1].shape)}")
+        return pair
     if not isinstance(x_init, torch.Tensor):
         raise TypeError(f"expected a tensor or a StatePair, got {type(x_init).__name__}")
     return x_init if dtype is None else x_init.to(dtype)
@@ -461,6 +465,7 @@ def sample(
     Runs without autograd (the per-solver functions such as :func:`bdia_edm` do not disable it).
     """
     _check_solver(solver, SOLVERS)
+    _warn_noisy_end(sigmas)
     x_init = _cast(x_init, dtype)
     common = dict(class_labels=class_labels, cond=cond, progress=progress)
     if solver in GAMMA_SOLVERS:
@@ -478,6 +483,24 @@ def sample(
         raise TypeError(f"{solver!r} starts from a single tensor; a state pair is BDIA state (use its x_end)")
     fn = {"ddim": ddim, "edm": edm, "dpmpp_2m": dpmpp_2m, "unipc": unipc, "ipndm": ipndm}[solver]
     return fn(denoiser, x_init, sigmas, **common, **solver_kwargs)
+
+
+#: A grid ending above this noise level leaves visible noise in the result (``x = x0 + sigma n``); EDM's grids end
+#: at 0, Stable Diffusion's DDIM grid at ~0.029 (its smallest trained level), both below.
+NOISY_END = 0.1
+
+
+def _warn_noisy_end(sigmas) -> None:
+    try:
+        last = float(sigmas[-1])
+    except (TypeError, ValueError, IndexError):
+        return  # as_sigmas reports malformed grids
+    if math.isfinite(last) and last > NOISY_END:
+        import warnings
+
+        warnings.warn(f"sigmas end at {last:.4g} (> {NOISY_END}): the result is the state at that noise level, still "
+                      f"noisy (x = x0 + {last:.3g} n); end the grid at 0, as bdia.karras_sigmas does, to denoise fully",
+                      UserWarning, stacklevel=4)  # the caller of bdia.sample (under torch.no_grad)
 
 
 def _refuse_gamma(solver, gamma):

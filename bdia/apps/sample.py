@@ -71,7 +71,7 @@ from ..runfolder import (  # noqa: F401
     environment_info,
 )
 from ..runfolder import jsonable as _jsonable
-from ..schedules import karras_sigmas
+from ..schedules import as_sigmas, karras_sigmas
 from ..speed import SpeedOptions, auto_batch_size, with_speed
 from .cli import headline_rows, print_summary, run_timing, shell_command, speed_text, sweep_folder
 from .driver import ASSEMBLED_OUTPUTS, BatchResult, drive, finish, item_need, open_run_folder, read_item
@@ -89,6 +89,7 @@ __all__ = [
     "atomic_write",
     "environment_info",
     "seeds_done",
+    "given_sigmas",
     "sample_run",
     "sample_from_config",
 ]
@@ -132,6 +133,7 @@ def sample_run(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
+    sigmas: Sequence[float] | None = None,
     image_shape: Sequence[int] | None = None,
     device="cpu",
     class_idx: int | None = None,
@@ -171,7 +173,10 @@ def sample_run(
     Analytic mixtures are row-independent and never padded. ``batch_size="auto"``: the largest power of two
     (at most this rank's image count) whose network call fits in free memory (:func:`bdia.speed.auto_batch_size`;
     images do not depend on it). The grid is ``karras_sigmas(num_steps, sigma_min, sigma_max, rho)``
-    with ``sigma_min``/``sigma_max`` clamped to the denoiser's range, as EDM's sampler does.
+    with ``sigma_min``/``sigma_max`` clamped to the denoiser's range, as EDM's sampler does; ``sigmas`` (a list of
+    noise levels, strictly descending, positive but for a final 0) replaces it as given (:func:`given_sigmas`:
+    ``num_steps`` is then its length - 1; a grid ending above ``bdia.solvers.NOISY_END`` leaves noise in the
+    images and is refused).
 
     ``resume``: skip seeds whose files are already there (the folder's ``settings.json`` must match, else
     ``ValueError``); ``False`` removes earlier outputs first. ``dist``: this process's place among several
@@ -189,10 +194,14 @@ def sample_run(
     seeds = parse_seeds(seeds)
     device = resolve_device(device, ctx.local_rank)
     check_grid(sigma_min, sigma_max, rho, grid_nrow, grid_scale, grid_padding)
-    check_num_steps(num_steps)
-    sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
-    sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))
+    if sigmas is None:
+        check_num_steps(num_steps)
+        sigma_min = max(float(sigma_min), float(getattr(denoiser, "sigma_min", 0.0)))
+        sigma_max = min(float(sigma_max), float(getattr(denoiser, "sigma_max", math.inf)))
+        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None))
+    else:
+        sigmas, num_steps = given_sigmas(sigmas, num_steps)
+        sigma_min, sigma_max, rho = float(sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]), float(sigmas[0]), None
     check_solver_options(solver, gamma, solver_kwargs, sigmas, 1 if batch_size == "auto" else batch_size)
     speed = SpeedOptions(precision, channels_last, compile)
     shape = tuple(int(s) for s in (image_shape if image_shape is not None else (image_shape_of(denoiser) or ())))
@@ -310,6 +319,32 @@ def sample_run(
         return finish(ctx, lambda: _write_outputs(run, stats))
 
 
+def given_sigmas(values, num_steps: int | None = None) -> tuple[torch.Tensor, int]:
+    """A grid given as a list (``sigmas=[80,20,5,1,0.2,0]`` on the command line): float64, at least 2 steps,
+    strictly descending, positive but for a final 0 (:func:`bdia.schedules.as_sigmas`). Returns it and its step
+    count; ``num_steps`` (the solver's) is replaced by it, with a log line when they differ. A grid whose last level
+    is above :data:`bdia.solvers.NOISY_END` would leave its noise in the images (``x = x0 + sigma n``): refused,
+    naming the fix."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not isinstance(values, torch.Tensor):
+        raise ValueError(f"sigmas must be a list of noise levels, e.g. sigmas=[80,20,5,1,0.2,0]; got {values!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)):
+        raise ValueError(f"sigmas must be numbers, got {list(values)!r}")
+    try:
+        grid = as_sigmas(values)
+    except ValueError as e:
+        raise ValueError(f"sigmas: {e}") from None
+    if not math.isfinite(float(grid[0])):
+        raise ValueError("sigmas: the first level must be finite for scripts/sample.py (EDM-convention networks)")
+    if float(grid[-1]) > _solvers.NOISY_END:
+        raise ValueError(f"sigmas end at {float(grid[-1]):g}: the images would keep that much noise (x = x0 + sigma n); "
+                         f"end the grid at 0 (e.g. sigmas=[...,0]), as EDM's grids do")
+    steps = len(grid) - 1
+    if num_steps is not None and num_steps != steps:
+        log.info("sigmas=%s: %d steps (solver.num_steps=%s is not used)", [round(float(v), 6) for v in grid], steps,
+                 num_steps)
+    return grid, steps
+
+
 def _assemble(run: RunFolder, seeds, shape, label_dim, sigmas, save_states, keep_inner, need, mixture, grid_nrow,
               grid_padding, grid_scale) -> dict:
     """Rank 0, after every rank finished: ``images.npz`` and ``grid.png`` from the per-seed files (in seed
@@ -357,6 +392,9 @@ def check_config(cfg) -> None:
     ``ValueError`` naming the key."""
     from omegaconf import OmegaConf
 
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k.startswith("metrics."))
+    if missing:  # e.g. metrics=reconstruction without metrics.reconstruction.reference
+        raise ValueError(f"{missing[0]} is not set: give it on the command line ({missing[0]}=...)")
     config = OmegaConf.to_container(cfg, resolve=True)
     solver = config.get("solver")
     if not isinstance(solver, dict) or "name" not in solver:
@@ -364,7 +402,8 @@ def check_config(cfg) -> None:
     solver = dict(solver)
     name, gamma, num_steps = solver.pop("name"), solver.pop("gamma", None), solver.pop("num_steps", None)
     seeds = parse_seeds(config.get("seeds"))
-    check_num_steps(num_steps)
+    if config.get("sigmas") is None:
+        check_num_steps(num_steps)
     grid = {k: config[k] for k in _GRID_KEYS if k in config}
     check_grid(**grid)
     batch_size = config.get("batch_size", 64)
@@ -373,7 +412,10 @@ def check_config(cfg) -> None:
     network_batch = config.get("network_batch")
     if network_batch != "auto":
         check_network_batch(network_batch)
-    sigmas = karras_sigmas(num_steps, grid.get("sigma_min", 0.002), grid.get("sigma_max", 80.0), grid.get("rho", 7.0))
+    if config.get("sigmas") is not None:
+        sigmas, _ = given_sigmas(config["sigmas"])
+    else:
+        sigmas = karras_sigmas(num_steps, grid.get("sigma_min", 0.002), grid.get("sigma_max", 80.0), grid.get("rho", 7.0))
     check_solver_options(name, gamma, solver, sigmas, 1)
     class_idx = config.get("class_idx")
     if class_idx is not None:

@@ -256,3 +256,39 @@ def test_edit_ends_with_a_summary_and_a_labelled_grid(tiny_sd, tmp_path):
     assert "noise by construction" in rows["note"] and str(tmp_path / "edit") in rows["run folder"]
     with Image.open(tmp_path / "edit" / "edit_grid.png") as grid:
         assert grid.size[0] > 3 * 33 + 1 and grid.size[1] > 2 * 33 + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids of one's own: from the command line, and what happens when one does not end at 0.
+
+
+def test_a_grid_of_ones_own_is_used_as_given_and_a_noisy_end_is_refused_or_warned(mixture, tmp_path):
+    import warnings
+
+    import bdia
+    from bdia.apps.sample import given_sigmas
+
+    metrics = sample_run(mixture, solver="edm", num_steps=18, sigmas=[80, 20, 5, 1, 0.2, 0], seeds="0-1",
+                         out_dir=tmp_path / "run", progress=False)
+    assert metrics["sigmas"]["levels"] == [80, 20, 5, 1, 0.2, 0] and metrics["nfe"] == 2 * 5 - 1
+    for bad, message in [([80, 20, 5, 1], "keep that much noise"), ([80, 90, 0], "strictly descending"),
+                         ("80,1,0", "a list of noise levels"), ([80, True, 0], "numbers")]:
+        with pytest.raises(ValueError, match=message):
+            given_sigmas(bad)
+    # The Python API takes such a grid (a partial trajectory can be what one wants) but says what it returns.
+    with pytest.warns(UserWarning, match="still noisy"):
+        bdia.sample(mixture, torch.zeros(1, 1, 8, 8), [80.0, 5.0, 1.0], solver="ddim")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bdia.sample(mixture, torch.zeros(1, 1, 8, 8), [80.0, 5.0, 0.0292], solver="ddim")  # SD's grid ends here
+
+
+def test_sample_takes_a_grid_from_the_command_line(tmp_path, monkeypatch, capsys):
+    assert cli(monkeypatch, tmp_path, "dataset=gmm", "model.num_components=20", "model.image_size=8", *FAST,
+               "sigmas=[80,10,1,0]", "out_dir=run") is None
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["sigmas"]["levels"] == [80, 10, 1, 0] and metrics["num_steps"] == 3
+    assert cli(monkeypatch, tmp_path, "dataset=gmm", "sigmas=[80,10,1]", "out_dir=other") == (
+        "error: sigmas end at 1: the images would keep that much noise (x = x0 + sigma n); end the grid at 0 "
+        "(e.g. sigmas=[...,0]), as EDM's grids do")
+    assert not (tmp_path / "other").exists()
