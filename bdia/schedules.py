@@ -61,6 +61,10 @@ DDPM_SCHEDULE = dict(
 )
 
 
+#: Bound on a grid's step count (the grid is allocated from it; the apps allow 100 000).
+MAX_GRID_STEPS = 1_000_000
+
+
 def karras_sigmas(
     num_steps: int = 18,
     sigma_min: float = 0.002,
@@ -74,8 +78,8 @@ def karras_sigmas(
     ``round_sigma`` (a network's ``round_sigma``) is applied to the levels before 0 is appended, as EDM's
     sampler does; the identity for EDM-preconditioned networks.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
-        raise ValueError(f"karras_sigmas needs an integer num_steps >= 2, got {num_steps!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 2 <= num_steps <= MAX_GRID_STEPS:
+        raise ValueError(f"karras_sigmas needs an integer num_steps in 2..{MAX_GRID_STEPS}, got {num_steps!r}")
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho <= 0:
         raise ValueError(f"rho must be a positive number, got {rho!r}")
     if not 0 < sigma_min < sigma_max < math.inf:
@@ -261,9 +265,12 @@ def as_sigmas(sigmas) -> torch.Tensor:
     flow-matching grid (:func:`flow_time`), where only a model stepping in its own coordinates can start.
     """
     if isinstance(sigmas, torch.Tensor):
-        s = sigmas.detach().to(device="cpu", dtype=torch.float64).flatten()
+        s = sigmas.detach().to(device="cpu", dtype=torch.float64)
     else:
-        s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64)).flatten()
+        s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    if s.ndim > 1:
+        raise ValueError(f"sigmas must be a 1-D grid of noise levels, got shape {list(s.shape)}")
+    s = s.flatten()
     if s.numel() < 3:
         raise ValueError(
             f"need at least 2 steps (3 sigma levels, the terminal one included), got {s.numel()} level(s)"
