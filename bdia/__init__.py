@@ -9,6 +9,10 @@
 Stable Diffusion (diffusers components, our solver loop): ``bdia.load_sd("sd15")`` or ``load_sd(path=...)``;
 the drop-in diffusers schedulers are ``bdia.BDIADDIMScheduler`` and ``bdia.BDIADDIMInverseScheduler`` (from
 ``bdia.schedulers``, imported on first use: they load diffusers).
+
+Flow-matching models (SD3, FLUX): ``bdia.load_flow("flux-dev")``, ``bdia.FlowDenoiser``, ``bdia.flow_sigmas``
+(:mod:`bdia.flow`: the solvers step them in their own latents ``x_t``); drop-ins ``bdia.BDIAFlowMatchEulerScheduler``
+and ``bdia.BDIAFlowMatchInverseScheduler`` (:mod:`bdia.flow_schedulers`, imported on first use).
 """
 
 from . import networks
@@ -19,10 +23,14 @@ from .denoisers import (
     GaussianMixtureDenoiser,
     VPEpsDenoiser,
 )
+from .flow import FlowDenoiser, flow_schedule, flow_shift_mu, flow_sigmas
+from .networks.flow import FLOW_MODELS, FlowModel, load_flow
 from .networks.sd import SD_MODELS, StableDiffusion, load_sd, x_to_z, z_to_x
 from .reversible import ReversibleGradientWarning, sample_with_grad
 from .schedules import (
     SD_SCHEDULE,
+    flow_sigma,
+    flow_time,
     karras_sigmas,
     make_alphas_cumprod,
     sigma_to_timestep,
@@ -48,6 +56,7 @@ from .solvers import (
 __version__ = "0.1.0"
 
 _LAZY_SCHEDULERS = ("BDIADDIMScheduler", "BDIADDIMInverseScheduler", "BDIAInvertedPair")
+_LAZY_FLOW_SCHEDULERS = ("BDIAFlowMatchEulerScheduler", "BDIAFlowMatchInverseScheduler")
 
 
 def __getattr__(name):  # the diffusers schedulers import diffusers, so ``import bdia`` does not load them
@@ -55,4 +64,8 @@ def __getattr__(name):  # the diffusers schedulers import diffusers, so ``import
         from . import schedulers
 
         return getattr(schedulers, name)
+    if name in _LAZY_FLOW_SCHEDULERS:
+        from . import flow_schedulers
+
+        return getattr(flow_schedulers, name)
     raise AttributeError(f"module 'bdia' has no attribute {name!r}")

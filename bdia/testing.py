@@ -3,7 +3,11 @@
 * :func:`build_tiny_sd`: a Stable Diffusion diffusers folder (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
   a CLIP tokenizer from a locally written byte-level vocabulary, DDIMScheduler with SD's settings) that
   :func:`bdia.networks.load_sd` and diffusers' own pipelines load;
-* :func:`build_tiny_clip`: a CLIP model + processor folder for the CLIP score.
+* :func:`build_tiny_clip`: a CLIP model + processor folder for the CLIP score;
+* :func:`build_tiny_sd3` / :func:`build_tiny_flux`: flow-matching pipelines (``StableDiffusion3Pipeline``: an
+  ``SD3Transformer2DModel``, its VAE, two CLIP text encoders, no T5; ``FluxPipeline``: a ``FluxTransformer2DModel``,
+  CLIP + a tiny T5 with a tokenizer built here), each with ``FlowMatchEulerDiscreteScheduler`` as its checkpoint
+  family has it (SD3: shift 3; FLUX.1-dev: dynamic shifting); ``scripts/make_tiny_flow.py`` writes them.
 
 Their outputs are noise-like: they exercise every code path (shapes, dtypes, scheduler numbers, guidance,
 exactness of inversion), not image quality. ``scripts/make_tiny_sd.py`` writes both.
@@ -17,7 +21,8 @@ import torch
 
 from .schedules import SD_SCHEDULE
 
-__all__ = ["build_tiny_sd", "build_tiny_clip", "RANDOM_WEIGHTS_MARKER", "has_random_weights"]
+__all__ = ["build_tiny_sd", "build_tiny_clip", "build_tiny_sd3", "build_tiny_flux", "RANDOM_WEIGHTS_MARKER",
+           "has_random_weights"]
 
 #: A file the builders write into every folder they make, so that apps can say its outputs are noise.
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
@@ -158,3 +163,127 @@ def build_tiny_clip(folder, image_size: int = 32):
     processor.save_pretrained(folder)
     _mark_random(folder, "A tiny CLIP model")
     return Path(folder)
+
+
+def _tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5 (unigram) tokenizer from a vocabulary written here: lower-case letters, digits, a little punctuation,
+    word-initial letters; no download."""
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?-'")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars[:26]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_clip_text(vocab, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"], projection_dim=32, hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_flow_vae(sample_size: int, latent_channels: int, blocks: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(8,) + (16,) * (blocks - 1),
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=sample_size,
+        # SD3 / FLUX VAEs shift and scale their latents (the real ones: 0.0609 / 1.5305 and 0.1159 / 0.3611)
+        shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _seeded(seed: int, build):
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(seed))
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_tiny_sd3(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny random Stable Diffusion 3 as a diffusers folder (``StableDiffusion3Pipeline.from_pretrained``
+    and :func:`bdia.networks.flow.load_flow` read it) and return its path.
+
+    ``SD3Transformer2DModel`` (1 joint block, 2 heads of 8, patch 2, 4 latent channels, joint attention width 64,
+    pooled width 64), an ``AutoencoderKL`` with SD3's latent shift and scale (2 blocks: factor 2, latents
+    ``sample_size / 2``), two ``CLIPTextModelWithProjection`` (width 32, projection 32) with the locally built CLIP
+    tokenizer, no T5 (``text_encoder_3=None``, which SD3 allows: its prompt tokens are zeros), and
+    ``FlowMatchEulerDiscreteScheduler(shift=3.0)``, SD3's. Deterministic given ``seed``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    sample_size = int(sample_size)
+    if sample_size < 8 or sample_size % 8:
+        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab = _tiny_tokenizer()
+
+    def build():
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+            pooled_projection_dim=64, pos_embed_max_size=sample_size // 2,
+        )
+        return (transformer.eval(), _tiny_flow_vae(sample_size, 4, 2), _tiny_clip_text(vocab, True),
+                _tiny_clip_text(vocab, True))
+
+    transformer, vae, text_encoder, text_encoder_2 = _seeded(seed, build)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _mark_random(out_dir, "A tiny Stable Diffusion 3")
+    return out_dir
+
+
+def build_tiny_flux(out_dir, seed: int = 0, sample_size: int = 32, guidance_embeds: bool = True) -> Path:
+    """Write a tiny random FLUX.1 as a diffusers folder (``FluxPipeline.from_pretrained`` and
+    :func:`bdia.networks.flow.load_flow` read it) and return its path.
+
+    ``FluxTransformer2DModel`` (1 double and 1 single block, 2 heads of 16, RoPE axes 4/4/8, 4 latent channels
+    packed 2x2 into 16, ``guidance_embeds`` as FLUX.1-dev: True, schnell: False), an ``AutoencoderKL`` with a
+    latent shift and scale (2 blocks: factor 2), a ``CLIPTextModel`` (pooled width 32) with the locally built CLIP
+    tokenizer, a ``T5EncoderModel`` (width 32, 1 layer) with a T5 tokenizer built here, and
+    ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's settings (dynamic shifting, ``base_shift`` 0.5,
+    ``max_shift`` 1.15, ``shift`` 3). Image side ``sample_size`` (a multiple of 8: packing needs even latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    sample_size = int(sample_size)
+    if sample_size < 8 or sample_size % 8:
+        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab = _tiny_tokenizer()
+    tokenizer_2 = _tiny_t5_tokenizer()
+
+    def build():
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        )
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        ))
+        return transformer.eval(), _tiny_flow_vae(sample_size, 4, 2), _tiny_clip_text(vocab, False), t5.eval()
+
+    transformer, vae, text_encoder, text_encoder_2 = _seeded(seed, build)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _mark_random(out_dir, "A tiny FLUX.1")
+    return out_dir

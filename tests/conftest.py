@@ -17,7 +17,7 @@ NUMERICS_MODULES = {
     "test_edm_networks.py", "test_edm_loader.py", "test_digits_model.py", "test_metrics_frechet.py",
     "test_metrics_digits.py", "test_metrics_distributed.py", "test_app_run.py", "test_editing.py", "test_train.py",
     "test_solver_study.py", "test_text2image.py", "test_metrics_editing.py", "test_demo.py", "test_invert_records.py",
-    "test_reversible.py", "test_flow.py", "test_multistep.py", "test_rex.py", "test_sampler_study.py",
+    "test_reversible.py", "test_flow.py", "test_flow_dropin.py", "test_flow_networks.py", "test_multistep.py", "test_rex.py", "test_sampler_study.py",
 }
 
 
@@ -54,6 +54,24 @@ def tiny_sd_dir(tmp_path_factory):
     from bdia.testing import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd", seed=0, sample_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """Path of a tiny random SD3 diffusers folder (:func:`bdia.testing.build_tiny_sd3`, seed 0, 32x32 pixels,
+    16x16x4 latents, no T5), written once per session."""
+    from bdia.testing import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "tiny-sd3", seed=0, sample_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """Path of a tiny random FLUX.1 diffusers folder (:func:`bdia.testing.build_tiny_flux`, seed 0, 32x32 pixels,
+    16x16x4 latents packed into 64 tokens, guidance embedding), written once per session."""
+    from bdia.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "tiny-flux", seed=0, sample_size=32)
 
 
 @pytest.fixture(scope="session")

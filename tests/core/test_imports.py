@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "bdia"
 #: Project imports allowed inside a function, with the reason.
 LAZY = {
     ("bdia", "bdia.schedulers"): "the diffusers schedulers: `import bdia` must not load diffusers",
+    ("bdia", "bdia.flow_schedulers"): "the diffusers flow schedulers: `import bdia` must not load diffusers",
 }
 
 
@@ -105,9 +106,10 @@ def test_imports_inside_functions_are_only_the_declared_lazy_ones():
 LAYERS = {
     "core": ("bdia.download", "bdia.schedules", "bdia.denoisers", "bdia.gammas", "bdia.solvers", "bdia.checks",
              "bdia.speed", "bdia.analytic", "bdia.data", "bdia.networks", "bdia.inversion", "bdia.reversible",
-             "bdia.multistep", "bdia.rex"),
+             "bdia.multistep", "bdia.rex", "bdia.flow"),
     "services": ("bdia.imageio", "bdia.runfolder", "bdia.distributed", "bdia.metrics", "bdia.logger", "bdia.configs",
-                 "bdia.models", "bdia.prompts", "bdia.testing", "bdia.schedulers", "bdia.pipelines", "bdia.assets"),
+                 "bdia.models", "bdia.prompts", "bdia.testing", "bdia.schedulers", "bdia.pipelines", "bdia.assets",
+                 "bdia.flow_schedulers"),
     "apps": ("bdia.apps",),
 }
 
