@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..configs import instantiate
 from ..denoisers import DenoiserWrapper
 from ..download import AssetUnavailableError
 from ..imageio import quantize
@@ -143,8 +144,6 @@ class Models:
         return sorted(self.configs)
 
     def get(self, name: str | None):
-        from ..configs import instantiate
-
         name = self.default if name is None or not str(name).strip() else str(name).strip()
         if name not in self.configs:
             raise ValueError(f"model {name!r}: not one of {', '.join(self.names)}")
