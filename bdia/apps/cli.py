@@ -161,10 +161,49 @@ def take_positional_path(argv: Sequence[str], key: str) -> list[str]:
     return out
 
 
-def run_name(override_dirname: str) -> str:
+def run_name(override_dirname: str, extra: str | None = None) -> str:
     """A run folder's name from Hydra's ``job.override_dirname``: the overrides, or ``defaults`` when there are
-    none (so a run without overrides gets a folder of its own beside the others, not their parent)."""
-    return str(override_dirname) or "defaults"
+    none (so a run without overrides gets a folder of its own beside the others, not their parent); ``extra``
+    (e.g. :func:`prompts_tag`) is appended as one more ``key=value``."""
+    name = str(override_dirname or "")
+    if extra:
+        return f"{name},{extra}" if name else str(extra)
+    return name or "defaults"
+
+
+def _slug(text: str, length: int = 24) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+    return words[:length].rstrip("-") or "x"
+
+
+def prompts_tag(prompts=None, prompt_file=None, coco_captions=None, num_prompts=None, prompt_seed=None) -> str:
+    """``prompts=<slug>-<hash>`` naming a text-to-image run's prompts in its folder name (the prompts themselves
+    are left out of Hydra's override list): a slug of the first prompt (``+<n>`` more), of the prompt file's
+    name or ``coco<N>``, and 8 hex digits of the prompt source's sha256 (the list, or the file path with
+    ``num_prompts`` / ``prompt_seed``), so other prompts with the same seeds get another folder."""
+    import hashlib
+    import json
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def plain(value):
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+    prompts = plain(prompts)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts:
+        slug = _slug(prompts[0]) + (f"+{len(prompts) - 1}" if len(prompts) > 1 else "")
+    elif prompt_file:
+        slug = _slug(Path(str(prompt_file)).stem)
+    elif coco_captions:
+        slug = f"coco{num_prompts or 'all'}"
+    else:
+        slug = "none"
+    source = [prompts, None if prompt_file is None else str(prompt_file),
+              None if coco_captions is None else str(coco_captions), num_prompts, prompt_seed]
+    digest = hashlib.sha256(json.dumps(source, ensure_ascii=False, default=str).encode()).hexdigest()[:8]
+    return f"prompts={slug}-{digest}"
 
 
 def _register_resolvers() -> None:
@@ -172,6 +211,8 @@ def _register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("bdia.run_name"):
         OmegaConf.register_new_resolver("bdia.run_name", run_name)
+    if not OmegaConf.has_resolver("bdia.prompts_tag"):
+        OmegaConf.register_new_resolver("bdia.prompts_tag", prompts_tag)
 
 
 _register_resolvers()  # the app configs' out_dir uses ${bdia.run_name:...}

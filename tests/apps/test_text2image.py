@@ -14,6 +14,7 @@ import torch
 from app_helpers import cli as app_cli
 from sd_helpers import PROMPTS, build_tiny_clip
 
+from bdia.apps.cli import prompts_tag
 from bdia.prompts import coco_captions, load_prompts, read_prompt_file
 from bdia.apps.text2image import image_name, text_to_image
 
@@ -192,8 +193,11 @@ def test_sweep_over_solver_and_steps_names_run_folders_after_overrides(monkeypat
                "guidance_scale=2", "device=cpu", "progress=false", "hydra.sweep.dir=sweep")
     assert code is None
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    # model.path, device, progress, prompts ... are excluded from folder names (configs/text2image/text2image.yaml)
-    assert folders == [f"guidance_scale=2,seeds=0,solver.num_steps={n},solver={s}"
+    # model.path, device, progress ... are excluded from folder names (configs/text2image/text2image.yaml); the
+    # prompts are named by a slug of the first one and a hash of the prompt source (bdia.apps.cli.prompts_tag)
+    tag = prompts_tag(["a red fox"], None, None, None, 0)
+    assert tag.startswith("prompts=a-red-fox-") and tag != prompts_tag(["a red fox", "a blue cat"], None, None, None, 0)
+    assert folders == [f"guidance_scale=2,seeds=0,solver.num_steps={n},solver={s},{tag}"
                        for n in (2, 3) for s in ("bdia_ddim", "ddim")]
     for name in folders:
         metrics = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())
