@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,9 +313,11 @@ def _bdia_start_pair(session: Session, inversion: CachedInversion, level: int):
         return session.start_pairs[level], None
     gamma = inversion.settings["gamma"]
     cond = {"encoder_hidden_states": session.source_embeds}
-    pair, cost = inversion.measure(lambda: sample(inversion.setup.cfg, top, inversion.grid[: level + 2],
-                                                  solver="bdia_ddim", gamma=gamma, cond=cond, return_pair=True,
-                                                  dtype=None))
+    with warnings.catch_warnings():  # ending at a noisy level is the point here (the edit continues from it)
+        warnings.filterwarnings("ignore", message="sigmas end at")
+        pair, cost = inversion.measure(lambda: sample(inversion.setup.cfg, top, inversion.grid[: level + 2],
+                                                      solver="bdia_ddim", gamma=gamma, cond=cond, return_pair=True,
+                                                      dtype=None))
     start = StatePair(pair.x_inner, pair.x_end)  # sample returns (x at level + 1, x at level)
     session.start_pairs[level] = start
     return start, cost
