@@ -51,6 +51,7 @@ APP_CONFIGS = {
     "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics", "sample_metrics"),
     "fid_ref": ("shared",),
     "train": ("shared",),
+    "optimize": ("shared", "loggers"),
 }
 
 
@@ -206,8 +207,66 @@ def prompts_tag(prompts=None, prompt_file=None, coco_captions=None, num_prompts=
     return f"prompts={slug}-{digest}"
 
 
+_KEY_LINE = re.compile(r"^([A-Za-z_][\w]*):(.*)$")
+_NESTED_KEY_LINE = re.compile(r"^  ([A-Za-z_][\w]*):(.*)$")
+
+
+def config_help(path) -> str:
+    """What ``--help`` says about an app's keys, from the comments of its primary config ``path``: the file's
+    opening comment block, then one line per top-level key (``key: default  what it does``; indented comment lines
+    after a key continue its text). The ``defaults`` list and the ``hydra`` block are left out."""
+    lines = Path(path).read_text().splitlines()
+    intro, rows, i = [], [], 0
+    while i < len(lines) and lines[i].startswith("#"):
+        intro.append(lines[i].lstrip("#")[1:] if lines[i].startswith("# ") else lines[i].lstrip("#"))
+        i += 1
+    skipping, block = False, None
+    for line in lines[i:]:
+        match = _KEY_LINE.match(line)
+        nested = _NESTED_KEY_LINE.match(line) if block else None
+        if match:
+            key, rest = match.groups()
+            skipping = key in ("defaults", "hydra")
+            if skipping:
+                continue
+            value, _, comment = rest.partition(" #")
+            block = key if not value.strip() else None  # a block of keys (train:): its keys follow as train.<key>
+            if block is None or comment.strip():
+                rows.append([key, value.strip(), comment.strip()])
+        elif nested and not skipping:
+            key, rest = nested.groups()
+            value, _, comment = rest.partition(" #")
+            rows.append([f"{block}.{key}", value.strip(), comment.strip()])
+        elif rows and not skipping and line.strip().startswith("#") and line[:1].isspace():
+            rows[-1][2] += " " + line.strip().lstrip("#").strip()
+    width = max((len(k) for k, _, _ in rows), default=0)
+    value_width = min(max((len(v) for _, v, _ in rows), default=0), 24)
+    out = [*intro, "", "== Keys (key=value on the command line; the default, then what it does) ==", ""]
+    for key, value, comment in rows:
+        if len(value) > value_width:
+            out += [f"  {key:<{width}}  {value}", f"  {'':<{width}}  {'':<{value_width}}  {comment}".rstrip()]
+        else:
+            out.append(f"  {key:<{width}}  {value:<{value_width}}  {comment}".rstrip())
+    return "\n".join(out)
+
+
+def key_help(_root_=None) -> str:
+    """Resolver ``${bdia.key_help:}`` of the shared Hydra help template (configs/shared/hydra/bdia.yaml):
+    :func:`config_help` of the primary config the app runs (``$`` doubled for the template)."""
+    try:
+        name = _root_.hydra.job.config_name
+        folder = next(s.path for s in _root_.hydra.runtime.config_sources if s.provider == "main")
+        text = config_help(Path(str(folder).removeprefix("file://")) / f"{name}.yaml")
+    except Exception as e:  # noqa: BLE001 - help must print whatever happens
+        text = f"(no key descriptions: {type(e).__name__}: {e})"
+    return text.replace("$", "$$")
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("bdia.key_help"):
+        OmegaConf.register_new_resolver("bdia.key_help", key_help)
 
     if not OmegaConf.has_resolver("bdia.run_name"):
         OmegaConf.register_new_resolver("bdia.run_name", run_name)

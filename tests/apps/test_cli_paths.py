@@ -71,3 +71,22 @@ def test_override_value_gives_hydra_the_path_verbatim(path, tmp_path):
     with initialize_config_dir(str(app_config_dir("evaluate")), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"run_dir={override_value(path)}"])
     assert cfg.run_dir == path
+
+
+def test_help_describes_the_apps_keys_from_its_yaml_comments(tmp_path, monkeypatch, capsys):
+    import re
+
+    from bdia.apps.cli import config_help
+
+    text = config_help(REPO / "configs" / "sample" / "sample.yaml")
+    assert text.startswith("scripts/sample.py: sample one image per seed")
+    assert re.search(r"\n  seeds +0-63 +one image per seed", text)
+    assert re.search(r"\n  sigma_max +80\.0 +clamped to the network's supported range", text)
+    assert "defaults" not in text.split("== Keys")[1] and "sweep:" not in text  # no defaults list, no hydra block
+    assert re.search(r"\n  train\.lr +0\.002", config_help(REPO / "configs" / "train" / "train.yaml"))
+    # The app's --help shows it (with $ kept as typed), then the groups, then the composed config.
+    assert cli(monkeypatch, tmp_path, "--help") is None
+    out = capsys.readouterr().out
+    assert out.index("== Keys") < out.index("== Configuration groups ==") < out.index("== Config ==")
+    assert "${hydra:sweep.dir}/${bdia.run_name:${hydra:job.override_dirname}}" in out
+    assert not list(tmp_path.iterdir())
