@@ -18,7 +18,7 @@ RESULTS := $(if $(filter 1,$(REGENERATE)),results,results/local)
 
 .PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables summarize \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
-	tiny-sd edit-demo editing-cost demo test-browser
+	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow demo test-browser
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -120,11 +120,21 @@ test-browser: $(STAMP)  ## the web demo driven in headless Chromium: upload, inv
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 	BDIA_CHROMIUM=$(CHROMIUM) BDIA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser $(ARGS)
 
+flow-accuracy: $(STAMP)  ## BDIA-flow vs flow Euler / flow Heun at equal NFE, rectified-flow mixture -> results/local/flow/accuracy.{md,csv,png} (REGENERATE=1: results/)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/flow_accuracy.py --out-dir $(RESULTS)/flow
+
+TINY_FLOW := results/tiny_flux/RANDOM_WEIGHTS.txt
+$(TINY_FLOW): | $(STAMP)
+	$(PY) scripts/make_tiny_flow.py
+
+tiny-flow: $(TINY_FLOW)  ## write the tiny random SD3 and FLUX.1 (flow matching) used offline: results/tiny_sd3, results/tiny_flux
+
 editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/local/editing/
 	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py --out-dir $(RESULTS)/editing
 
 tables:  ## rebuild every table from the run folders present (scripts/make_tables.py --all) -> results/local/ (REGENERATE=1: results/)
 	$(PY) scripts/make_tables.py --all --results-dir $(RESULTS)
 
-clean:  ## remove run outputs (keeps .venv)
-	rm -rf outputs multirun .pytest_cache
+clean:  ## remove what the runs wrote under results/ (run folders, tiny models, results/local/); never your files
+	$(PY) scripts/clean.py
+	rm -rf .pytest_cache

@@ -49,7 +49,7 @@ from ..runfolder import atomic_write
 
 __all__ = ["dig", "collect_runs", "table_rows", "render_markdown", "write_table", "line_label", "BASE_SOLVER",
            "split_values", "folder_overrides", "find_metrics", "summarize", "summary_markdown", "summary_csv",
-           "plot_axes", "summary_plot", "write_summary"]
+           "plot_axes", "summary_plot", "write_summary", "written_by_summarize"]
 
 #: The base solver a BDIA solver reduces to at gamma = 0 (the comparison the summary makes).
 BASE_SOLVER = {"bdia_edm": "edm", "bdia_ddim": "ddim", "bdia": "ddim"}  # "bdia": editing's method name
@@ -752,6 +752,12 @@ def _ours(path: Path) -> bool:
         markdown = path.with_suffix(".md")
         return head.startswith("run_dir,") and markdown.is_file() and _ours(markdown)
     return SUMMARY_MARK in head
+
+
+def written_by_summarize(path) -> bool:
+    """Whether ``path`` is a file :func:`write_summary` wrote (``make clean`` removes those, nothing else)."""
+    path = Path(path)
+    return path.is_file() and not path.is_symlink() and _ours(path)
 
 
 def write_summary(summary: Mapping[str, Any], output, command: str, y: str | None = None,
