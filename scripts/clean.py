@@ -8,7 +8,8 @@ Removed: in every run folder below ``results/{sample,text2image,edit,train,optim
 marker ``.bdia-run.json`` that bdia writes first), the regular files its app writes (images, records, end-of-run
 files, settings/config/env, the marker and lock, temporaries of killed runs), then the folder if that left it
 empty; Hydra's ``multirun.yaml`` of a sweep folder and ``scripts/summarize.py``'s ``summary.*`` there; the tiny random
-models (``results/tiny_sd``, ``results/tiny_clip``: folders holding ``RANDOM_WEIGHTS.txt``, their model files); the
+models (``results/tiny_sd``, ``tiny_clip``, ...: folders of ``results/`` holding ``RANDOM_WEIGHTS.txt``, their model
+files); the
 tables and benchmark outputs of ``make`` in ``results/local/`` (``.md``, ``.csv``, ``.png``, ``.json``). A run folder
 whose lock is held (a run in progress) is skipped. Kept: anything else -- your own files, W&B's offline runs
 (``wandb/``: sync them first), symbolic links, the tracked ``results/`` tables -- listed at the end.
@@ -42,7 +43,6 @@ WRITTEN = {
                  r"loss\.png", r"loss\.csv", r"history\.json"],
 }
 RUN_ROOTS = ("sample", "text2image", "edit", "train", "optimize")
-TINY_MODELS = ("tiny_sd", "tiny_clip")
 MODEL_FILE = re.compile(r".+\.(json|safetensors|txt|bin|model)")
 
 
@@ -195,9 +195,9 @@ def main(argv=None) -> int:
     for name in RUN_ROOTS:
         if (root / name).is_dir() and not (root / name).is_symlink():
             cleaner.tree(root / name)
-    for name in TINY_MODELS:
-        if (root / name).is_dir() and not (root / name).is_symlink():
-            cleaner.tiny_model(root / name)
+    for folder in sorted(root.iterdir()) if root.is_dir() else ():
+        if folder.is_dir() and not folder.is_symlink() and _regular(folder / "RANDOM_WEIGHTS.txt"):
+            cleaner.tiny_model(folder)  # results/tiny_sd, tiny_clip, tiny_sd3, tiny_flux ...
     if (root / "local").is_dir() and not (root / "local").is_symlink():
         cleaner.local_results(root / "local")
     verb = "would remove" if args.dry_run else "removed"
