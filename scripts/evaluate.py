@@ -31,21 +31,27 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bdia.apps.cli import run_command_line, run_job, take_positional_path  # noqa: E402
+from bdia.apps.cli import (  # noqa: E402
+    headline_rows,
+    run_command_line,
+    run_job,
+    shell_command,
+    summary_text,
+    take_positional_path,
+)
 from bdia.configs import build_metrics, instantiate  # noqa: E402
 from bdia.distributed import init_distributed, is_main_process  # noqa: E402
 from bdia.metrics.evaluate import evaluate_runs, find_runs  # noqa: E402
 
 
-def _summary(results: dict) -> str:
-    lines = []
-    for run, metrics in results.items():
-        for name, values in metrics.items():
-            numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and k not in ("seconds",)}
-            shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
-            lines.append(f"{run} [{name}] {values.get('label', '')}: {shown}")
-    return "\n".join(lines)
+def _summary(results: dict, run_dir, written: bool = True) -> str:
+    """Per run folder its headline numbers (bdia.apps.cli.headline_rows); for several, how to tabulate them."""
+    where = [("written to", "{run}/metrics.json (evaluation)")] if written else [("written to", "nothing (write=false)")]
+    parts = [summary_text(f"evaluate: {run}", headline_rows(metrics) + [(k, v.format(run=run)) for k, v in where])
+             for run, metrics in results.items()]
+    if len(results) > 1:
+        parts.append(f"{len(results)} runs; as one table: {shell_command('python', 'scripts/summarize.py', run_dir)}")
+    return "\n".join(parts)
 
 
 def evaluate_from_config(cfg: DictConfig) -> dict:
@@ -71,7 +77,7 @@ def _job(cfg: DictConfig, choices=None) -> dict:
 def main(cfg: DictConfig) -> dict:
     results = run_job(_job, cfg)
     if is_main_process():
-        print(_summary(results))
+        print(_summary(results, cfg.run_dir, bool(cfg.get("write", True))), flush=True)
     return results
 
 

@@ -616,6 +616,11 @@ def headline_rows(evaluation: dict | None) -> list[tuple[str, str]]:
                 floors.append(f"FD {_g(values['floor_halves_fd'])} (two disjoint halves of the real digits)")
             if floors:
                 rows.append(("real-data floor", "; ".join(floors)))
+        elif "noise_relative_error" in values:  # metrics=inversion (bdia.metrics.inversion)
+            rows.append((name, f"noise recovered to {_g(values['noise_relative_error'], '.2g')} relative "
+                               f"(max abs {_g(values['noise_max_abs_error'], '.2g')}), pair regenerated to "
+                               f"{_g(values['pair_relative_error'], '.2g')}, {values.get('images_identical')} of "
+                               f"{values.get('num_images')} images identical (network batch {values.get('network_batch')})"))
         elif "clip_score" in values:
             text = f"CLIP score {_g(values['clip_score'], '.2f')} (100 x cosine, clipped at 0"
             if values.get("model"):
