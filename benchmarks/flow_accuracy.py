@@ -271,19 +271,20 @@ def findings(rows, configs) -> list[str]:
         lines.append(f"**{grid}**: measured order (least-squares slope of log error over NFE ≈ "
                      f"{', '.join(map(str, ORDER_TARGETS))}): "
                      + ", ".join(f"{label} {order:.2f}" for label, order in orders.items()) + ".")
-        base = _rows(rows, grid, euler)
         for config in configs:
-            if config.solver != "bdia_ddim":
+            if config.is_base:
                 continue
-            mine = _rows(rows, grid, config)
+            base_config = euler if config.solver == "bdia_ddim" else heun  # the solver it is BDIA over
+            name = base_config.label
+            mine, base = _rows(rows, grid, config), _rows(rows, grid, base_config)
             ratios = [m["rms_error"] / b["rms_error"] for m, b in zip(mine, base)]
             wins = [m["nfe_target"] for m, q in zip(mine, ratios) if q < 1]
             losses = [m["nfe_target"] for m, q in zip(mine, ratios) if q >= 1]
-            verdict = ("beats flow Euler at every budget" if not losses else
-                       "loses to flow Euler at every budget" if not wins else
-                       f"beats flow Euler at NFE ≈ {', '.join(map(str, wins))} and loses at NFE ≈ "
+            verdict = (f"beats {name} at every budget" if not losses else
+                       f"loses to {name} at every budget" if not wins else
+                       f"beats {name} at NFE ≈ {', '.join(map(str, wins))} and loses at NFE ≈ "
                        f"{', '.join(map(str, losses))}")
-            lines.append(f"{grid}: {config.label} {verdict} (error ratio to flow Euler by budget: "
+            lines.append(f"{grid}: {config.label} {verdict} (error ratio to {name} by budget: "
                          + ", ".join(f"{q:.2f}" for q in ratios) + ").")
         heun_rows = {r["nfe_target"]: r for r in _rows(rows, grid, heun)}
         obelm = {r["nfe_target"]: r for r in _rows(rows, grid, SolverConfig("bdia_ddim", "obelm"))}
