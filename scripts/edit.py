@@ -32,7 +32,7 @@ from bdia.apps.cli import print_summary, run_command_line, run_job, shell_comman
 from bdia.configs import instantiate
 from bdia.distributed import launch_context, resolve_device
 from bdia.logger import NullLogger, Table, log_run
-from bdia.runfolder import check_out_dir
+from bdia.apps.edit import check_config
 
 
 def load_sd_config(model_cfg: dict, device="cpu"):
@@ -44,24 +44,6 @@ def load_sd_config(model_cfg: dict, device="cpu"):
     if not all(hasattr(sd, name) for name in ("encode_images", "decode_latents", "encode_prompts", "eps_denoiser")):
         raise ValueError(f"model: {model_cfg['_target_']} is not a Stable Diffusion loader (use model=sd15 ...)")
     return sd
-
-
-def check_config(cfg) -> None:
-    """The checks of a composed ``configs/edit`` config that need no model (every :func:`bdia.apps.edit.edit_run`
-    setting, the run folder): run on every job of a sweep before any runs, and again by :func:`edit_from_config`."""
-    import inspect
-
-    from bdia.apps.edit import check_edit_settings, edit_run
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("model", "logger", "experiment_name", "distributed", "device", "launcher"):
-        config.pop(key, None)
-    keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
-    unknown = sorted(set(config) - set(keys))
-    if unknown:
-        raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
-    check_edit_settings(**{k: v for k, v in config.items() if k not in ("out_dir", "progress")})
-    check_out_dir(config.get("out_dir"), "edit")
 
 
 def edit_from_config(cfg, choices=None) -> dict | None:

@@ -306,6 +306,25 @@ def check_edit_settings(image="china.jpg", source_prompt="", edit_prompt="", met
     return list(methods)
 
 
+def check_config(cfg) -> None:
+    """The checks of a composed ``configs/edit`` config that need no model (every :func:`edit_run` setting and the
+    run folder, read-only): what ``scripts/edit.py`` runs on every job of a sweep before any runs, and again before
+    it loads the model."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("model", "logger", "experiment_name", "distributed", "device", "launcher"):
+        config.pop(key, None)
+    keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
+    check_edit_settings(**{k: v for k, v in config.items() if k not in ("out_dir", "progress")})
+    check_out_dir(config.get("out_dir"), "edit")
+
+
 def edit_run(
     sd,
     out_dir,

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 from ..imageio import parse_seeds
 from ..logger import WandbLogger
-from .cli import CONFIG_DIR, initialize_app
+from .cli import CONFIG_DIR, initialize_app, preflight
 from .tables import split_values, write_table
 
 __all__ = ["SPEC_DIR", "load_spec", "spec_names", "split_values", "expand_sweep", "plan_sweeps", "run_roots",
@@ -237,6 +237,28 @@ def table_output(spec: Mapping[str, Any], output: str | Path | None = None, resu
     return Path(results_dir, *parts)
 
 
+#: Each app's check of a composed config (what its script runs on every job before any runs), by config name.
+APP_CHECKS = {"sample": "bdia.apps.sample:check_config", "text2image": "bdia.apps.text2image:check_config",
+              "edit": "bdia.apps.edit:check_config", "train": "bdia.apps.train:check_config"}
+
+
+def check_sweeps(spec: Mapping[str, Any], sweeps: Sequence[Sequence[str]]) -> None:
+    """Every job of every sweep composed as its script will compose it and checked by the app's own check
+    (:data:`APP_CHECKS`; :func:`bdia.apps.cli.preflight`): a malformed or unknown override, a value of the wrong
+    type or out of bounds, an unusable run folder is one ``ValueError`` naming the sweep, before anything runs."""
+    import importlib
+
+    target = APP_CHECKS.get(spec["config"])
+    check = None
+    if target is not None:  # the app is named by a string, like a config's _target_ (apps never import apps)
+        module, name = target.split(":")
+        check = getattr(importlib.import_module(module), name)
+    for index, sweep in enumerate(sweeps):
+        problem = preflight(["-m", *sweep], config_name=spec["config"], check=check)
+        if problem:
+            raise ValueError(f"{spec['name']} multirun {index} ({' '.join(sweep)}): {problem}")
+
+
 def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool = False, smoke: bool = False,
               extra: Sequence[str] = (), runs_root: str | Path | None = None, output: str | Path | None = None,
               wandb: bool = False, python: str = sys.executable, results_dir: str | Path | None = None) -> dict:
@@ -248,6 +270,7 @@ def reproduce(name: str, ngpu: int = 1, launcher: str = "local", dry_run: bool =
         raise ValueError(f"{spec['script']} has no W&B logger (its table spec says wandb: false)")
     extra = list(extra) + (["logger=wandb", f"logger.group={spec['name']}"] if wandb else [])
     sweeps = plan_sweeps(spec, extra, smoke=smoke)
+    check_sweeps(spec, sweeps)  # every job of every sweep, before anything runs (dry run included)
     if dry_run:
         text = dry_run_text(spec, sweeps, ngpu, launcher, runs_root)
         print(text)
