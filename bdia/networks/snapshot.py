@@ -33,6 +33,7 @@ Trust conventions (the snapshot is untrusted input):
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import pickle
@@ -65,7 +66,12 @@ def _brief(text, limit: int = 300) -> str:
 
 
 def _short_repr(value, limit: int = 60) -> str:
-    return _brief(repr(value) if not isinstance(value, torch.Tensor) else f"tensor{list(value.shape)}", limit)
+    if isinstance(value, torch.Tensor):
+        return _brief(f"tensor{list(value.shape)}", limit)
+    try:
+        return _brief(repr(value), limit)
+    except RecursionError:  # a crafted value nested too deeply for repr (a 100000-deep tuple)
+        return f"<a {type(value).__name__} nested too deeply to show>"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +280,20 @@ def _unpickle(f, path) -> object:
         ) from None
 
 
+def _no_deep_recursion(fn):
+    """Turn a RecursionError (hashing or comparing a crafted, deeply nested value) into a refusal."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RecursionError:
+            raise SnapshotError("the snapshot holds a value nested too deeply to examine (limit: Python's recursion "
+                                "depth)") from None
+
+    return wrapper
+
+
 def read_snapshot(path, file=None) -> object:
     """Unpickle an EDM snapshot without executing any of its code; persistent objects come back as
     :class:`PersistentRecord`. Raises :class:`SnapshotError` for refused globals, unreadable files and
@@ -316,6 +336,7 @@ def _check_key(key, where: str) -> str:
     return key
 
 
+@_no_deep_recursion
 def _collect_tensors(record, classes) -> "collections.OrderedDict[str, torch.Tensor]":
     """Flatten a record tree into ``state_dict`` form, checking every class name on the way. Iterative, with
     bounded depth, number of records and number of tensors; a record met twice (shared or self-referencing,
@@ -361,6 +382,7 @@ def _collect_tensors(record, classes) -> "collections.OrderedDict[str, torch.Ten
     return out
 
 
+@_no_deep_recursion
 def _plain(value, what: str = "constructor arguments"):
     """Constructor arguments as plain JSON-able containers: dicts with string keys, lists, str, int, float,
     bool, None (numpy scalars become Python ones). Nesting depth, total number of values and self-references

@@ -728,3 +728,24 @@ def test_compressed_storage_blob_is_refused_before_it_expands(tmp_path):
     path.write_bytes(pickle.dumps({"ema": Storage()}, protocol=4))
     assert path.stat().st_size < 50_000
     assert_refused_snapshot(path, "is compressed", "refused: it could expand")
+
+
+# --- values nested too deeply for Python's recursion ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where, expected", [("argument key", "nested too deeply"),
+                                             ("class name", "non-string class_name")])
+def test_a_100000_deep_tuple_is_refused_in_one_line(tmp_path, no_allocation, where, expected):
+    """pickle builds nested tuples without recursion; repr / hash / == of one recurse. The refusal must not
+    end in a RecursionError while it is being formatted."""
+    if where == "argument key":
+        path = write_records(tmp_path / "deep.pkl", {"ema": persistent("EDMPrecond", {**BASE, **TINY, "PLACEHOLDERKEY": 1}),
+                                                    "loss_fn": None})
+    else:
+        path = write_records(tmp_path / "deep.pkl", {"ema": persistent("PLACEHOLDERKEY", dict(BASE, **TINY)),
+                                                    "loss_fn": None})
+    data = path.read_bytes()
+    needle = b"\x8c\x0ePLACEHOLDERKEY"  # SHORT_BINUNICODE of the placeholder, replaced by () then TUPLE1 x 100000
+    assert data.count(needle) == 1
+    path.write_bytes(data.replace(needle, b")" + b"\x85" * 100_000))
+    assert_refused_snapshot(path, expected)
