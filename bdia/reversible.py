@@ -369,7 +369,9 @@ def sample_with_grad(
             return fn(denoiser, x_init, sigmas, **common, **solver_kwargs)
 
     maps, scale_fn = _maps_and_scale(solver, solver_kwargs)
-    gammas = gamma_schedule(gamma, sigmas, solver, scale_fn) if bdia_solver else [0.0] * (len(sigmas) - 1)
+    coordinates = _solvers.coordinates_of(denoiser)  # a flow model's factors are those written in its x_t
+    gammas = gamma_schedule(gamma, sigmas, solver, scale_fn, coordinates) if bdia_solver else [0.0] * (len(sigmas) - 1)
+    scale_fn = _solvers.scale_in(scale_fn, coordinates)
     levels = sigmas.tolist()
     coeffs = [0.0] + [gammas[k] * scale_fn(levels, k) for k in range(1, len(levels) - 1)]
 

@@ -422,6 +422,16 @@ def _check_solver(solver, allowed):
         raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(allowed)}")
 
 
+#: The solvers whose maps step a flow-matching model (coordinates "flow") in its own (x_t, t).
+FLOW_SOLVERS = ("ddim", "bdia_ddim", "edm", "bdia_edm")
+
+
+def _check_flow_solver(denoiser, solver):
+    if solver not in FLOW_SOLVERS and coordinates_of(denoiser) == "flow":
+        raise ValueError(f"{solver!r} does not take flow-matching models (coordinates 'flow': states x_t, velocity "
+                         f"output); use one of {', '.join(FLOW_SOLVERS)}")
+
+
 def _cast(x_init, dtype):
     if isinstance(x_init, (tuple, list)):
         if len(x_init) != 2:
@@ -465,6 +475,7 @@ def sample(
     Runs without autograd (the per-solver functions such as :func:`bdia_edm` do not disable it).
     """
     _check_solver(solver, SOLVERS)
+    _check_flow_solver(denoiser, solver)
     _warn_noisy_end(sigmas)
     x_init = _cast(x_init, dtype)
     common = dict(class_labels=class_labels, cond=cond, progress=progress)
@@ -532,6 +543,7 @@ def invert(
     if solver in SOLVERS and solver not in INVERTIBLE_SOLVERS:
         raise ValueError(f"{solver!r} has no exact inverse; invertible solvers: {', '.join(INVERTIBLE_SOLVERS)}")
     _check_solver(solver, INVERTIBLE_SOLVERS)
+    _check_flow_solver(denoiser, solver)
     x_last = _cast(x_last, dtype)
     if solver == "rex":
         _refuse_gamma(solver, gamma)

@@ -247,7 +247,7 @@ def bdia_in_x(mixture, x_start, sigmas, gamma):
 
 def test_bdia_ddim_on_a_flow_is_the_x_space_update_with_the_flow_factor():
     flow, mixture, z = flow_problem()
-    sigmas = flow_sigmas(sigmas=np.linspace(0.95, 0.1, 8), shift=3.0)  # finite: x exists at every level
+    sigmas = flow_sigmas(sigmas=np.linspace(0.95, 0.04, 8), shift=3.0)  # finite: x exists at every level
     for gamma in (1.0, 0.6):
         ours = bdia.sample(flow, z, sigmas, solver="bdia_ddim", gamma=gamma)
         x = bdia_in_x(mixture, z / (1 - flow_time(sigmas[0])), sigmas, gamma)
@@ -304,7 +304,7 @@ def test_flow_grids_need_a_flow_model_and_x_space_needs_finite_sigmas():
         bdia.sample(mixture, z, sigmas, solver="ddim")
     with pytest.raises(ValueError, match="space='x'"):
         bdia.sample(flow, z, sigmas, solver="bdia_edm", gamma=0.5, space="x")
-    finite = flow_sigmas(sigmas=np.linspace(0.9, 0.1, 6))
+    finite = flow_sigmas(sigmas=np.linspace(0.9, 0.05, 6))
     pair = bdia.sample(flow, z, finite, solver="bdia_edm", gamma=0.5, space="x", return_pair=True)
     back = bdia.invert(flow, pair, finite, solver="bdia_edm", gamma=0.5, space="x")
     assert (back.x_end - z).abs().max() < 1e-12
@@ -312,3 +312,19 @@ def test_flow_grids_need_a_flow_model_and_x_space_needs_finite_sigmas():
         bdia.sample(flow, z, sigmas, solver="edm", s_churn=1.0)
     with pytest.raises(ValueError, match="NaN"):
         bdia.sample(flow, z, torch.tensor([1.0, math.inf, 0.0], dtype=F64), solver="ddim")
+
+
+def test_other_solvers_refuse_flow_models_and_reversible_gradients_take_them():
+    flow, _, z = flow_problem()
+    sigmas = flow_sigmas(8, shift=3.0)
+    for solver in (s for s in bdia.SOLVERS if s not in ("ddim", "bdia_ddim", "edm", "bdia_edm")):
+        with pytest.raises(ValueError, match="flow-matching"):
+            bdia.sample(flow, z, sigmas, solver=solver)
+    # reversible backprop steps the same maps with the flow's factors: its output is bdia.sample's
+    noise = z.clone().requires_grad_(True)
+    out = bdia.sample_with_grad(flow, noise, sigmas, solver="bdia_ddim", gamma=0.9, backprop="reversible")
+    assert (out.detach() - bdia.sample(flow, z, sigmas, solver="bdia_ddim", gamma=0.9)).abs().max() < 1e-13
+    out.square().sum().backward()
+    reference = z.clone().requires_grad_(True)
+    bdia.sample_with_grad(flow, reference, sigmas, solver="bdia_ddim", gamma=0.9, backprop="autograd").square().sum().backward()
+    assert (noise.grad - reference.grad).abs().max() / reference.grad.abs().max() < 1e-10
