@@ -18,7 +18,7 @@ RESULTS := $(if $(filter 1,$(REGENERATE)),results,results/local)
 
 .PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables summarize \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
-	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow demo test-browser
+	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow demo test-browser optimize
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -66,13 +66,14 @@ accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> re
 study: $(STAMP)  ## which BDIA-EDM? every bdia_edm formulation vs EDM -> results/local/solver_study.{md,csv,png} (REGENERATE=1: results/)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/solver_study.py --out-dir $(RESULTS) $(ARGS)
 
-bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost, speed -> results/local/bench/ (REGENERATE=1: results/)
+bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost, speed, gradients -> results/local/bench/ (REGENERATE=1: results/)
 	$(PY) benchmarks/bench_solvers.py --out-dir $(RESULTS)/bench
 	$(PY) benchmarks/bench_roundtrip.py --out-dir $(RESULTS)/bench
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline_roundtrip.py --out-dir $(RESULTS)/bench
 	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py --out-dir $(RESULTS)/editing
 	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_speed.py --out-dir $(RESULTS)/bench
 	OMP_NUM_THREADS=2 $(PY) benchmarks/precision_quality.py --out-dir $(RESULTS)/bench
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_gradients.py --out-dir $(RESULTS)/bench
 
 # Paper tables (configs/tables/*.yaml): Hydra multiruns that resume when re-run, then the table is rebuilt from
 # the run folders' metrics.json. NGPU=8: torchrun with 8 ranks per run; LAUNCHER=slurm: Hydra's submitit
@@ -119,6 +120,9 @@ test-browser: $(STAMP)  ## the web demo driven in headless Chromium: upload, inv
 	@test -x $(CHROMIUM) || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 	BDIA_CHROMIUM=$(CHROMIUM) BDIA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser $(ARGS)
+
+optimize: $(STAMP)  ## noise optimisation through all 35 NFE of BDIA-EDM: the digits classifier reads class 3 -> results/optimize/ (ARGS="target_class=7")
+	$(PY) scripts/optimize.py $(ARGS)
 
 flow-accuracy: $(STAMP)  ## BDIA-flow vs flow Euler / flow Heun at equal NFE, rectified-flow mixture -> results/local/flow/accuracy.{md,csv,png} (REGENERATE=1: results/)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/flow_accuracy.py --out-dir $(RESULTS)/flow
