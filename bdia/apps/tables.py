@@ -10,7 +10,9 @@ folders belong to a table and what to show:
 * ``column``: the key along the x axis (e.g. ``nfe``, measured by the run, not assumed);
 * ``metrics``: ``[{key, label, format}]``, the first is the plotted one; lower is better unless ``higher_is_better``;
   ``noise``: the relative difference within which two values count as equal (timings on a shared machine,
-  FD of a few hundred images), so no "best" is marked and no "win" counted inside it; ``timing: true``: the
+  FD of a few hundred images), so no "best" is marked and no "win" counted inside it; ``equal_below``: values
+  this small count as equal (round-off of exact round trips); ``bold: false``: mark no best value (numbers
+  that mean nothing, e.g. a random CLIP's); ``timing: true``: the
   value is shown only where it covers every image of the run (``timed_images``; a run resumed before per-image
   times were recorded shows "—"); ``ratio``: print the ratio to the base solver (default: for lower-is-better
   metrics on a ratio scale, errors, distances and times; never for PSNR / SSIM / scores);
@@ -180,9 +182,11 @@ def _published(spec, section: str) -> str | None:
     return f"{entry.fid_reported} at NFE {entry.nfe} ({sampler}; EDM's repository, example.py)"
 
 
-def _same(a: float, b: float, noise: float) -> bool:
-    """Equal within the relative ``noise`` (and exactly equal when there is none)."""
-    return a == b or (noise > 0 and abs(a - b) <= noise * max(abs(a), abs(b)))
+def _same(a: float, b: float, noise: float, equal_below: float = 0.0) -> bool:
+    """Equal within the relative ``noise`` (exactly equal when there is none), or both at most ``equal_below`` in
+    size (round-off: 2e-14 and 3e-14 are the same exact result)."""
+    return (a == b or (noise > 0 and abs(a - b) <= noise * max(abs(a), abs(b)))
+            or max(abs(a), abs(b)) <= equal_below)
 
 
 def _shows_ratio(metric: Mapping[str, Any], values: Sequence[float]) -> bool:
@@ -197,11 +201,11 @@ def _best_line(cells, lines, column, metric, fmt: str) -> str | None:
     higher = bool(metric.get("higher_is_better", False))
     noise = float(metric.get("noise", 0.0))
     present = [(l, cells[(l, column)]) for l in lines if cells.get((l, column)) is not None]
-    if len(present) < 2:
+    if len(present) < 2 or metric.get("bold") is False:
         return None
     present.sort(key=lambda lv: lv[1], reverse=higher)
     (best, v1), (_, v2) = present[0], present[1]
-    if _same(v1, v2, noise) or _format(v1, fmt) == _format(v2, fmt):
+    if _same(v1, v2, noise, float(metric.get("equal_below", 0.0))) or _format(v1, fmt) == _format(v2, fmt):
         return None
     return best
 
@@ -220,7 +224,7 @@ def _summary(cells: Mapping[tuple[str, Any], float], lines: Sequence[str], colum
         shared = [c for c in columns if cells.get((line, c)) is not None and cells.get((base, c)) is not None]
         if not shared:
             continue
-        ties = [c for c in shared if _same(cells[(line, c)], cells[(base, c)], noise)]
+        ties = [c for c in shared if _same(cells[(line, c)], cells[(base, c)], noise, float(metric.get("equal_below", 0.0)))]
         wins = [c for c in shared if c not in ties and (cells[(line, c)] > cells[(base, c)]) == higher]
         text = f"- {line}: better than {base} at {len(wins)} of {len(shared)} ({', '.join(str(c) for c in wins) or 'none'})"
         if ties:
@@ -279,13 +283,17 @@ def render_markdown(spec: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
             notes = []
             if metric.get("noise"):
                 notes.append(f"Values within {float(metric['noise']):.0%} of each other count as equal (noise).")
+            if metric.get("equal_below"):
+                notes.append(f"Values below {float(metric['equal_below']):g} count as equal (round-off).")
+            if metric.get("bold") is False:
+                notes.append("No best value is marked: these numbers carry no meaning here.")
             if any(v is None for v in cells.values()):
                 notes.append("— = not measured for every image of the run (resumed before per-image times were "
                              "recorded: rerun it with resume=false to time it)." if metric.get("timing") or
                              metric.get("fresh_only") else "— = not measured.")
             if notes:
                 out += [" ".join(notes), ""]
-            summary = _summary(cells, lines, columns, metric)
+            summary = _summary(cells, lines, columns, metric) if metric.get("bold") is not False else []
             if summary:
                 out += [f"Where BDIA beats its base solver on {label}:", ""] + summary + [""]
         floors = defaultdict(list)
