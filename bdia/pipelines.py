@@ -145,6 +145,9 @@ def _flow_latents(pipe, family: str, image: torch.Tensor, height=None, width=Non
     if image.shape[1] != 3:
         raise ValueError(f"image must have 3 channels (pixels in [-1, 1]), got shape {tuple(image.shape)}")
     height, width = image.shape[-2:]
+    multiple = pipe.vae_scale_factor * (2 if family == "flux" else 1)
+    if height % multiple or width % multiple:
+        raise ValueError(f"{family} images need sides divisible by {multiple}, got {height}x{width}")
     mean = pipe.vae.encode(image.to(device=pipe.device, dtype=pipe.vae.dtype)).latent_dist.mean
     z = ((mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).to(dtype)
     if family == "flux":

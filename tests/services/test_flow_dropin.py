@@ -234,3 +234,9 @@ def test_the_core_loop_on_the_loaded_model_is_the_pipelines_flow_euler(family, t
                      guidance_scale=fm.default_guidance_scale).images
     theirs = theirs if family == "sd3" else FluxVelocity.unpack(theirs, 16, 16)
     assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-5
+
+
+def test_flux_images_must_pack(tiny_flux_dir):
+    pipe = _load(tiny_flux_dir, "flux")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        invert_with_pipeline(pipe, torch.zeros(1, 3, 30, 32), PROMPT, num_inference_steps=4)
