@@ -22,7 +22,8 @@ That process builds the network, draws the noise and warms up (the same calls on
    * both: the bytes autograd saves for the backward pass during the forward pass (``saved_tensors_hooks``; each
      storage once) -- exact, independent of the allocator.
 2. **time**, on warm runs (``--repeats``, median): ``bdia.sample`` without autograd (the "sampling" time the ratios
-   divide by), then ``bdia.sample_with_grad`` + ``backward``.
+   divide by), then ``bdia.sample_with_grad`` + ``backward``. With 0 repeats (DDPM++'s default: batch 1 is the
+   warm-up's shape, and a run takes minutes) the memory run is timed, against a sampling run just before it.
 
 Plain autograd whose saved tensors would exceed ``--max-autograd-gib`` (estimated from one network call with grad
 times the number of calls) is not run; its row says what it would need.
@@ -182,24 +183,30 @@ def worker(spec: dict) -> dict:
             return dict(spec, nfe=nfe, skipped=f"saved tensors would need ~{need / 2**30:.1f} GiB "
                         f"(> --max-autograd-gib {spec['max_autograd_bytes'] / 2**30:g})")
 
-    # 1. Memory, on the first full-size run (nothing of its size allocated before in this process).
-    storages, hooks = saved_bytes_hooks()
-    with PeakMemory(device) as memory:
-        first_forward_s, first_total_s, grad = forward_backward(hooks)
-    # 2. Time, on warm runs: sampling without autograd, then forward + backward, `repeats` times (median).
-    timings = []
-    for _ in range(spec["repeats"]):
+    def timed_sample():
         _sync(device)
         started = time.perf_counter()
-        nfe = sample()
+        calls = sample()
         _sync(device)
-        sample_s = time.perf_counter() - started
+        return calls, time.perf_counter() - started
+
+    # 1. Memory, on the first full-size run (nothing of its size allocated before in this process). With
+    #    repeats = 0 its time is the one reported, against a sampling run just before it.
+    if spec["repeats"] == 0:
+        nfe, sample_s = timed_sample()
+    storages, hooks = saved_bytes_hooks()
+    with PeakMemory(device) as memory:
+        forward_s, total_s, grad = forward_backward(hooks)
+    # 2. Time, on warm runs: sampling without autograd, then forward + backward, `repeats` times (median ratio).
+    timings = []
+    for _ in range(spec["repeats"]):
+        nfe, sample_s = timed_sample()
         forward_s, total_s, _ = forward_backward()
         timings.append((total_s / sample_s, sample_s, forward_s, total_s))
-    ratio, sample_s, forward_s, total_s = sorted(timings)[len(timings) // 2]
+    if timings:
+        _, sample_s, forward_s, total_s = sorted(timings)[len(timings) // 2]
     return dict(spec, nfe=nfe, sample_s=sample_s, forward_s=forward_s, backward_s=total_s - forward_s, total_s=total_s,
-                first_total_s=first_total_s, peak_bytes=memory.peak, saved_bytes=sum(storages.values()),
-                grad_norm=float(grad.norm()))
+                peak_bytes=memory.peak, saved_bytes=sum(storages.values()), grad_norm=float(grad.norm()))
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
@@ -289,7 +296,9 @@ def write_markdown(path: Path, result: dict) -> None:
     for network in result["networks"]:
         what, solver, gamma = NETWORKS[network]
         batch = result["batch"][network]
-        lines += [f"## {what}", "", f"{solver}, gamma {gamma}, batch {batch}, float64 states, float32 network.", "",
+        repeats = result["repeats"][network]
+        timing = f"times: median of {repeats} warm run(s)" if repeats else "times: the memory run's"
+        lines += [f"## {what}", "", f"{solver}, gamma {gamma}, batch {batch}, float64 states, float32 network; {timing}.", "",
                   "| backprop | N | NFE | peak memory (MiB) | saved (KiB) | sampling (s) | forward (s) | backward (s) | "
                   "total / sampling | backward / sampling |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -373,7 +382,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--max-autograd-gib", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row after the memory run (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="digits: timed runs per row after the memory run "
+                        "(median); 0: time the memory run")
+    parser.add_argument("--ddpmpp-repeats", type=int, default=0, help="the same for DDPM++ (batch 1 is the warm-up's "
+                        "shape, so the memory run is warm)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--accuracy-steps", type=int, default=18)
     parser.add_argument("--accuracy-gammas", default="0.5,0.9,0.96,1.0")
@@ -387,19 +399,20 @@ def main(argv=None) -> None:
     if device == "cpu" and not Path("/proc/self/clear_refs").exists():
         sys.exit("error: the CPU memory measure needs Linux's /proc/self/clear_refs")
     if args.tiny:
-        plan = {"tiny": ([3, 6], 2)}
+        plan = {"tiny": ([3, 6], 2, 1)}
     else:
-        plan = {"digits": ([int(s) for s in args.steps.split(",") if s], args.digits_batch)}
+        plan = {"digits": ([int(s) for s in args.steps.split(",") if s], args.digits_batch, args.repeats)}
         if args.ddpmpp_steps.strip():
-            plan["ddpmpp"] = ([int(s) for s in args.ddpmpp_steps.split(",") if s], args.ddpmpp_batch)
+            plan["ddpmpp"] = ([int(s) for s in args.ddpmpp_steps.split(",") if s], args.ddpmpp_batch,
+                              args.ddpmpp_repeats)
     rows = []
     started = time.perf_counter()
-    for network, (steps, batch) in plan.items():
+    for network, (steps, batch, repeats) in plan.items():
         for num_steps in steps:
             for method in METHODS:
                 spec = dict(network=network, backprop=method, num_steps=num_steps, batch=batch, threads=args.threads,
                             device=device, max_autograd_bytes=int(args.max_autograd_gib * 2**30),
-                            repeats=args.repeats)
+                            repeats=repeats)
                 row = run_worker(spec, args.timeout)
                 rows.append(row)
                 shown = row.get("error") or row.get("skipped") or (
@@ -413,7 +426,8 @@ def main(argv=None) -> None:
     measure = ("CUDA max_memory_allocated above the allocation before the run" if device == "cuda" else
                "peak resident set size (VmHWM) above VmRSS just before the run, fresh process per row")
     result = dict(
-        command=COMMAND, device=device, networks=list(plan), batch={n: b for n, (_, b) in plan.items()},
+        command=COMMAND, device=device, networks=list(plan), batch={n: b for n, (_, b, _) in plan.items()},
+        repeats={n: r for n, (_, _, r) in plan.items()},
         memory_measure=measure, memory_measure_short="CUDA allocator" if device == "cuda" else "CPU peak RSS",
         machine=dict(platform=platform.platform(), torch=torch.__version__, torch_threads=args.threads,
                      cpu_count=os.cpu_count(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS")),
