@@ -421,3 +421,99 @@ def test_bdia_edm_options_are_checked_before_sampling(tmp_path, monkeypatch, ove
     monkeypatch.setattr(bdia.apps.sample._solvers, "sample", lambda *a, **k: pytest.fail("sampled before the check"))
     assert_one_line(cli(monkeypatch, tmp_path, *DIGITS, "solver=bdia_edm", override, f"out_dir={tmp_path}/run"),
                     needle)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 20: one line naming the key for every mistake, checked before anything runs.
+
+TEXT2IMAGE = REPO / "scripts" / "text2image.py"
+EDIT = REPO / "scripts" / "edit.py"
+EVALUATE = REPO / "scripts" / "evaluate.py"
+FID_REF = REPO / "scripts" / "fid_ref.py"
+
+
+@pytest.mark.parametrize("script, args, needles", [
+    ("sample", ["solver.gamma={a:1}"], ["gamma must be a number in [0, 1]", "{'a': 1}"]),
+    ("sample", ["solver.num_steps=many"], ["num_steps", "'many'"]),
+    ("sample", ["+foo=1"], ["unknown setting 'foo' (+foo=1)"]),
+    ("sample", ["+num_step=5"], ["unknown setting 'num_step'"]),
+    ("sample", ["out_dir=null"], ["out_dir must be a folder path, got None"]),
+    ("sample", ["metrics=reconstruction"], ["metrics.reconstruction.reference is not set"]),
+    ("sample", ["solver.gamma=0.5,2"], ["is a sweep: add -m"]),
+    ("sample", ["-m", "fooo=1,2"], ["fooo"]),
+    ("sample", ["-m", "solver.gamma=0.5,2"], ["job 1 of 2", "gamma must lie in [0, 1]", "no job was run"]),
+    ("text2image", ["height=tall"], ["height must be an integer in 8..4096, got 'tall'"]),
+    ("text2image", ["height=0"], ["height must be an integer in 8..4096, got 0"]),
+    ("text2image", ["width=1000000"], ["width must be an integer in 8..4096"]),
+    ("text2image", ["prompts=[[a,b]]"], ["prompts[0] must be a string"]),
+    ("text2image", ["out_dir=null"], ["out_dir must be a folder path"]),
+    ("edit", ["image_size=0"], ["image_size must be an integer in 8..4096, got 0"]),
+    ("edit", ["image_size=1000000"], ["image_size must be an integer in 8..4096"]),
+    ("edit", ["grid_scale=100000"], ["grid_scale must be an integer in 1..64"]),
+    ("edit", ["p=5"], ["p (EDICT's mixing weight) must be a number in (0, 1]"]),
+    ("edit", ["num_inner_steps=-1"], ["num_inner_steps"]),
+    ("edit", ["strength=0"], ["strength"]),
+    ("edit", ["out_dir=null"], ["out_dir must be a folder path"]),
+    ("evaluate", ["metrics=bogus", "run_dir=/nonexistent"], ["unknown metrics 'bogus'"]),
+    ("fid_ref", ["foo=1"], ["foo"]),
+    ("fid_ref", ["features=pixels"], ["features must be 'inception' or 'digits'"]),
+])
+def test_mistakes_are_one_line_before_anything_runs(tmp_path, monkeypatch, script, args, needles):
+    """Checked by bdia.apps.cli.preflight (every job of a sweep composed and checked by the app before any
+    runs): nothing is loaded, no folder is created, nothing runs."""
+    import bdia.apps.sample
+
+    monkeypatch.setattr(bdia.apps.sample, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    extra = ["model=tiny-sd", "model.path=/nonexistent"] if script in ("text2image", "edit") else []
+    extra += DIGITS if script == "sample" and "-m" not in args else []
+    extra += [f"out_dir={tmp_path}/run"] if script in ("sample", "text2image", "edit") and "out_dir=null" not in args \
+        and "-m" not in args else []
+    message = cli(monkeypatch, tmp_path, *extra, *args, script=REPO / "scripts" / f"{script}.py")
+    assert_one_line(message, *needles)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "results").exists()
+
+
+def test_evaluate_without_the_reconstruction_reference_and_with_a_garbage_reference(finished_run, tmp_path, monkeypatch):
+    before = snapshot(finished_run)
+    assert_one_line(cli(monkeypatch, tmp_path, str(finished_run), "metrics=reconstruction", script=EVALUATE),
+                    "metrics.reconstruction.reference is not set")
+    garbage = tmp_path / "ref.npz"
+    garbage.write_bytes(b"PK\x03\x04 garbage")
+    assert_one_line(cli(monkeypatch, tmp_path, str(finished_run), "metrics=digits", f"metrics.digits.ref={garbage}",
+                        script=EVALUATE), "metrics.digits.ref=", "ref.npz", "not a readable .npz")
+    (finished_run / "metrics.json").write_bytes(b"\x00\xff binary")
+    before = snapshot(finished_run)
+    assert_one_line(cli(monkeypatch, tmp_path, str(finished_run), "metrics=digits", script=EVALUATE),
+                    f"{finished_run / 'metrics.json'}", "not text")
+    assert snapshot(finished_run) == before
+
+
+def test_fid_ref_cards_that_are_not_its_own_are_named(tmp_path, monkeypatch):
+    out = tmp_path / "ref.npz"
+    (tmp_path / "ref.npz.json").write_text("[1, 2, 3]")
+    before = snapshot(tmp_path)
+    args = ["source=digits-test", "features=digits", "progress=false", f"out={out}"]
+    assert_one_line(cli(monkeypatch, tmp_path, *args, script=FID_REF), "ref.npz.json", "was not written by fid_ref")
+    assert snapshot(tmp_path) == before
+    assert_one_line(cli(monkeypatch, tmp_path, "source=digits-test", "features=digits", "weights=/nonexistent.safetensors",
+                        f"out={tmp_path}/other.npz", script=FID_REF), "weights=")
+
+
+def test_a_binary_prompt_file_is_named(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xd8\xff\xe0 a jpeg")
+    message = cli(monkeypatch, tmp_path, "model=tiny-sd", "model.path=/nonexistent", "prompts=null",
+                  f"prompt_file={prompts}", f"out_dir={tmp_path}/run", script=TEXT2IMAGE)
+    assert_one_line(message, f"prompt_file={prompts}", "not UTF-8 text")
+
+
+def test_reproduce_dry_run_checks_its_arguments(tmp_path, monkeypatch, capsys):
+    from app_helpers import load_script
+
+    main = load_script("scripts/reproduce.py").main
+    for bad, needle in (("solver.num_steps=many", "num_steps"), ("bogus=1", "bogus"), ("solver.gamma=7", "gamma")):
+        monkeypatch.chdir(tmp_path)
+        assert main(["table2_mini", "--dry-run", "--smoke", bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: table2_mini multirun 0") and needle in err[0], err
+    assert not (tmp_path / "results").exists()
