@@ -264,7 +264,13 @@ class WandbLogger(BaseLogger):
         self._started = True
         self.mode = self.resolve_mode()
         if self.mode == "disabled":
-            log.info("W&B disabled (mode=disabled); only local files are written")
+            if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+                source = "WANDB_DISABLED in the environment; unset it to log"
+            elif os.environ.get("WANDB_MODE", "").strip():
+                source = "WANDB_MODE=disabled in the environment; unset it (or set offline/online) to log"
+            else:
+                source = "logger.mode=disabled"
+            log.warning("W&B: logging is off (%s); only local files are written", source)
             return
         if self.rank_zero_only and launch_rank() != 0:
             return

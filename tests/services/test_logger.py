@@ -418,3 +418,20 @@ def test_edit_logs_each_methods_figure_and_the_cost_table_to_wandb_offline(tmp_p
     assert table["data"][0][5] == pytest.approx(metrics["methods"]["bdia"]["latent"]["relative_error"])
     figures = {str(p.relative_to(files / "media" / "images")).split("_")[0] for p in (files / "media" / "images").rglob("*.png")}
     assert {"bdia/figure", "ddim/figure", "edit"} <= figures, figures
+
+
+def test_a_disabled_logger_says_what_disabled_it(monkeypatch, caplog, tmp_path):
+    """`make ... logger=wandb` under an inherited WANDB_MODE=disabled logs nothing: the warning names the
+    variable, so the user knows what to unset."""
+    from bdia.logger import WandbLogger
+
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with caplog.at_level("WARNING", logger="bdia.logger"):
+        WandbLogger().start({}, run_dir=tmp_path, name="x")
+    assert "WANDB_MODE=disabled in the environment" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("WANDB_MODE")
+    with caplog.at_level("WARNING", logger="bdia.logger"):
+        WandbLogger(mode="disabled").start({}, run_dir=tmp_path, name="x")
+    assert "logger.mode=disabled" in caplog.text and not list(tmp_path.iterdir())
