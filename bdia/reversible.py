@@ -224,7 +224,8 @@ class _ReversibleBDIA(torch.autograd.Function):
             if k in stored:
                 x_prev = exact_prev
                 if a != 0:
-                    errors[k - 1] = _relative_error(_solvers.bdia_uncombine(x_next, x_fwd.detach(), x_back.detach(), a), x_prev)
+                    recovered = _solvers.bdia_uncombine(x_next, x_fwd.detach(), x_back.detach(), a)
+                    errors[k - 1] = _relative_error(recovered, x_prev)
             else:
                 x_prev = _solvers.bdia_uncombine(x_next, x_fwd.detach(), x_back.detach(), a)
                 p.check(x_prev, k, action="reversible backprop step")
@@ -340,7 +341,8 @@ def sample_with_grad(
     """
     if backprop not in BACKPROP:
         raise ValueError(f"backprop must be one of {', '.join(BACKPROP)}, got {backprop!r}")
-    if store_every is not None and (isinstance(store_every, bool) or not isinstance(store_every, int) or store_every < 1):
+    if store_every is not None and (isinstance(store_every, bool) or not isinstance(store_every, int)
+                                    or store_every < 1):
         raise ValueError(f"store_every must be a positive integer or None, got {store_every!r}")
     sigmas = as_sigmas(sigmas)
     check_solver_options(solver, gamma, solver_kwargs, sigmas)

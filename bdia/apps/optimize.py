@@ -100,8 +100,9 @@ def optimize_noise(denoiser, noise: torch.Tensor, sigmas, score_loss: Callable[[
     """Adam on the standard-normal noise ``n`` (float64, ``[B, ...]``; the solver starts from ``sigmas[0] n``) for
     ``iterations`` iterations of ``sum_b score_loss(images)_b + prior_weight * gaussian_prior(n)_b``.
 
-    ``images = to_images(x_N)`` (default: ``x_N`` itself), with ``x_N`` from :func:`bdia.sample_with_grad` (``backprop``,
-    ``store_every``, ``cond`` and the solver options as there; the denoiser's own weights get no gradient).
+    ``images = to_images(x_N)`` (default: ``x_N`` itself), with ``x_N`` from :func:`bdia.sample_with_grad`
+    (``backprop``, ``store_every``, ``cond`` and the solver options as there; the denoiser's own weights get no
+    gradient).
     ``state``: what an earlier call handed to ``on_iteration`` (resume: the noise, Adam's moments, the iteration
     count); ``on_iteration(row, state)`` is called after every iteration with the row (iteration, losses, the
     images' score loss and ``recovery_error``, seconds) and the state to resume from. The images of a row are those
@@ -142,8 +143,9 @@ def optimize_noise(denoiser, noise: torch.Tensor, sigmas, score_loss: Callable[[
             raise FloatingPointError(f"non-finite gradient of the noise at iteration {iteration}; lower lr")
         optimizer.step()
         moments = optimizer.state[noise]
-        row = {"iteration": iteration, "loss": float(loss.detach()) / len(noise), "score_loss": float(score.detach().mean()),
-               "prior": float(prior.detach().mean()), "recovery_error": reports[0]["recovery_error"] if reports else None,
+        row = {"iteration": iteration, "loss": float(loss.detach()) / len(noise),
+               "score_loss": float(score.detach().mean()), "prior": float(prior.detach().mean()),
+               "recovery_error": reports[0]["recovery_error"] if reports else None,
                "seconds": time.perf_counter() - started}
         rows.append(row)
         if bar is not None:
@@ -256,7 +258,8 @@ def _read_state(run, shape) -> dict | None:
     need = {"noise": shape, "exp_avg": shape, "exp_avg_sq": shape, "before": shape, "iteration": ()}
     if not set(need) <= set(arrays) or any(tuple(arrays[k].shape) != tuple(s) for k, s in need.items()) or \
             arrays["before"].dtype != np.uint8 or arrays["noise"].dtype != np.float64:
-        log.warning("optimize: %s does not hold this run's state; starting from the first iteration", run.path / "state.npz")
+        log.warning("optimize: %s does not hold this run's state; starting from the first iteration",
+                    run.path / "state.npz")
         return None
     iteration = int(arrays["iteration"])
     if iteration < 1 or not np.isfinite(arrays["noise"]).all():
@@ -373,10 +376,10 @@ def optimize_run(
                 history.append(row)
                 log_lines.append(json.dumps(jsonable(row)))
                 run.write_text("history.jsonl", "\n".join(log_lines) + "\n")
+                kept = {"noise": new_state["noise"], "exp_avg": new_state["exp_avg"],
+                        "exp_avg_sq": new_state["exp_avg_sq"], "iteration": new_state["iteration"], "before": before}
                 run.write_npz("state.npz", {k: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
-                                            for k, v in (("noise", new_state["noise"]), ("exp_avg", new_state["exp_avg"]),
-                                                         ("exp_avg_sq", new_state["exp_avg_sq"]),
-                                                         ("iteration", new_state["iteration"]), ("before", before))})
+                                            for k, v in kept.items()})
                 logger.log_metrics(logged_metrics(row), step=row["iteration"])
 
             noise, _ = optimize_noise(counted, noise0, sigmas, score_loss, iterations, lr=lr, prior_weight=prior_weight,
@@ -401,9 +404,10 @@ def optimize_run(
                                                                target_class, title, grid_scale))
             if history:
                 run.write_bytes("loss.png", _loss_plot(history, title, acc_after))
-            run.write_npz("images.npz", {"before": before.numpy(), "after": after.numpy(), "noise_before": noise0.numpy(),
-                                         "noise_after": noise.numpy(), "read_before": np.asarray(read_before),
-                                         "read_after": np.asarray(read_after), "seeds": np.asarray(seed_list),
+            run.write_npz("images.npz", {"before": before.numpy(), "after": after.numpy(),
+                                         "noise_before": noise0.numpy(), "noise_after": noise.numpy(),
+                                         "read_before": np.asarray(read_before), "read_after": np.asarray(read_after),
+                                         "seeds": np.asarray(seed_list),
                                          "sigmas": sigmas.numpy()})
             recovery = [r["recovery_error"] for r in history if r.get("recovery_error") is not None]
             metrics = {
@@ -411,7 +415,8 @@ def optimize_run(
                 "gamma": _solvers.DEFAULT_GAMMA.get(solver) if gamma is None else gamma, "num_steps": num_steps,
                 "nfe": sample_calls, "iterations": iterations, "iterations_this_session": iterations - done,
                 "accuracy_before": acc_before, "accuracy_after": acc_after,
-                "loss_first": history[0]["loss"] if history else None, "loss_last": history[-1]["loss"] if history else None,
+                "loss_first": history[0]["loss"] if history else None,
+                "loss_last": history[-1]["loss"] if history else None,
                 "network_calls_per_iteration": history[-1]["network_calls"] if history else None,
                 "backprop": backprop, "max_recovery_error": max(recovery) if recovery else None,
                 "noise_before": _noise_stats(noise0), "noise_after": _noise_stats(noise),
@@ -521,11 +526,14 @@ def optimize_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict:
         f"optimize: {metrics['num_images']} images, noise optimised for class {metrics['target_class']} in {out_dir}",
         [("reads target", f"{100 * metrics['accuracy_before']:.0f} % before -> {100 * metrics['accuracy_after']:.0f} % "
                           f"after (digits classifier, quantised images)"),
-         ("solver", f"{metrics['solver']}, gamma {metrics['gamma']}, {metrics['num_steps']} steps, {metrics['nfe']} NFE; "
-                    f"backprop {metrics['backprop']}, {metrics['network_calls_per_iteration']} network calls per iteration"),
+         ("solver", f"{metrics['solver']}, gamma {metrics['gamma']}, {metrics['num_steps']} steps, "
+                    f"{metrics['nfe']} NFE; backprop {metrics['backprop']}, "
+                    f"{metrics['network_calls_per_iteration']} network calls per iteration"),
          ("iterations", f"{metrics['iterations']} ({metrics['iterations_this_session']} now), "
-                        f"{metrics['seconds_per_iteration'] or 0:.1f} s each, {metrics['seconds_this_session']:.0f} s in all"),
-         ("loss", f"{metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f} (per image; last = before the last update)"
+                        f"{metrics['seconds_per_iteration'] or 0:.1f} s each, "
+                        f"{metrics['seconds_this_session']:.0f} s in all"),
+         ("loss", f"{metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f} "
+                  f"(per image; last = before the last update)"
           if metrics["loss_first"] is not None else None),
          ("noise", f"std {metrics['noise_before']['std']:.3f} -> {metrics['noise_after']['std']:.3f}"),
          ("grids", f"{Path(out_dir) / 'before_after.png'}, loss curve {Path(out_dir) / 'loss.png'}")])
@@ -567,8 +575,8 @@ def clip_score_loss(clip_model, clip_processor, prompt: str) -> Callable[[torch.
 def optimize_clip_score(sd, clip_model, clip_processor, prompt: str, seeds="0", num_steps: int = 50,
                         iterations: int = 2, lr: float = 0.05, prior_weight: float = 1.0, guidance_scale: float = 1.0,
                         gamma=1.0, backprop: str = "reversible", on_iteration=None) -> dict:
-    """Optimise the starting latents of Stable Diffusion (``sd``: :class:`bdia.networks.sd.StableDiffusion`) for the CLIP
-    score of the decoded images against ``prompt``: BDIA-DDIM over ``num_steps`` steps of the model's own grid,
+    """Optimise the starting latents of Stable Diffusion (``sd``: :class:`bdia.networks.sd.StableDiffusion`) for the
+    CLIP score of the decoded images against ``prompt``: BDIA-DDIM over ``num_steps`` steps of the model's own grid,
     gradients through the UNet (every step), the VAE decoder and CLIP. Returns the CLIP scores (per image, before
     and after, computed by the same differentiable path), the rows of :func:`optimize_noise` and the noise."""
     seed_list = parse_seeds(seeds)

@@ -128,6 +128,26 @@ def test_script_runs_and_prints_a_summary(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run" / "before_after.png").is_file() and (tmp_path / "run" / "config.yaml").is_file()
 
 
+def test_the_logger_gets_every_iteration_and_the_pictures(tmp_path, one_thread):
+    from app_helpers import RecordingLogger, compose, hydra_configs
+
+    from bdia.apps.optimize import optimize_from_config
+
+    RecordingLogger.calls.clear()
+    with hydra_configs("optimize"):
+        cfg = compose("logger._target_=app_helpers.RecordingLogger", "seeds=0-1", "num_steps=3", "iterations=2",
+                      "threads=1", "progress=false", f"out_dir={tmp_path / 'run'}", app="optimize")
+    optimize_from_config(cfg)
+    kinds = [c[0] for c in RecordingLogger.calls]
+    assert kinds == ["init", "start", "log_metrics", "log_metrics", "log_metrics", "log_image", "log_image", "finish"]
+    start = RecordingLogger.calls[1][1]
+    assert start["group"] == "optimize" and start["config"]["target_class"] == 3
+    per_iteration = [c[1] for c in RecordingLogger.calls if c[0] == "log_metrics"][:2]
+    assert [m["iteration"] for m in per_iteration] == [0, 1] and all("accuracy" in m for m in per_iteration)
+    assert [c[1][0] for c in RecordingLogger.calls if c[0] == "log_image"] == ["before_after", "loss"]
+    assert RecordingLogger.calls[-1] == ("finish", None)
+
+
 def test_clip_score_pipeline_on_tiny_sd(tiny_sd, tmp_path_factory, one_thread):
     """50 BDIA-DDIM steps of the tiny random SD, the VAE decoder and a tiny random CLIP: the reversible gradient of
     the CLIP loss equals plain autograd's (float32 networks: 1e-6), and one Adam step raises the CLIP score."""
