@@ -117,6 +117,8 @@ def seeds_done(out_dir, seeds: Sequence[int], need: Iterable[str] = (), shape: S
     (:meth:`bdia.runfolder.RunFolder.item_record`: ``records/<seed>.npz`` reads back holding ``nfe``, the arrays
     named in ``need`` (e.g. ``x_end``) and the sha256 of ``images/<seed>.png``, whose header says ``shape``).
     Anything damaged or not written by the run is simply sampled again."""
+    if not Path(out_dir).is_dir():
+        return []
     with RunFolder.for_reading(out_dir, (IMAGES_DIR, RECORDS_DIR)) as run:
         need = item_need(list(need))
         return [seed for seed in seeds if run.item_record(_seed_name(seed), need, shape) is not None]

@@ -18,12 +18,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..distributed import current, is_main_process
-from ..runfolder import MAX_JSON_BYTES, RunFolder, jsonable, open_finished_run
+from ..runfolder import MARKER_FILE, MAX_JSON_BYTES, RunFolder, jsonable, open_finished_run
 from .images import open_images
 
 __all__ = ["find_runs", "evaluate_run", "evaluate_runs", "merge_metrics_json", "flatten_numbers"]
@@ -46,20 +47,30 @@ def find_runs(path) -> list[Path]:
     if not path.is_dir():
         raise ValueError(f"run_dir={path}: not a directory")
     if (path / "images.npz").is_file():
-        if not (path / "metrics.json").is_file():
-            raise ValueError(f"run_dir={path}: images.npz but no metrics.json — an unfinished sampling run "
-                             f"(metrics.json is written last); finish it first")
+        if not _finished(path):
+            raise ValueError(f"run_dir={path}: an unfinished sampling run (no metrics.json yet, or its marker says "
+                             f"it is still running); finish it first")
         return [path]
     candidates = sorted(p.parent for p in path.rglob("images.npz")
                         if not any(part.startswith(".") for part in p.parts[len(path.parts):]))
-    runs = [p for p in candidates if (p / "metrics.json").is_file()]
+    runs = [p for p in candidates if _finished(p)]
     unfinished = [p for p in candidates if p not in runs]
     if unfinished:
-        log.warning("skipping %d unfinished run(s) (images.npz without metrics.json): %s", len(unfinished),
+        log.warning("skipping %d unfinished run(s) (no metrics.json yet, or still running): %s", len(unfinished),
                     ", ".join(str(p) for p in unfinished[:5]))
     if not runs:
         raise ValueError(f"run_dir={path}: no finished run folders (images.npz and metrics.json) in it")
     return runs
+
+
+def _finished(folder: Path) -> bool:
+    """A run folder whose ``metrics.json`` is there and whose marker (when it has one) says ``complete``."""
+    if not (folder / "metrics.json").is_file():
+        return False
+    if not os.path.lexists(folder / MARKER_FILE):
+        return True  # no marker: readable (evaluating it writes nothing there: open_finished_run refuses)
+    with RunFolder.for_reading(folder) as run:
+        return run.state() == "complete"
 
 
 def _read_metrics(run: RunFolder) -> dict:
