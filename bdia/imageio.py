@@ -244,12 +244,35 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
 
 def labelled_grid(images, nrow: int, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
                   title: str | None = None, padding: int = 2, scale: int = 1, pad_value: int = 255,
-                  font_size: int = 13) -> np.ndarray:
+                  font_size: int = 13, tile_labels: Sequence[str] | None = None) -> np.ndarray:
     """:func:`image_grid` with its rows and columns named: ``row_labels`` (one per row of tiles) in a margin on
     the left, ``col_labels`` (one per column) above the tiles, ``title`` above everything, black text on
-    ``pad_value``. Labels wrap to the tile width (columns) or the margin (rows). Returns ``[H', W', C]`` uint8
-    (greyscale tiles are drawn in RGB so the text stays readable)."""
+    ``pad_value``; ``tile_labels`` (one per image, e.g. its class) in a strip under each tile. Labels wrap to the
+    tile width (columns) or the margin (rows). Returns ``[H', W', C]`` uint8 (greyscale tiles are drawn in RGB so
+    the text stays readable)."""
     from PIL import Image, ImageDraw
+
+    if tile_labels is not None:
+        array = _as_uint8_nchw(images)
+        if len(tile_labels) != array.shape[0]:
+            raise ValueError(f"{len(tile_labels)} tile labels for {array.shape[0]} images")
+        strip = font_size + 4
+        font = _font(font_size)
+        tiles = []
+        for image, label in zip(array, tile_labels):
+            hwc = image.transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
+            hwc = hwc.repeat(3, axis=2) if hwc.shape[2] == 1 else hwc
+            canvas = Image.new("RGB", (hwc.shape[1], hwc.shape[0] + strip), (pad_value,) * 3)
+            canvas.paste(Image.fromarray(hwc), (0, 0))
+            draw = ImageDraw.Draw(canvas)
+            words, text = str(label).split(), ""
+            for word in words:  # as many whole words as fit the tile ("3 cat" on 32 px: "3")
+                if draw.textlength((text + " " + word).strip(), font=font) > hwc.shape[1] - 2 and text:
+                    break
+                text = (text + " " + word).strip()
+            draw.text((2, hwc.shape[0] + 1), text, fill=(0, 0, 0), font=font)
+            tiles.append(np.asarray(canvas).transpose(2, 0, 1))
+        images, scale = np.stack(tiles), 1
 
     grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value, scale=scale)
     if grid.shape[2] == 1:

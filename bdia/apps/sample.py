@@ -52,6 +52,7 @@ from ..imageio import (  # noqa: F401  (seeds and images: re-exported for sample
     class_labels_for,
     format_seeds,
     image_grid,
+    labelled_grid,
     parse_seeds,
     png_bytes,
     quantize,
@@ -95,6 +96,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Class names on the tiles of a 10-class conditional run's grid.png (EDM's class-conditional 10-class networks are
+#: CIFAR-10's; the index is what the network takes).
+CIFAR10_CLASSES = ("0 airplane", "1 automobile", "2 bird", "3 cat", "4 deer", "5 dog", "6 frog", "7 horse", "8 ship",
+                   "9 truck")
 
 #: ``network_batch="auto"``: this many rows per network call, or the number of images when the run is smaller.
 AUTO_NETWORK_BATCH = 64
@@ -375,7 +381,12 @@ def _assemble(run: RunFolder, seeds, shape, label_dim, sigmas, save_states, keep
         if keep_inner:
             arrays["x_inner"] = x_inner
     run.write_npz("images.npz", arrays, compressed=True)
-    grid = image_grid(images, nrow=grid_nrow, padding=grid_padding, pad_value=128, scale=grid_scale)
+    if label_dim:  # each tile named by its class (EDM's class-conditional networks)
+        names = [CIFAR10_CLASSES[k] if label_dim == len(CIFAR10_CLASSES) else f"class {k}" for k in labels.tolist()]
+        grid = labelled_grid(images, grid_nrow or math.ceil(math.sqrt(len(seeds))), padding=max(grid_padding, 1),
+                             pad_value=128, scale=grid_scale, tile_labels=names, font_size=11)
+    else:
+        grid = image_grid(images, nrow=grid_nrow, padding=grid_padding, pad_value=128, scale=grid_scale)
     run.write_bytes("grid.png", png_bytes(grid))
     distinct = sorted(set(nfe.tolist()))
     out = {"nfe": distinct[0] if len(distinct) == 1 else distinct, "timed": timed}

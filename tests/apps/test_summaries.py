@@ -239,6 +239,13 @@ def test_labelled_grid_names_rows_and_columns_around_unchanged_tiles():
     assert grey.shape[2] == 3  # drawn in RGB
     with pytest.raises(ValueError, match="row labels"):
         labelled_grid(tiles, 3, ["only one"], None)
+    # Tiles named one by one (a class-conditional run's grid.png): a strip of text under each tile.
+    named = labelled_grid(tiles, 3, padding=1, scale=4, tile_labels=[f"{k} cat" for k in range(6)], font_size=11)
+    assert named.shape[:2] == (1 + 2 * (8 * 4 + 15 + 1), 1 + 3 * (8 * 4 + 1))
+    strip = named[1 + 32:1 + 32 + 15, 1:1 + 32]
+    assert (strip < 128).any() and (strip == 255).any()  # dark text on the light strip
+    with pytest.raises(ValueError, match="tile labels"):
+        labelled_grid(tiles, 3, tile_labels=["a"])
 
 
 def test_edit_ends_with_a_summary_and_a_labelled_grid(tiny_sd, tmp_path):
