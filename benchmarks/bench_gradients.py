@@ -10,20 +10,22 @@ nothing. The loss is ``sum(w * x_N)`` with fixed random ``w``; gradients w.r.t. 
 networks' weights do not require grad, as in noise optimisation).
 
 Every (network, backprop, N) runs in a fresh Python process, so one run's freed memory cannot hide the next one's.
-That process builds the network, draws the noise and warms up (the same calls on one image and two steps). Then:
+That process builds the network, draws the noise and warms up (the run's code paths on a tiny network, and the
+network's forward pass without autograd on one image and two steps: no graph of the network is built before the
+measured run, so no memory freed by a warm-up can be reused unseen). Then:
 
 1. **memory**, on the first full-size run of ``bdia.sample_with_grad`` + ``backward``:
    * CPU: **peak resident set size (VmHWM) above the baseline** (VmRSS just before the run; the peak is reset there
      by writing 5 to /proc/self/clear_refs; Linux only). It includes everything the run allocates: autograd's
-     saved tensors, one step's recomputed graph, the gradients (memory the allocator kept from the small warm-up
-     can be reused unseen, a few MiB at most);
+     saved tensors, one step's recomputed graph, the gradients;
    * CUDA (when ``--device cuda`` or a GPU is present): ``torch.cuda.max_memory_allocated`` above the allocation
      before the run;
    * both: the bytes autograd saves for the backward pass during the forward pass (``saved_tensors_hooks``; each
      storage once) -- exact, independent of the allocator.
 2. **time**, on warm runs (``--repeats``, median): ``bdia.sample`` without autograd (the "sampling" time the ratios
-   divide by), then ``bdia.sample_with_grad`` + ``backward``. With 0 repeats (DDPM++'s default: batch 1 is the
-   warm-up's shape, and a run takes minutes) the memory run is timed, against a sampling run just before it.
+   divide by), then ``bdia.sample_with_grad`` + ``backward``. With 0 repeats (DDPM++'s default: a run takes
+   minutes) the memory run is timed, against a sampling run just before it (its first backward pass pays the
+   network's backward kernels' set-up once).
 
 Plain autograd whose saved tensors would exceed ``--max-autograd-gib`` (estimated from one network call with grad
 times the number of calls) is not run; its row says what it would need.
@@ -164,12 +166,14 @@ def worker(spec: dict) -> dict:
         _sync(device)
         return forward_s, time.perf_counter() - started, x.grad
 
-    # Warm-up on one image and two steps: lazy imports and initialisation of every code path, at a working set far
-    # below the measured run's.
+    # Warm-up: every code path of the run (lazy imports, autograd, checkpointing) on the tiny network, and the real
+    # network's forward kernels without autograd (one image, two steps). No graph of the real network is built
+    # before the measured run, so no memory it would reuse unseen is left in the allocator.
+    tiny = build_network("tiny", device)
     warm_sigmas = bdia.karras_sigmas(2)
+    warm = torch.randn(1, 1, 8, 8, dtype=torch.float64, device=device).mul(warm_sigmas[0]).requires_grad_(True)
+    bdia.sample_with_grad(tiny, warm, warm_sigmas, solver=solver, gamma=gamma, backprop=spec["backprop"]).sum().backward()
     bdia.sample(net, noise[:1] * warm_sigmas[0], warm_sigmas, solver=solver, gamma=gamma)
-    warm = (noise[:1] * warm_sigmas[0]).requires_grad_(True)
-    bdia.sample_with_grad(net, warm, warm_sigmas, solver=solver, gamma=gamma, backprop=spec["backprop"]).sum().backward()
 
     nfe = None
     if spec["backprop"] == "autograd" and spec.get("max_autograd_bytes"):
@@ -384,8 +388,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-autograd-gib", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=1, help="digits: timed runs per row after the memory run "
                         "(median); 0: time the memory run")
-    parser.add_argument("--ddpmpp-repeats", type=int, default=0, help="the same for DDPM++ (batch 1 is the warm-up's "
-                        "shape, so the memory run is warm)")
+    parser.add_argument("--ddpmpp-repeats", type=int, default=0, help="the same for DDPM++ (a run takes minutes)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--accuracy-steps", type=int, default=18)
     parser.add_argument("--accuracy-gammas", default="0.5,0.9,0.96,1.0")

@@ -128,7 +128,7 @@ def optimize_noise(denoiser, noise: torch.Tensor, sigmas, score_loss: Callable[[
         bar = tqdm(steps, desc="optimize", dynamic_ncols=True, leave=False)
         steps = bar
     for iteration in steps:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         reports = []
         x_end = sample_with_grad(denoiser, noise * sigma_0, sigmas, solver=solver, gamma=gamma, cond=cond,
                                  backprop=backprop, params=(), store_every=store_every, on_backward=reports.append,
@@ -146,7 +146,7 @@ def optimize_noise(denoiser, noise: torch.Tensor, sigmas, score_loss: Callable[[
         row = {"iteration": iteration, "loss": float(loss.detach()) / len(noise),
                "score_loss": float(score.detach().mean()), "prior": float(prior.detach().mean()),
                "recovery_error": reports[0]["recovery_error"] if reports else None,
-               "seconds": time.perf_counter() - started}
+               "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
         rows.append(row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -220,7 +220,7 @@ def _loss_plot(rows: Sequence[Mapping], title: str, final_accuracy: float) -> by
     acc.set_ylabel("classifier reads the target class (%)", color="tab:green")
     acc.set_ylim(-2, 102)
     lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center left", framealpha=0.8)
     ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)
     fig.tight_layout()
     return _figure_bytes(fig)
@@ -421,6 +421,9 @@ def optimize_run(
                 "backprop": backprop, "max_recovery_error": max(recovery) if recovery else None,
                 "noise_before": _noise_stats(noise0), "noise_after": _noise_stats(noise),
                 "seconds_per_iteration": (sum(r["seconds"] for r in history) / len(history)) if history else None,
+                # CPU time of this process (all its threads): what an iteration costs whatever else runs on the machine
+                "cpu_seconds_per_iteration": (sum(r.get("cpu_seconds", math.nan) for r in history) / len(history))
+                if history else None,
                 "seconds_this_session": time.perf_counter() - started,
                 "threads": torch.get_num_threads(),
             }
@@ -530,7 +533,8 @@ def optimize_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dict:
                     f"{metrics['nfe']} NFE; backprop {metrics['backprop']}, "
                     f"{metrics['network_calls_per_iteration']} network calls per iteration"),
          ("iterations", f"{metrics['iterations']} ({metrics['iterations_this_session']} now), "
-                        f"{metrics['seconds_per_iteration'] or 0:.1f} s each, "
+                        f"{metrics['seconds_per_iteration'] or 0:.1f} s each "
+                        f"({metrics['cpu_seconds_per_iteration'] or 0:.1f} CPU-s on {metrics['threads']} threads), "
                         f"{metrics['seconds_this_session']:.0f} s in all"),
          ("loss", f"{metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f} "
                   f"(per image; last = before the last update)"
