@@ -18,7 +18,7 @@ RESULTS := $(if $(filter 1,$(REGENERATE)),results,results/local)
 
 .PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables summarize \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
-	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow demo test-browser optimize
+	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow reproduce-flow-mini demo test-browser optimize
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -132,6 +132,9 @@ $(TINY_FLOW): | $(STAMP)
 	$(PY) scripts/make_tiny_flow.py
 
 tiny-flow: $(TINY_FLOW)  ## write the tiny random SD3 and FLUX.1 (flow matching) used offline: results/tiny_sd3, results/tiny_flux
+
+reproduce-flow-mini: $(TINY_FLOW)  ## every flow inversion method (BDIA, flow Euler, RF-Inversion, RF-Solver, FireFlow) on tiny SD3 / FLUX, float64 + float32 -> results/local/flow/roundtrip.{md,csv,png}
+	$(CPU_THREADS) $(REPRODUCE) flow_mini $(ARGS)
 
 editing-cost: $(STAMP)  ## NFE, wall time and round-trip error of the inversion methods (tiny SD) -> results/local/editing/
 	OMP_NUM_THREADS=1 $(PY) benchmarks/editing_cost.py --out-dir $(RESULTS)/editing

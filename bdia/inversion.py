@@ -13,6 +13,21 @@ the image from it (the reconstruction), and regenerates it under an *edit* promp
   per-step Adam optimisation of the unconditional embedding so that guided DDIM lands on the pivot
   (:func:`null_text_invert`, :func:`null_text_sample`). Approximate; many calls plus backward passes.
 
+Flow-matching models (SD3, FLUX; a denoiser with ``coordinates = "flow"``, :mod:`bdia.flow`) have their own
+registry, :data:`FLOW_METHOD_REGISTRY` (EDICT and null-text are written for VP eps-models and are refused there):
+
+* ``"bdia"`` -- BDIA over flow Euler (:func:`bdia.invert` / :func:`bdia.sample` with ``solver="bdia_ddim"``, which
+  step a flow model in its own latents). Exact up to round-off; NFE N + N - 1.
+* ``"ddim"`` -- plain flow-Euler inversion (:func:`flow_euler` backwards), flow Euler (``solver="ddim"``) to
+  regenerate: what the flow editors start from. Not exact; NFE N + N.
+* ``"rf_inversion"`` -- RF-Inversion (Rout et al., ICLR 2025): the controlled forward ODE towards a fixed noise
+  sample (strength ``controller_gamma``), the controlled reverse ODE towards the image (``controller_eta`` on a
+  window of steps) (:func:`rf_inversion_invert`, :func:`rf_inversion_sample`). Not exact; NFE N + N.
+* ``"rf_solver"`` -- RF-Solver (Wang et al., 2024): second-order Taylor steps whose time derivative comes from an
+  extra half-step evaluation (:func:`rf_solver`), both ways. Not exact; NFE 2N + 2N.
+* ``"fireflow"`` -- FireFlow (Deng et al., 2024): the midpoint rule reusing the previous step's midpoint velocity
+  (:func:`fireflow`), both ways. Not exact; NFE (N + 1) + (N + 1).
+
 Conventions (they bite here)
 ----------------------------
 * ``sigmas`` is a descending EDM-convention grid (``bdia.vp_sigmas`` with the model's settings, e.g.
@@ -41,7 +56,13 @@ Conventions (they bite here)
   ``z_N`` as in :func:`ddim_invert`); it hardly matters: regeneration from the pair reproduces ``x_N`` exactly
   whatever that step was.
 * Edits regenerate each method's representation under the edit prompt (same grid, same guidance). Not
-  included: prompt-to-prompt attention control (the null-text paper edits with it), EDICT's own add-ons.
+  included: prompt-to-prompt attention control (the null-text paper edits with it), EDICT's own add-ons, RF-Solver's
+  and FireFlow's attention-feature sharing (their "RF-Edit" editing add-on).
+* **Flows.** A flow model's state is its own latent ``x_t = (1 - t) x0 + t eps`` (``t = sigma / (1 + sigma)``,
+  :func:`bdia.schedules.flow_time`; the grid starts at ``t = 1``, ``sigma = inf``, and ends at ``t = 0``), so the
+  encoded image *is* the clean state and the result is decoded as it is. The model is called with EDM's ``sigma``
+  and returns the velocity ``v = dx_t/dt`` (``eps - x0``); the flow methods are written in ``(x_t, t)``, as the
+  papers' code steps FLUX, with the velocity taken at the start of each step (:func:`flow_velocity`).
 """
 
 from __future__ import annotations
@@ -53,8 +74,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from .denoisers import ClassifierFreeGuidance, RowCountingDenoiser
-from .schedules import as_sigmas, vp_alpha, x_to_z, z_to_x
-from .solvers import invert, sample
+from .schedules import as_sigmas, flow_sigma, flow_time, vp_alpha, x_to_z, z_to_x
+from .solvers import coordinates_of, invert, sample
 
 __all__ = [
     "METHODS",
@@ -80,6 +101,24 @@ __all__ = [
     "null_text_invert",
     "null_text_sample",
     "guided",
+    "FLOW_METHODS",
+    "FLOW_METHOD_REGISTRY",
+    "VP_ONLY_METHODS",
+    "method_registry",
+    "check_method",
+    "METHOD_OPTION_NAMES",
+    "FlowEulerOptions",
+    "RFInversionOptions",
+    "RFSolverOptions",
+    "FireFlowOptions",
+    "flow_velocity",
+    "flow_steps",
+    "flow_euler",
+    "rf_inversion_invert",
+    "rf_inversion_sample",
+    "rf_inversion_strengths",
+    "rf_solver",
+    "fireflow",
 ]
 
 
@@ -270,13 +309,16 @@ def edict_invert(denoiser, x_clean, sigmas, cond: dict | None = None, p: float =
 # Null-text inversion (approximate, optimised).
 
 
-def guided(base, guidance_scale: float, uncond_embeds: torch.Tensor):
+def guided(base, guidance_scale: float, uncond_embeds):
     """Classifier-free guidance on the unguided denoiser ``base`` with unconditional text embedding
     ``uncond_embeds`` (one batched call on both halves); ``guidance_scale = 1`` is ``base`` itself (the
-    conditional denoiser, one half-size call), as :meth:`bdia.networks.sd.StableDiffusion.denoiser` does."""
-    if float(guidance_scale) == 1.0:
+    conditional denoiser, one half-size call), as :meth:`bdia.networks.sd.StableDiffusion.denoiser` does.
+    ``uncond_embeds`` may be a whole conditioning dict (an SD3 model's ``encode_prompts([""])``), or ``None``: no
+    classifier-free guidance (FLUX.1, whose guidance is an input of ``base`` itself)."""
+    if float(guidance_scale) == 1.0 or uncond_embeds is None:
         return base
-    return ClassifierFreeGuidance(base, guidance_scale, {"encoder_hidden_states": uncond_embeds})
+    uncond = dict(uncond_embeds) if isinstance(uncond_embeds, Mapping) else {"encoder_hidden_states": uncond_embeds}
+    return ClassifierFreeGuidance(base, guidance_scale, uncond)
 
 
 @dataclass
@@ -372,6 +414,142 @@ def null_text_sample(base, x_noise, sigmas, cond_embeds, uncond_embeds: Sequence
 
 
 # --------------------------------------------------------------------------------------------------
+# Flow-matching models (SD3, FLUX): the inversion methods published for them, in the model's own (x_t, t).
+
+
+def flow_velocity(denoiser, x: torch.Tensor, sigma: float, cond: dict | None = None) -> torch.Tensor:
+    """A flow model's velocity ``v = dx_t/dt`` at latent ``x`` and EDM-convention level ``sigma`` (``inf``: ``t = 1``),
+    in ``x``'s dtype: the model is called as the solvers call it, ``denoiser(x, sigma, None, **cond)``."""
+    sigma_t = torch.tensor(float(sigma), dtype=torch.float64, device=x.device)
+    return denoiser(x, sigma_t, None, **(cond or {})).to(x.dtype)
+
+
+def flow_steps(sigmas, inverse: bool = False) -> list[tuple[float, float]]:
+    """The steps ``(sigma_from, sigma_to)`` of a grid: in sampling order (noise to data), or with ``inverse`` from
+    ``sigmas[-1]`` up to ``sigmas[0]`` (data to noise), the same steps taken backwards."""
+    levels = as_sigmas(sigmas).tolist()
+    steps = list(zip(levels[:-1], levels[1:]))
+    return [(to, start) for start, to in reversed(steps)] if inverse else steps
+
+
+def _require_flow(denoiser, what: str) -> None:
+    if coordinates_of(denoiser) != "flow":
+        raise ValueError(f"{what} steps a flow-matching model (coordinates 'flow': states x_t, velocity out); this "
+                         "denoiser is an EDM-protocol one")
+
+
+@torch.no_grad()
+def flow_euler(denoiser, x: torch.Tensor, steps, cond: dict | None = None) -> torch.Tensor:
+    """Flow Euler over ``steps`` (:func:`flow_steps`), the velocity taken at each step's start (one call per step):
+
+        x_t' = x_t + (t' - t) v(x_t, t).
+
+    In sampling order this is ``bdia.sample(..., solver="ddim")`` on a flow (diffusers' ``FlowMatchEulerDiscreteScheduler``);
+    backwards it is the plain inversion the flow editors start from (RF-Inversion at ``gamma = 0``; the inversion
+    loops of RF-Solver's and FireFlow's code with a first-order step)."""
+    _require_flow(denoiser, "flow Euler")
+    for sigma_from, sigma_to in steps:
+        x = x + (flow_time(sigma_to) - flow_time(sigma_from)) * flow_velocity(denoiser, x, sigma_from, cond)
+    return x
+
+
+@torch.no_grad()
+def rf_inversion_invert(denoiser, x_clean: torch.Tensor, sigmas, target_noise: torch.Tensor, cond: dict | None = None,
+                        gamma: float = 0.5) -> torch.Tensor:
+    """RF-Inversion's controlled forward ODE (Rout et al., ICLR 2025, eq. 8 and Algorithm 1): from the image
+    ``Y_0 = y_0`` at ``t = 0`` up to the noise end of the grid,
+
+        dY_t = [v(Y_t, t) + gamma ((y_1 - Y_t) / (1 - t) - v(Y_t, t))] dt,
+
+    one Euler step per grid step with the velocity at its start (N calls). In the paper's notation the unconditional
+    field is ``u_t(Y_t) = -u(Y_t, 1 - t)``, the model's field in its generation time, which is the velocity ``v`` of
+    diffusers' time ``t`` used here; ``(y_1 - Y_t) / (1 - t)`` is the velocity of the straight path from ``Y_t`` to
+    the noise sample ``y_1 = target_noise`` (drawn once, ``N(0, I)``) at ``t = 1``. ``gamma = 0`` is plain flow-Euler
+    inversion; ``gamma = 1`` lands on ``y_1`` whatever the model (Euler follows a straight line exactly). Returns the
+    latent at ``sigmas[0]``."""
+    _require_flow(denoiser, "RF-Inversion")
+    y1 = target_noise.to(x_clean)
+    y = x_clean
+    for sigma_from, sigma_to in flow_steps(sigmas, inverse=True):
+        t, t_to = flow_time(sigma_from), flow_time(sigma_to)
+        v = flow_velocity(denoiser, y, sigma_from, cond)
+        y = y + (t_to - t) * (v + gamma * ((y1 - y) / (1 - t) - v))
+    return y
+
+
+def rf_inversion_strengths(num_steps: int, eta: float = 1.0, eta_start: float = 0.0, eta_stop: float = 0.25) -> list:
+    """RF-Inversion's controller strength per sampling step ``k`` (``k = 0`` at the noise end): ``eta`` for
+    ``int(eta_start N) <= k < min(int(eta_stop N), N)``, 0 elsewhere (the paper's starting and stopping times as
+    fractions of the steps, the rule of diffusers' community ``RFInversionFluxPipeline``)."""
+    start, stop = int(eta_start * num_steps), min(int(eta_stop * num_steps), num_steps)
+    return [float(eta) if start <= k < stop else 0.0 for k in range(num_steps)]
+
+
+@torch.no_grad()
+def rf_inversion_sample(denoiser, x_noise: torch.Tensor, sigmas, reference: torch.Tensor, cond: dict | None = None,
+                        eta: float = 1.0, eta_start: float = 0.0, eta_stop: float = 0.25) -> torch.Tensor:
+    """RF-Inversion's controlled reverse ODE (Rout et al., ICLR 2025, Algorithm 2) from ``x_noise`` at ``sigmas[0]``
+    down to ``sigmas[-1]``, towards the reference image ``y_0 = reference``:
+
+        dX_t = [v(X_t, t) + eta_k ((X_t - y_0) / t - v(X_t, t))] dt,      t from 1 down to 0,
+
+    one Euler step per grid step, the velocity at its start (N calls); ``eta_k`` from :func:`rf_inversion_strengths`.
+    The paper writes it in generation time ``s = 1 - t`` with the field ``v_s(X) = -v(X, 1 - s)`` and the conditional
+    field ``(y_0 - X) / (1 - s)``; here ``(X_t - y_0) / t`` is the velocity of the straight path from ``X_t`` to ``y_0``
+    at ``t = 0``. ``eta = 0`` is flow Euler; ``eta = 1`` on every step lands on ``y_0`` whatever the model."""
+    _require_flow(denoiser, "RF-Inversion")
+    y0 = reference.to(x_noise)
+    steps = flow_steps(sigmas)
+    x = x_noise
+    for (sigma_from, sigma_to), eta_k in zip(steps, rf_inversion_strengths(len(steps), eta, eta_start, eta_stop)):
+        t, t_to = flow_time(sigma_from), flow_time(sigma_to)
+        v = flow_velocity(denoiser, x, sigma_from, cond)
+        x = x + (t_to - t) * (v + eta_k * ((x - y0) / t - v))
+    return x
+
+
+@torch.no_grad()
+def rf_solver(denoiser, x: torch.Tensor, steps, cond: dict | None = None) -> torch.Tensor:
+    """RF-Solver (Wang et al. 2024, "Taming Rectified Flow for Inversion and Editing"): the second-order Taylor
+    expansion of the flow ODE over each step ``t -> t'`` of ``steps`` (:func:`flow_steps`; backwards for inversion),
+
+        x_t' = x_t + h v(x_t, t) + (h^2 / 2) v',      h = t' - t,
+        v' = (v(x_t + (h / 2) v(x_t, t), t + h / 2) - v(x_t, t)) / (h / 2),
+
+    the time derivative ``v'`` from an extra evaluation half a step ahead: two calls per step, as the authors' code
+    (algebraically the explicit midpoint rule; written as the paper does)."""
+    _require_flow(denoiser, "RF-Solver")
+    for sigma_from, sigma_to in steps:
+        t, t_to = flow_time(sigma_from), flow_time(sigma_to)
+        h = t_to - t
+        v = flow_velocity(denoiser, x, sigma_from, cond)
+        v_mid = flow_velocity(denoiser, x + (h / 2) * v, flow_sigma(t + h / 2), cond)
+        x = x + h * v + (h**2 / 2) * ((v_mid - v) / (h / 2))
+    return x
+
+
+@torch.no_grad()
+def fireflow(denoiser, x: torch.Tensor, steps, cond: dict | None = None) -> torch.Tensor:
+    """FireFlow (Deng et al. 2024, "FireFlow: Fast Inversion of Rectified Flow for Image Semantic Editing"): the
+    midpoint rule whose starting velocity is the previous step's midpoint velocity, so each step costs one call
+    (the first step computes its own starting velocity: N + 1 calls in all):
+
+        x_mid = x_t + (h / 2) v_hat,    v_mid = v(x_mid, t + h / 2),    x_t' = x_t + h v_mid,    v_hat <- v_mid,
+
+    over ``steps`` (:func:`flow_steps`; backwards for inversion), as the authors' code."""
+    _require_flow(denoiser, "FireFlow")
+    v_hat = None
+    for sigma_from, sigma_to in steps:
+        t, t_to = flow_time(sigma_from), flow_time(sigma_to)
+        h = t_to - t
+        if v_hat is None:
+            v_hat = flow_velocity(denoiser, x, sigma_from, cond)
+        v_hat = flow_velocity(denoiser, x + (h / 2) * v_hat, flow_sigma(t + h / 2), cond)
+        x = x + h * v_hat
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
 # The registry: each method's options and its invert function; regeneration comes back with the inversion.
 
 
@@ -425,6 +603,49 @@ class NullTextOptions:
         check_null_text(self.num_inner_steps, self.lr, self.early_stop)
 
 
+@dataclass(frozen=True)
+class FlowEulerOptions:
+    """Plain flow-Euler inversion (flow models' ``ddim``): no options; inversion and regeneration use the run's
+    guidance."""
+
+
+@dataclass(frozen=True)
+class RFInversionOptions:
+    """RF-Inversion. ``controller_gamma``: the pull of the forward ODE towards a fixed noise sample (the paper's
+    gamma; 0 = plain flow-Euler inversion); ``controller_eta``: the pull of the reverse ODE towards the image (the
+    paper's eta), applied on the sampling steps ``[eta_start N, eta_stop N)`` (fractions of the steps, from the noise
+    end); ``target_noise_seed``: the seed of that noise sample ``y_1``. Defaults: gamma 0.5, eta 1.0, steps [0, 0.25)
+    (diffusers' community ``RFInversionFluxPipeline``)."""
+
+    controller_gamma: float = 0.5
+    controller_eta: float = 1.0
+    eta_start: float = 0.0
+    eta_stop: float = 0.25
+    target_noise_seed: int = 0
+
+    def __post_init__(self):
+        for key in ("controller_gamma", "controller_eta"):
+            value = getattr(self, key)
+            if not _finite(value) or not 0 <= value <= 1:
+                raise ValueError(f"{key} (RF-Inversion's controller strength) must be a number in [0, 1], got {value!r}")
+        if not (_finite(self.eta_start) and _finite(self.eta_stop) and 0 <= self.eta_start <= self.eta_stop <= 1):
+            raise ValueError(f"eta_start and eta_stop (RF-Inversion's controlled steps, fractions of the steps) must "
+                             f"satisfy 0 <= eta_start <= eta_stop <= 1, got {self.eta_start!r}, {self.eta_stop!r}")
+        seed = self.target_noise_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"target_noise_seed (RF-Inversion's noise sample) must be an integer >= 0, got {seed!r}")
+
+
+@dataclass(frozen=True)
+class RFSolverOptions:
+    """RF-Solver: no options (two calls per step both ways)."""
+
+
+@dataclass(frozen=True)
+class FireFlowOptions:
+    """FireFlow: no options (one call per step both ways, plus one)."""
+
+
 class Inverted(NamedTuple):
     """What an invert function returns: the image's ``representation`` (tensors), ``regenerate(cond)`` (the clean
     state under the conditioning ``cond``), the method's ``settings`` to record, and backward passes used."""
@@ -475,6 +696,36 @@ def _invert_null_text(setup: EditSetup, x_clean, grid, source: dict, o: NullText
                     inv.backward_passes)
 
 
+def _invert_flow_euler(setup: EditSetup, x_clean, grid, source: dict, o: FlowEulerOptions) -> Inverted:
+    x_noise = flow_euler(setup.cfg, x_clean, flow_steps(grid, inverse=True), source)
+    regenerate = lambda cond: sample(setup.cfg, x_noise, grid, solver="ddim", cond=cond, dtype=None)  # noqa: E731
+    return Inverted({"x_noise": x_noise}, regenerate, {})
+
+
+def _invert_rf_inversion(setup: EditSetup, x_clean, grid, source: dict, o: RFInversionOptions) -> Inverted:
+    generator = torch.Generator().manual_seed(o.target_noise_seed)
+    target = torch.randn(x_clean.shape, generator=generator, dtype=torch.float64).to(x_clean)
+    x_noise = rf_inversion_invert(setup.cfg, x_clean, grid, target, source, gamma=o.controller_gamma)
+    regenerate = lambda cond: rf_inversion_sample(setup.cfg, x_noise, grid, x_clean, cond, eta=o.controller_eta,  # noqa: E731
+                                                  eta_start=o.eta_start, eta_stop=o.eta_stop)
+    settings = {"controller_gamma": o.controller_gamma, "controller_eta": o.controller_eta, "eta_start": o.eta_start,
+                "eta_stop": o.eta_stop, "target_noise_seed": o.target_noise_seed}
+    # the reverse ODE steers towards the image itself: it belongs to the representation
+    return Inverted({"x_noise": x_noise, "reference": x_clean, "target_noise": target}, regenerate, settings)
+
+
+def _invert_rf_solver(setup: EditSetup, x_clean, grid, source: dict, o: RFSolverOptions) -> Inverted:
+    x_noise = rf_solver(setup.cfg, x_clean, flow_steps(grid, inverse=True), source)
+    regenerate = lambda cond: rf_solver(setup.cfg, x_noise, flow_steps(grid), cond)  # noqa: E731
+    return Inverted({"x_noise": x_noise}, regenerate, {})
+
+
+def _invert_fireflow(setup: EditSetup, x_clean, grid, source: dict, o: FireFlowOptions) -> Inverted:
+    x_noise = fireflow(setup.cfg, x_clean, flow_steps(grid, inverse=True), source)
+    regenerate = lambda cond: fireflow(setup.cfg, x_noise, flow_steps(grid), cond)  # noqa: E731
+    return Inverted({"x_noise": x_noise}, regenerate, {})
+
+
 class InversionMethod(NamedTuple):
     """A registry entry: the options dataclass and ``invert(setup, x_clean, grid, source_cond, options)``."""
 
@@ -491,11 +742,49 @@ METHOD_REGISTRY = {
 }
 METHODS = tuple(METHOD_REGISTRY)
 
+#: The editing methods for flow-matching models (SD3, FLUX): BDIA over flow Euler, plain flow-Euler inversion and the
+#: published flow inversions, each written in the model's own latents ``x_t`` (see the module notes).
+FLOW_METHOD_REGISTRY = {
+    "bdia": InversionMethod(BDIAOptions, _invert_bdia),  # bdia.invert / bdia.sample step a flow in its own x_t
+    "ddim": InversionMethod(FlowEulerOptions, _invert_flow_euler),
+    "rf_inversion": InversionMethod(RFInversionOptions, _invert_rf_inversion),
+    "rf_solver": InversionMethod(RFSolverOptions, _invert_rf_solver),
+    "fireflow": InversionMethod(FireFlowOptions, _invert_fireflow),
+}
+FLOW_METHODS = tuple(FLOW_METHOD_REGISTRY)
+#: Methods written for VP eps-models only (Stable Diffusion 1.x / 2.x): refused on a flow model.
+VP_ONLY_METHODS = tuple(m for m in METHODS if m not in FLOW_METHOD_REGISTRY)
 
-def method_options(method: str, settings: Mapping[str, Any] | None = None):
-    """The options dataclass of ``method`` filled from ``settings`` (keys of other methods are ignored)."""
-    if method not in METHOD_REGISTRY:
-        raise ValueError(f"unknown editing method {method!r}; choose from {', '.join(METHODS)}")
-    options = METHOD_REGISTRY[method].options
+
+def method_registry(flow: bool = False) -> dict:
+    """The methods for a VP model (:data:`METHOD_REGISTRY`) or, with ``flow``, a flow-matching one
+    (:data:`FLOW_METHOD_REGISTRY`)."""
+    return FLOW_METHOD_REGISTRY if flow else METHOD_REGISTRY
+
+
+def check_method(method, flow: bool = False) -> None:
+    """One line naming the method when it is unknown or does not apply to the model's kind."""
+    registry = method_registry(flow)
+    if method in registry:
+        return
+    if flow and method in METHOD_REGISTRY:
+        raise ValueError(f"{method} is an inversion method for VP eps-prediction models (Stable Diffusion 1.x / 2.x), "
+                         f"not for flow-matching models (SD3, FLUX); for them choose from {', '.join(FLOW_METHODS)}")
+    if not flow and method in FLOW_METHOD_REGISTRY:
+        raise ValueError(f"{method} is an inversion method for flow-matching models (SD3, FLUX), not for Stable "
+                         f"Diffusion 1.x / 2.x; for it choose from {', '.join(METHODS)}")
+    raise ValueError(f"unknown editing method {method!r}; choose from {', '.join(registry)}")
+
+
+def method_options(method: str, settings: Mapping[str, Any] | None = None, flow: bool = False):
+    """The options dataclass of ``method`` (of the VP registry, or with ``flow`` of the flow registry) filled from
+    ``settings`` (keys of other methods are ignored)."""
+    check_method(method, flow)
+    options = method_registry(flow)[method].options
     names = {f.name for f in fields(options)}
     return options(**{k: v for k, v in (settings or {}).items() if k in names})
+
+
+#: Every option name of every method (one settings dict serves them all).
+METHOD_OPTION_NAMES = frozenset(f.name for registry in (METHOD_REGISTRY, FLOW_METHOD_REGISTRY)
+                                for entry in registry.values() for f in fields(entry.options))

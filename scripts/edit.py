@@ -1,15 +1,19 @@
 """Invert a real image and edit it with Stable Diffusion: BDIA-DDIM (exact) beside DDIM inversion, EDICT and
-null-text inversion.
+null-text inversion; or with a flow-matching model (SD3, FLUX): BDIA over flow Euler (exact) beside flow-Euler
+inversion, RF-Inversion, RF-Solver and FireFlow.
 
     python scripts/edit.py                                        # SD v1.5, scikit-learn's china.jpg, all methods
     python scripts/edit.py model=sd14 methods=[bdia,edict] gamma=0.92 num_steps=50
     python scripts/edit.py image=/data/cat.png source_prompt="a photo of a cat" edit_prompt="a photo of a tiger"
     python scripts/edit.py model.path=/models/stable-diffusion-v1-5 model.dtype=float64   # a local folder, fp64
     python scripts/make_tiny_sd.py && python scripts/edit.py model=tiny-sd num_steps=10 grid_scale=4   # offline demo
+    python scripts/edit.py model=sd3-medium num_steps=28 'methods=[bdia,rf_inversion]'     # SD3 (flow methods)
+    python scripts/make_tiny_flow.py && python scripts/edit.py model=tiny-flux image_size=32 num_steps=10  # offline
 
 Config: ``configs/edit/edit.yaml`` (keys = :func:`bdia.apps.edit.edit_run`'s arguments) and the ``model`` group of
-``configs/sd/`` (``sd15`` default, ``sd14``, ``sd21_base``, ``tiny-sd``; ``model.path`` takes any local diffusers
-folder), ``logger/`` and ``launcher/``.
+``configs/sd/`` (``sd15`` default, ``sd14``, ``sd21_base``, ``tiny-sd``) and ``configs/flow/`` (``sd3-medium``,
+``sd3.5-medium``, ``sd3.5-large``, ``flux-dev``, ``flux-schnell``, ``tiny-sd3``, ``tiny-flux``); ``model.path`` takes
+any local diffusers folder; ``logger/`` and ``launcher/``.
 
 Output (``out_dir``, default ``results/edit/<overrides>``): ``<method>.png`` (original | reconstruction | edit),
 ``edit_grid.png`` (one row per method), ``bdia_pair.npz`` (the noise pair BDIA inverts the image to) and
@@ -33,16 +37,21 @@ from bdia.configs import instantiate
 from bdia.distributed import launch_context, resolve_device
 from bdia.logger import NullLogger, Table, log_run
 from bdia.apps.edit import check_config
+from bdia.networks.flow import is_flow_model
 
 
 def load_sd_config(model_cfg: dict, device="cpu"):
-    """Instantiate the ``model`` group (``_target_: bdia.networks.sd.load_sd``), re-raising the loader's own
-    error (Hydra wraps it) so that a missing checkpoint reaches the user as its one clear message."""
+    """Instantiate the ``model`` group (``_target_: bdia.networks.sd.load_sd`` or ``bdia.networks.flow.load_flow``),
+    re-raising the loader's own error (Hydra wraps it) so that a missing checkpoint reaches the user as its one clear
+    message."""
     if not model_cfg or "_target_" not in model_cfg:
-        raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
+        raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd, "
+                         "or a flow model: sd3-medium|flux-dev|tiny-sd3|tiny-flux ...)")
     sd = instantiate(model_cfg, "model", device=str(device))
-    if not all(hasattr(sd, name) for name in ("encode_images", "decode_latents", "encode_prompts", "eps_denoiser")):
-        raise ValueError(f"model: {model_cfg['_target_']} is not a Stable Diffusion loader (use model=sd15 ...)")
+    if not all(hasattr(sd, name) for name in ("encode_images", "decode_latents", "encode_prompts", "denoiser")) or \
+            not (hasattr(sd, "eps_denoiser") or is_flow_model(sd)):
+        raise ValueError(f"model: {model_cfg['_target_']} is neither a Stable Diffusion nor an SD3 / FLUX loader "
+                         "(use model=sd15 ... or model=flux-dev ...)")
     return sd
 
 

@@ -42,11 +42,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 #: ``shared`` holds ``hydra/bdia.yaml`` (the Hydra settings every app selects); ``loggers``: ``logger/``;
 #: ``launchers``: ``launcher/``; ``image_metrics`` / ``digits_metrics`` / ``prompt_metrics`` / ``sample_metrics``: the
 #: ``metrics/`` options for any image run / 16x16 digits runs / runs with prompts / sampling runs (inverting their
-#: records); ``sd``: the Stable Diffusion ``model/``.
+#: records); ``sd``: the Stable Diffusion ``model/``; ``flow``: the flow-matching ``model/`` (SD3, FLUX).
 APP_CONFIGS = {
     "sample": ("shared", "loggers", "launchers", "image_metrics", "digits_metrics", "sample_metrics"),
-    "text2image": ("shared", "loggers", "launchers", "image_metrics", "prompt_metrics", "sd"),
-    "edit": ("shared", "loggers", "launchers", "sd"),
+    "text2image": ("shared", "loggers", "launchers", "image_metrics", "prompt_metrics", "sd", "flow"),
+    "edit": ("shared", "loggers", "launchers", "sd", "flow"),
     "demo": ("shared", "sd"),
     "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics", "sample_metrics"),
     "fid_ref": ("shared",),

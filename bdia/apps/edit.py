@@ -1,5 +1,6 @@
-"""The edit app behind ``scripts/edit.py``: one photo, a Stable Diffusion, every inversion method of
-:data:`bdia.inversion.METHOD_REGISTRY`, one run folder.
+"""The edit app behind ``scripts/edit.py``: one photo, a Stable Diffusion (or a flow-matching SD3 / FLUX model), every
+inversion method of :data:`bdia.inversion.METHOD_REGISTRY` (flows: :data:`bdia.inversion.FLOW_METHOD_REGISTRY`), one
+run folder.
 
 :func:`invert_and_edit` is the harness over the registry: for one method it inverts the clean states under the
 source prompt, regenerates them (the reconstruction) and regenerates them under the edit prompt (the edit),
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,24 +29,29 @@ from ..denoisers import RowCountingDenoiser
 from ..checks import check_flags, check_grid_size, check_image_grid, check_int, check_num_steps, check_number
 from ..imageio import labelled_grid, png_bytes, quantize
 from ..inversion import (
-    METHOD_REGISTRY,
+    FLOW_METHODS,
+    METHOD_OPTION_NAMES,
     METHODS,
     EditSetup,
     Inverted,
+    check_method,
     guided,
     latent_to_state,
     method_options,
+    method_registry,
     state_to_latent,
     tail_sigmas,
 )
+from ..solvers import coordinates_of
 from ..metrics.clip_score import clip_edit_metrics, load_clip
 from ..metrics.lpips import LPIPS
 from ..metrics.reconstruction import latent_metrics, pixel_metrics
+from ..networks.flow import is_flow_model
 from ..runfolder import check_out_dir, environment_info, jsonable, open_run
 from ..testing import has_random_weights
 
 __all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run",
-           "check_edit_settings", "image_identity", "EDIT_WRITTEN", "summary_rows"]
+           "check_edit_settings", "image_identity", "EDIT_WRITTEN", "summary_rows", "FLOW_LOADER"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,10 +113,16 @@ class CachedInversion:
         """``fn()`` (network calls through ``setup.counted``) and its measured cost, as each phase is measured."""
         return _measured(self.setup.counted, self.device, fn)
 
-    def regenerate(self, embeds: torch.Tensor):
+    def regenerate(self, embeds):
         """The clean states regenerated under the text embedding ``embeds`` (the source prompt's: the
-        reconstruction; another: an edit), and the measured cost of that phase."""
-        return self.measure(lambda: self.inverted.regenerate({"encoder_hidden_states": embeds}))
+        reconstruction; another: an edit), and the measured cost of that phase. ``embeds``: Stable Diffusion's
+        embedding tensor, or a whole conditioning dict (a flow model's ``encode_prompts``)."""
+        return self.measure(lambda: self.inverted.regenerate(_as_cond(embeds)))
+
+
+def _as_cond(embeds) -> dict:
+    """The conditioning dict of a prompt's encoding: SD's embedding tensor, or a flow model's dict as it is."""
+    return dict(embeds) if isinstance(embeds, dict) else {"encoder_hidden_states": embeds}
 
 
 def invert_image(
@@ -118,8 +130,8 @@ def invert_image(
     base,
     x_clean: torch.Tensor,
     sigmas,
-    source_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
+    source_embeds,
+    uncond_embeds,
     guidance_scale: float = 7.5,
     strength: float = 1.0,
     options=None,
@@ -127,19 +139,21 @@ def invert_image(
 ) -> CachedInversion:
     """Invert ``x_clean`` under the source prompt with ``method``, measuring it; arguments as :func:`invert_and_edit`.
     Regenerate from the result with :meth:`CachedInversion.regenerate`, as many times as wanted."""
-    known = {f.name for entry in METHOD_REGISTRY.values() for f in fields(entry.options)}
+    known = METHOD_OPTION_NAMES
     unknown = sorted(set(option_values) - known)
     if unknown:
         raise ValueError(f"unknown editing option(s) {unknown}; options: {', '.join(sorted(known))}")
-    options = method_options(method, option_values) if options is None else options
-    if not isinstance(options, METHOD_REGISTRY[method].options):
-        raise ValueError(f"{method} takes {METHOD_REGISTRY[method].options.__name__}, got {type(options).__name__}")
+    flow = coordinates_of(base) == "flow"  # a flow-matching model: the flow methods (bdia.inversion)
+    check_method(method, flow)
+    registry = method_registry(flow)
+    options = method_options(method, option_values, flow=flow) if options is None else options
+    if not isinstance(options, registry[method].options):
+        raise ValueError(f"{method} takes {registry[method].options.__name__}, got {type(options).__name__}")
     grid = tail_sigmas(sigmas, strength)
     counted = RowCountingDenoiser(base)
     setup = EditSetup(counted, guided(counted, guidance_scale, uncond_embeds), uncond_embeds, guidance_scale)
-    source = {"encoder_hidden_states": source_embeds}
-    inverted, c_inv = _measured(counted, x_clean.device,
-                                lambda: METHOD_REGISTRY[method].invert(setup, x_clean, grid, source, options))
+    source = _as_cond(source_embeds)
+    inverted, c_inv = _measured(counted, x_clean.device, lambda: registry[method].invert(setup, x_clean, grid, source, options))
     settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
                 "dtype": str(x_clean.dtype).replace("torch.", ""), **inverted.settings}
     return CachedInversion(method, inverted, setup, grid, x_clean.device, settings, {"inversion": c_inv})
@@ -150,9 +164,9 @@ def invert_and_edit(
     base,
     x_clean: torch.Tensor,
     sigmas,
-    source_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
-    edit_embeds: torch.Tensor | None = None,
+    source_embeds,
+    uncond_embeds,
+    edit_embeds=None,
     guidance_scale: float = 7.5,
     strength: float = 1.0,
     options=None,
@@ -171,6 +185,12 @@ def invert_and_edit(
 
     Representations: ``bdia`` -- ``x_end``, ``x_inner`` (the pair at the top of the grid); ``ddim`` -- ``x_noise``;
     ``edict`` -- ``x``, ``y``; ``null_text`` -- ``x_noise`` and ``uncond_embeds`` (stacked ``[N, ...]``).
+
+    A flow-matching ``base`` (coordinates ``"flow"``: an SD3 / FLUX :meth:`FlowModel.denoiser` without
+    classifier-free guidance) takes the flow methods (:data:`bdia.inversion.FLOW_METHOD_REGISTRY`): ``x_clean`` is
+    the latent itself, the embeddings are :meth:`FlowModel.encode_prompts` dicts, ``uncond_embeds`` the empty
+    prompt's (SD3) or ``None`` (FLUX: no unconditional half). Representations: ``rf_inversion`` -- ``x_noise``,
+    ``reference`` (the image its reverse ODE steers to), ``target_noise``; ``rf_solver``, ``fireflow`` -- ``x_noise``.
     """
     cached = invert_image(method, base, x_clean, sigmas, source_embeds, uncond_embeds, guidance_scale, strength,
                           options, **option_values)
@@ -264,36 +284,55 @@ def load_image(image: str | None, size: int) -> torch.Tensor:
 #: Bound on ``image_size`` (pixels per side): far above Stable Diffusion's native sizes.
 MAX_IMAGE_SIZE = 4096
 #: What an edit run writes (:mod:`bdia.runfolder`): ``resume=false`` removes these (and only these) first.
-EDIT_WRITTEN = (rf"({'|'.join(METHODS)})\.png", rf"({'|'.join(METHODS)})_inversion\.npz", r"bdia_pair\.npz",
+_ALL_METHODS = (*METHODS, *(m for m in FLOW_METHODS if m not in METHODS))
+EDIT_WRITTEN = (rf"({'|'.join(_ALL_METHODS)})\.png", rf"({'|'.join(_ALL_METHODS)})_inversion\.npz", r"bdia_pair\.npz",
                 r"edit_grid\.png", r"metrics\.json")
 
+#: The ``_target_`` of the flow-matching model configs (``configs/flow/model/``): SD3 / FLUX, the flow methods.
+FLOW_LOADER = "bdia.networks.flow.load_flow"
 
-def check_edit_settings(image="china.jpg", source_prompt="", edit_prompt="", methods=METHODS, num_steps=50,
-                        guidance_scale=7.5, gamma=0.96, strength=1.0, p=0.93, leapfrog=True, num_inner_steps=10,
-                        lr=1e-2, early_stop=1e-5, ddim_inversion_guidance=None, image_size=None, clip_path=None,
-                        lpips_net=None, lpips_weights=None, grid_scale=1, resume=True) -> list[str]:
+
+def check_edit_settings(image="china.jpg", source_prompt="", edit_prompt="", methods=None, num_steps=50,
+                        guidance_scale=None, gamma=0.96, strength=1.0, p=0.93, leapfrog=True, num_inner_steps=10,
+                        lr=1e-2, early_stop=1e-5, ddim_inversion_guidance=None, controller_gamma=0.5,
+                        controller_eta=1.0, eta_start=0.0, eta_stop=0.25, target_noise_seed=0, image_size=None,
+                        clip_path=None, lpips_net=None, lpips_weights=None, grid_scale=1, resume=True,
+                        flow=False) -> list[str]:
     """Every :func:`edit_run` setting checked without a model (one-line ``ValueError`` naming the key); returns the
-    methods as a list. ``scripts/edit.py`` calls it before loading Stable Diffusion."""
-    methods = [methods] if isinstance(methods, str) else methods
+    methods as a list (``None``: every method for the model's kind). ``flow``: the model is a flow-matching one (SD3,
+    FLUX), which takes the flow methods (:data:`bdia.inversion.FLOW_METHODS`) and refuses the VP-only ones (EDICT,
+    null-text). ``scripts/edit.py`` calls it before loading the model."""
+    check_flags(flow=flow)
+    valid = FLOW_METHODS if flow else METHODS
+    methods = list(valid) if methods is None else [methods] if isinstance(methods, str) else methods
     if not isinstance(methods, (list, tuple)) or not methods or not all(isinstance(m, str) for m in methods):
-        raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {methods!r}")
-    unknown = [m for m in methods if m not in METHODS]
+        raise ValueError(f"methods must be a non-empty list of {', '.join(valid)}, got {methods!r}")
+    unknown = [m for m in methods if m not in _ALL_METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise ValueError(f"methods: {'unknown ' + str(unknown) if unknown else 'a method given twice'} "
-                         f"(choose from {', '.join(METHODS)})")
+                         f"(choose from {', '.join(valid)})")
+    for method in methods:  # a method of the other kind of model: one line saying which methods apply
+        check_method(method, flow)
     for key, prompt in (("source_prompt", source_prompt), ("edit_prompt", edit_prompt)):
         if not isinstance(prompt, str):
             raise ValueError(f"{key} must be a string, got {type(prompt).__name__}")
     check_num_steps(num_steps)
-    check_number("guidance_scale", guidance_scale)
+    if guidance_scale is not None:  # None: the model's default (Stable Diffusion 7.5; SD3 / FLUX: their cards')
+        check_number("guidance_scale", guidance_scale)
+    if flow and ddim_inversion_guidance is not None:
+        raise ValueError("ddim_inversion_guidance applies to Stable Diffusion's DDIM inversion; a flow model's flow-Euler "
+                         "inversion uses guidance_scale (set ddim_inversion_guidance=null)")
     check_number("strength", strength, 0, 1, low_open=True)
     tail_sigmas(torch.linspace(1, 0.1, num_steps + 1, dtype=torch.float64), strength)  # >= 2 steps left
     if ddim_inversion_guidance is not None:
         check_number("ddim_inversion_guidance", ddim_inversion_guidance)
     check_flags(leapfrog=leapfrog, resume=resume)
-    for method in methods:  # each method's options (gamma, p, num_inner_steps, lr, early_stop) check themselves
+    for method in methods:  # each method's options (gamma, p, num_inner_steps, lr, early_stop, ...) check themselves
         method_options(method, dict(gamma=gamma, p=p, leapfrog=leapfrog, num_inner_steps=num_inner_steps, lr=lr,
-                                    early_stop=early_stop, ddim_inversion_guidance=ddim_inversion_guidance))
+                                    early_stop=early_stop, ddim_inversion_guidance=ddim_inversion_guidance,
+                                    controller_gamma=controller_gamma, controller_eta=controller_eta,
+                                    eta_start=eta_start, eta_stop=eta_stop, target_noise_seed=target_noise_seed),
+                       flow=flow)
     if image_size is not None:
         check_int("image_size", image_size, 8, MAX_IMAGE_SIZE)
     check_image_grid(None, grid_scale, 0)
@@ -315,13 +354,15 @@ def check_config(cfg) -> None:
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    model = config.get("model")
+    flow = isinstance(model, dict) and model.get("_target_") == FLOW_LOADER  # an SD3 / FLUX config (configs/flow/)
     for key in ("model", "logger", "experiment_name", "distributed", "device", "launcher"):
         config.pop(key, None)
     keys = [k for k in inspect.signature(edit_run).parameters if k not in ("sd", "config", "model_info")]
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise ValueError(f"unknown edit settings {unknown}; valid keys: {', '.join(keys)}")
-    check_edit_settings(**{k: v for k, v in config.items() if k not in ("out_dir", "progress")})
+    check_edit_settings(**{k: v for k, v in config.items() if k not in ("out_dir", "progress")}, flow=flow)
     check_out_dir(config.get("out_dir"), "edit")
 
 
@@ -331,9 +372,9 @@ def edit_run(
     image: str | None = "china.jpg",
     source_prompt: str = "a photo of a chinese temple",
     edit_prompt: str = "a watercolor painting of a chinese temple",
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     num_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     gamma: float = 0.96,
     strength: float = 1.0,
     p: float = 0.93,
@@ -342,6 +383,11 @@ def edit_run(
     lr: float = 1e-2,
     early_stop: float = 1e-5,
     ddim_inversion_guidance: float | None = None,
+    controller_gamma: float = 0.5,
+    controller_eta: float = 1.0,
+    eta_start: float = 0.0,
+    eta_stop: float = 0.25,
+    target_noise_seed: int = 0,
     image_size: int | None = None,
     clip_path: str | None = None,
     lpips_net: str | None = None,
@@ -352,16 +398,17 @@ def edit_run(
     config: dict | None = None,
     model_info: dict | None = None,
 ) -> dict:
-    """Encode ``image`` with ``sd`` (:class:`bdia.networks.sd.StableDiffusion`), invert it under
-    ``source_prompt`` with each method, reconstruct it, edit it with ``edit_prompt``; write into ``out_dir``:
+    """Encode ``image`` with ``sd`` (:class:`bdia.networks.sd.StableDiffusion`, or a flow-matching
+    :class:`bdia.networks.flow.FlowModel`: SD3, FLUX), invert it under ``source_prompt`` with each method, reconstruct
+    it, edit it with ``edit_prompt``; write into ``out_dir``:
 
     * ``<method>.png``: original | reconstruction | edit, side by side, labelled; ``edit_grid.png``: one row per
       method (named, with its latent round-trip error), columns named (original / reconstruction / edit: prompt),
       titled with the prompts (and, for a model with random weights, that its images are noise);
     * ``bdia_pair.npz``: BDIA's noise pair (``x_end`` at ``sigmas[0]``, ``x_inner`` at ``sigmas[1]``, EDM convention
-      ``x = z / alpha``; ``sigmas`` is the inverted grid, ``gamma``) -- ``bdia.sample(sd.denoiser(w), (x_end, x_inner),
-      sigmas, solver="bdia_ddim", gamma=gamma, return_pair=True)`` regenerates the image; other methods'
-      representations in ``<method>_inversion.npz``;
+      ``x = z / alpha``; a flow model's latents ``x_t`` themselves; ``sigmas`` is the inverted grid, ``gamma``) --
+      ``bdia.sample(sd.denoiser(w), (x_end, x_inner), sigmas, solver="bdia_ddim", gamma=gamma, return_pair=True)``
+      regenerates the image; other methods' representations in ``<method>_inversion.npz``;
     * ``metrics.json``: per method the latent round-trip errors (``relative_error``, ``max_abs_error``, ``mse`` of
       ``z``), image errors against the original (``psnr``, ``ssim``, ``mse``) and against the VAE's own
       reconstruction (``image_vs_vae``), the measured cost per phase (NFE, network rows, backward passes, seconds)
@@ -377,16 +424,28 @@ def edit_run(
     ``resume=False``, which first removes what an edit run writes (every method's files), so no earlier
     method's file stays beside the new ones. Image-space numbers include the VAE: ``vae`` in metrics.json is the
     encode/decode error alone. Returns the metrics.
+
+    ``methods``: ``None`` is every method for the model's kind (:data:`bdia.inversion.METHODS` for Stable Diffusion,
+    :data:`bdia.inversion.FLOW_METHODS` for SD3 / FLUX). ``guidance_scale``: ``None`` is the model's default (SD 7.5;
+    SD3 / FLUX: :attr:`FlowModel.default_guidance_scale`); on SD3 it is classifier-free guidance, on FLUX.1-dev its
+    guidance embedding (no unconditional half). ``controller_gamma``, ``controller_eta``, ``eta_start``, ``eta_stop``,
+    ``target_noise_seed``: RF-Inversion's (:class:`bdia.inversion.RFInversionOptions`), flows only.
     """
     import numpy as np
 
+    flow = is_flow_model(sd)
+    flow_options = dict(controller_gamma=controller_gamma, controller_eta=controller_eta, eta_start=eta_start,
+                        eta_stop=eta_stop, target_noise_seed=target_noise_seed)
     methods = check_edit_settings(image, source_prompt, edit_prompt, methods, num_steps, guidance_scale, gamma,
                                   strength, p, leapfrog, num_inner_steps, lr, early_stop, ddim_inversion_guidance,
-                                  image_size, clip_path, lpips_net, lpips_weights, grid_scale, resume)
+                                  **flow_options, image_size=image_size, clip_path=clip_path, lpips_net=lpips_net,
+                                  lpips_weights=lpips_weights, grid_scale=grid_scale, resume=resume, flow=flow)
     check_flags(progress=progress)
     check_out_dir(out_dir, "edit")  # cheap, before any work: an out_dir that is not an edit folder is refused
+    if guidance_scale is None:
+        guidance_scale = float(sd.default_guidance_scale) if flow else 7.5
     size = int(image_size or sd.image_size)
-    sd.latent_shape(size, size)  # the size suits the VAE
+    sd.latent_shape(size, size)  # the size suits the VAE (FLUX: and its 2x2 packing)
     check_grid_size(3 * len(methods), (3, size, size), 3, 1, grid_scale)
     original = load_image(image, size)
     settings = jsonable({
@@ -397,6 +456,7 @@ def edit_run(
         "ddim_inversion_guidance": ddim_inversion_guidance, "clip_path": clip_path, "lpips_net": lpips_net,
         "grid_scale": grid_scale, "model": model_info or {}, "network_dtype": str(sd.dtype).replace("torch.", ""),
         "device_type": torch.device(sd.device).type,
+        **(flow_options if flow else {}),  # RF-Inversion's settings: recorded for flow models only
     })
     records = {"env.json": lambda: json.dumps(jsonable(environment_info(sd.device)), indent=2) + "\n"}
     if config is not None:
@@ -409,10 +469,16 @@ def edit_run(
             return finished
         pixels = original.to(torch.float32) / 127.5 - 1
         z0 = sd.encode_images(pixels)
-        sigmas = sd.sigmas(num_steps)
-        x_clean = latent_to_state(z0, sigmas)
+        if flow:  # the state is the latent x_t itself; the grid is the pipeline's at this size (FLUX: its mu)
+            sigmas = sd.sigmas(num_steps, size, size)
+            x_clean = z0.to(torch.float64)
+            base = sd.denoiser(guidance_scale if sd.guidance == "embedded" else 1.0)  # FLUX: its guidance embedding
+            uncond = sd.encode_prompts([""]) if sd.guidance == "cfg" else None  # SD3: classifier-free guidance
+        else:
+            sigmas = sd.sigmas(num_steps)
+            x_clean = latent_to_state(z0, sigmas)
+            base, uncond = sd.eps_denoiser(), sd.encode_prompts([""])
         source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
-        uncond = sd.encode_prompts([""])
         vae_images = sd.decode_latents(z0)
         # Before any work, so that a missing model fails at once:
         clip = load_clip(clip_path, sd.device, config_key="clip_path") if clip_path else None
@@ -421,7 +487,9 @@ def edit_run(
             "image": str(image), "image_size": size, "source_prompt": source_prompt, "edit_prompt": edit_prompt,
             "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "strength": float(strength),
             "model": model_info or sd.describe(), "network_dtype": str(sd.dtype).replace("torch.", ""), "state_dtype": "float64",
-            "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention": "z0 = alpha(sigma_min) x"},
+            "sigmas": {"max": float(sigmas[0]), "min": float(sigmas[-1]), "latent_convention":
+                       "flow: the state is the latent x_t, t = sigma / (1 + sigma); z0 = x at t = 0" if flow else
+                       "z0 = alpha(sigma_min) x"},
             "vae": _scalars(pixel_metrics(pixels, vae_images, per_image=False)),
             "methods": {},
         }
@@ -430,14 +498,15 @@ def edit_run(
         bar = tqdm(methods, desc="edit", unit="method", dynamic_ncols=True, disable=not progress)
         for method in bar:
             bar.set_postfix_str(f"{method}: invert, reconstruct, edit")
-            result = invert_and_edit(method, sd.eps_denoiser(), x_clean, sigmas, source, uncond, edit, guidance_scale,
+            result = invert_and_edit(method, base, x_clean, sigmas, source, uncond, edit, guidance_scale,
                                      gamma=gamma, strength=strength, p=p, leapfrog=leapfrog,
                                      num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop,
-                                     ddim_inversion_guidance=ddim_inversion_guidance)
+                                     ddim_inversion_guidance=ddim_inversion_guidance, **(flow_options if flow else {}))
             grid = tail_sigmas(sigmas, strength)
-            z_rec = state_to_latent(result.reconstruction, grid)
+            latent = (lambda x: x) if flow else (lambda x: state_to_latent(x, grid))  # noqa: E731
+            z_rec = latent(result.reconstruction)
             recon_images = sd.decode_latents(z_rec)
-            edit_images = sd.decode_latents(state_to_latent(result.edit, grid))
+            edit_images = sd.decode_latents(latent(result.edit))
             cost = result.cost
             metrics["methods"][method] = {
                 "latent": _scalars(latent_metrics(z0, z_rec, per_image=False)),

@@ -1,4 +1,5 @@
-"""Text-to-image sampling with Stable Diffusion and our DDIM / BDIA-DDIM solvers, as plain functions.
+"""Text-to-image sampling with Stable Diffusion (or a flow-matching SD3 / FLUX model) and our DDIM / BDIA-DDIM
+solvers (on a flow: flow Euler / BDIA-flow), as plain functions.
 
 ``scripts/text2image.py`` is a thin Hydra shell around :func:`text2image_from_config`, which loads the model
 (:func:`bdia.networks.sd.load_sd`) and the prompts (:func:`bdia.prompts.load_prompts`), calls
@@ -18,7 +19,15 @@ Conventions:
   ``negative_prompt`` (default the empty prompt, as diffusers);
 * NFE is counted by :class:`bdia.CountingDenoiser` (a guided call, which runs the UNet on a doubled batch, counts
   once), never assumed;
-* images are quantised as ``(x * 127.5 + 128).clip(0, 255).to(uint8)``.
+* images are quantised as ``(x * 127.5 + 128).clip(0, 255).to(uint8)``;
+* **flow-matching models** (:class:`bdia.networks.flow.FlowModel`: SD3, FLUX; ``model=sd3-medium|flux-dev|tiny-flux``
+  ...): the same per-image noise is the latent at ``t = 1`` itself (the solvers step a flow in its own latents
+  ``x_t``, starting at ``sigma = inf``), on the grid the pipeline would run at that image size
+  (:meth:`FlowModel.sigmas`: SD3's shift, FLUX's resolution-dependent ``mu``); ``ddim`` is flow Euler
+  (``FlowMatchEulerDiscreteScheduler``), ``bdia_ddim`` BDIA over it; SD3 guides classifier-free (on the velocity,
+  unconditional half on ``negative_prompt``), FLUX.1-dev through its guidance embedding (one network call per step);
+  ``guidance_scale=None`` is the model's default; the final latent is decoded as it is; ``z_end`` / ``z_inner`` are
+  the flow latents at the last two levels.
 
 Run folder: ``images/*.png`` and ``records/*.npz`` (per image: ``nfe``, ``prompt_index``, ``seed`` and, with
 ``save_states``, the float64 final latent ``z_end`` and for BDIA the one before it, ``z_inner``), written
@@ -53,6 +62,7 @@ from ..logger import NullLogger, Table, log_run
 from ..metrics.clip_score import CLIPScore
 from ..metrics.evaluate import evaluate_run
 from ..metrics.fid import FID
+from ..networks.flow import is_flow_model
 from ..prompts import describe_prompt_source, load_prompts
 from ..runfolder import IMAGES_DIR, RECORDS_DIR, RunFolder, check_out_dir
 from ..runfolder import jsonable as _jsonable
@@ -95,8 +105,9 @@ def _prompts_digest(prompts: Sequence[str]) -> str:
 
 def _validate(solver, gamma, guidance_scale, batch_size, network_batch, grid_nrow, grid_padding, sigmas):
     check_solver_options(solver, gamma, {}, sigmas, batch_size, solvers=TEXT2IMAGE_SOLVERS)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                       or not math.isfinite(guidance_scale)):  # None: the model's default
+        raise ValueError(f"guidance_scale must be a finite number or null, got {guidance_scale!r}")
     check_network_batch(network_batch)
     check_image_grid(grid_nrow, 1, grid_padding)
 
@@ -108,7 +119,7 @@ def text_to_image(
     solver: str = "bdia_ddim",
     gamma=0.5,
     num_steps: int = 10,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = 7.5,
     negative_prompt: str = "",
     height: int | None = None,
     width: int | None = None,
@@ -130,7 +141,8 @@ def text_to_image(
     dist: DistContext | None = None,
 ) -> dict | None:
     """Sample one image per (prompt, seed) with Stable Diffusion ``sd`` (:class:`bdia.networks.sd.StableDiffusion`)
-    and write the run folder ``out_dir`` (see the module notes). Returns the ``metrics.json`` dict.
+    or a flow-matching model (:class:`bdia.networks.flow.FlowModel`: SD3, FLUX; see the module notes) and write the
+    run folder ``out_dir`` (see the module notes). Returns the ``metrics.json`` dict.
 
     Args:
         prompts: the prompts (:func:`bdia.prompts.load_prompts`); seeds: a spec (``"0-3"``) or list.
@@ -138,7 +150,8 @@ def text_to_image(
             refuses any other gamma (:func:`bdia.checks.check_solver_options`). Authors' recommendation
             (:data:`RECOMMENDED_GAMMA`): 0.5 at 10 steps, 1.0 at 40.
         num_steps: solver steps (NFE = num_steps, measured); guidance_scale: classifier-free guidance weight
-            (1: none); negative_prompt: the unconditional prompt.
+            (1: none; FLUX.1-dev: its guidance embedding; ``None``: the model's default, SD 7.5); negative_prompt:
+            the unconditional prompt (FLUX: must be empty, its guidance has no unconditional half).
         height, width: image size in pixels (default the model's native size).
         batch_size: images per solver call; network_batch: the networks see exactly this many rows per call
             (:class:`bdia.denoisers.FixedBatchDenoiser`), making float32 results independent of ``batch_size``;
@@ -167,7 +180,20 @@ def text_to_image(
         raise ValueError("no prompts")
     seeds = parse_seeds(seeds)
     check_num_steps(num_steps)
-    sigmas = sd.sigmas(num_steps)
+    flow = is_flow_model(sd)
+    if guidance_scale is None:  # the model's default
+        guidance_scale = float(sd.default_guidance_scale) if flow else 7.5
+    if flow:  # the pipeline's grid at this image size (FLUX: mu from the number of tokens)
+        for name, side in (("height", height), ("width", width)):
+            if side is not None:
+                check_int(name, side, 8, MAX_IMAGE_SIDE)
+        sd.latent_shape(height, width)
+        sigmas = sd.sigmas(num_steps, height, width)
+        if sd.guidance != "cfg" and negative_prompt:
+            raise ValueError(f"negative_prompt: {sd.family.upper()} has no unconditional half (its guidance is "
+                             "embedded in the network); leave negative_prompt empty")
+    else:
+        sigmas = sd.sigmas(num_steps)
     _validate(solver, gamma, guidance_scale, 1 if batch_size == "auto" else batch_size, network_batch,
               grid_nrow, grid_padding, sigmas)
     speed = SpeedOptions(precision, channels_last, compile)
@@ -208,32 +234,41 @@ def text_to_image(
     # before the model is used (open_run checks again, under the lock, on every rank):
     check_out_dir(out_dir, "text2image", settings, resume, (IMAGES_DIR, RECORDS_DIR))
 
-    uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
+    if flow:  # SD3: classifier-free guidance on the velocity when guidance_scale > 1; FLUX: its guidance embedding
+        uncond = sd.encode_prompts([negative_prompt]) if sd.guidance == "cfg" and float(guidance_scale) > 1 else None
+    else:
+        uncond = sd.encode_prompts([negative_prompt]) if float(guidance_scale) != 1.0 else None
     net = with_speed(sd.denoiser(guidance_scale, uncond), **speed.as_dict())
+
+    def prompt_cond(indices) -> dict:
+        encoded = sd.encode_prompts([prompts[p] for p in indices])
+        return encoded if flow else {"encoder_hidden_states": encoded}
+
     if batch_size == "auto":
         batch_size = auto_batch_size(net, latent_shape, device, limit=max(1, -(-len(items) // ctx.world_size)),
-                                     cond={"encoder_hidden_states": sd.encode_prompts(prompts[:1])})
+                                     cond=prompt_cond([0]))
         log.info("batch_size=auto: %d images per batch", batch_size)
     counter = CountingDenoiser(net if network_batch is None else FixedBatchDenoiser(net, network_batch))
 
     def solve(batch) -> BatchResult:
         noise_seeds = [_noise_seed(p, s, len(prompts), noise_per_prompt) for p, s in batch]
         z_init = StackedRandomGenerator(noise_seeds, device).randn(latent_shape, dtype=torch.float64)
-        embeds = sd.encode_prompts([prompts[p] for p, _ in batch])
+        cond = prompt_cond([p for p, _ in batch])
         counter.reset()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = _solvers.sample(counter, z_to_x(z_init, sigmas[0]), sigmas, solver=solver, gamma=gamma,
-                                  cond={"encoder_hidden_states": embeds}, return_pair=keep_inner)
+        with torch.no_grad():  # a flow starts from the noise itself (t = 1, sigma = inf); SD from x = z / alpha
+            out = _solvers.sample(counter, z_init if flow else z_to_x(z_init, sigmas[0]), sigmas, solver=solver,
+                                  gamma=gamma, cond=cond, return_pair=keep_inner)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         x_end, x_inner = (out.x_end, out.x_inner) if keep_inner else (out, None)
-        z_end = x_to_z(x_end, sigmas[-1])
+        z_end = x_end if flow else x_to_z(x_end, sigmas[-1])
         images = quantize(sd.decode_latents(z_end)).cpu().numpy()
         t2 = time.perf_counter()
         z_end_np = z_end.cpu().numpy() if save_states else None
-        z_inner = x_to_z(x_inner, sigmas[-2]).cpu().numpy() if keep_inner else None
+        if keep_inner:
+            z_inner = (x_inner if flow else x_to_z(x_inner, sigmas[-2])).cpu().numpy()
         records = []
         for i, (p, s) in enumerate(batch):
             record = {"prompt_index": np.int64(p), "seed": np.int64(s)}
@@ -270,9 +305,12 @@ def text_to_image(
             "network_batch": network_batch,
             "speed": speed.as_dict(),
             "world_size": ctx.world_size,
-            "sigmas": {"levels": sigmas.tolist(), "timestep_spacing": sd.schedule["timestep_spacing"],
+            "sigmas": {"levels": sigmas.tolist(), "scheduler": sd.scheduler_config} if flow else
+                      {"levels": sigmas.tolist(), "timestep_spacing": sd.schedule["timestep_spacing"],
                        "steps_offset": sd.schedule["steps_offset"], "set_alpha_to_one": sd.schedule["set_alpha_to_one"]},
-            "initial_noise": "z ~ N(0, I) in VP latent space (diffusers' convention), x_init = z / alpha(sigmas[0])",
+            "initial_noise": "x_t ~ N(0, I) at t = 1 (sigma = inf), the flow model's own latents (diffusers' "
+                             "convention)" if flow else
+                             "z ~ N(0, I) in VP latent space (diffusers' convention), x_init = z / alpha(sigmas[0])",
             "state_dtype": "float64",
             "model": sd.describe(),
             "device": str(device),
@@ -372,7 +410,7 @@ def check_config(cfg) -> None:
         raise ValueError(f"unknown solver {name!r} for text-to-image; choose one of: {', '.join(TEXT2IMAGE_SOLVERS)}")
     check_num_steps(num_steps)
     seeds = parse_seeds(config.get("seeds"))
-    _validate(name, gamma, config.get("guidance_scale", 7.5), 1 if config.get("batch_size") == "auto" else
+    _validate(name, gamma, config.get("guidance_scale"), 1 if config.get("batch_size") == "auto" else
               config.get("batch_size", 4), config.get("network_batch"), config.get("grid_nrow"),
               config.get("grid_padding", 2), torch.linspace(14.6, 0.03, num_steps + 1, dtype=torch.float64))
     for key in ("height", "width"):
@@ -422,7 +460,8 @@ def text2image_from_config(cfg, choices: Mapping[str, Any] | None = None) -> dic
     _preload_metric_models(evaluators)
     model_cfg = config.get("model")
     if not model_cfg or "_target_" not in model_cfg:
-        raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd)")
+        raise ValueError("model: the config has no _target_ (choose one with model=sd15|sd14|sd21_base|tiny-sd, or a "
+                         "flow model: sd3-medium|sd3.5-medium|sd3.5-large|flux-dev|flux-schnell|tiny-sd3|tiny-flux)")
     sd = instantiate(model_cfg, "model", device=str(device))
     settings = {k: config[k] for k in _RUN_KEYS if k in config}
     metrics = text_to_image(sd, prompts, **solver, **settings, config={**config, "choices": choices},

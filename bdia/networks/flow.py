@@ -43,7 +43,7 @@ from ..download import AssetUnavailableError, hub_cache_path, is_offline
 from ..flow import FLOW_SCHEDULE_KEYS, FlowDenoiser, flow_shift_mu, flow_sigmas
 from .sd import PATH_KEY, _first_line, _hub_reachable, resolve_dtype
 
-__all__ = ["FLOW_MODELS", "FlowModel", "FluxVelocity", "SD3Velocity", "load_flow"]
+__all__ = ["FLOW_MODELS", "FlowModel", "FluxVelocity", "SD3Velocity", "load_flow", "is_flow_model"]
 
 #: The checkpoints the configs name (``configs/sd/model/<name>.yaml``): Hub id, family, the pipelines' default
 #: guidance and steps, and the scheduler settings their ``scheduler_config.json`` is published with. The loader reads
@@ -295,6 +295,12 @@ class FlowModel:
         return {"source": self.source, "family": self.family, "dtype": str(self.dtype).replace("torch.", ""),
                 "guidance": self.guidance, "latent_scaling": self.latent_scaling, "latent_shift": self.latent_shift,
                 "scheduler": self.scheduler_config}
+
+
+def is_flow_model(model) -> bool:
+    """Whether ``model`` is a loaded flow-matching model (:class:`FlowModel`: SD3, FLUX), which the apps step in its
+    own latents, rather than a Stable Diffusion (:class:`bdia.networks.sd.StableDiffusion`)."""
+    return isinstance(model, FlowModel)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def test_every_model_config_composes_and_the_default_is_sd15():
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(REPO / "configs" / "text2image"), version_base="1.3"):
         cfg = compose("text2image")
-        assert cfg.model.name == "sd15" and cfg.solver.name == "bdia_ddim" and cfg.guidance_scale == 7.5
+        # guidance_scale null: the model's default (SD 7.5: text_to_image resolves it; SD3 / FLUX: their cards')
+        assert cfg.model.name == "sd15" and cfg.solver.name == "bdia_ddim" and cfg.guidance_scale is None
         assert (cfg.solver.gamma, cfg.solver.num_steps) == (0.5, 10)  # the authors' gamma at 10 steps
         swept = compose("text2image", ["solver=ddim", "solver.num_steps=40", "solver.gamma=1.0"])
         assert (swept.solver.name, swept.solver.gamma, swept.solver.num_steps) == ("ddim", 1.0, 40)
