@@ -444,8 +444,10 @@ def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample",
         for number, job in enumerate(jobs[:MAX_CHECKED_JOBS]):
             problem = _check_job(config_name, job, config_dir, check)
             if problem:
-                where = f"job {number} of {len(jobs)} ({' '.join(job) or 'no overrides'})" if len(jobs) > 1 else ""
-                return f"{where}: {problem}; no job was run" if where else problem
+                if len(jobs) == 1:
+                    return problem
+                where = f"sweep job {number + 1} of {len(jobs)}: {' '.join(job) or 'no overrides'}"
+                return f"{problem} ({where}); no job was run"
     return None
 
 
