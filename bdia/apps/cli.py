@@ -358,7 +358,8 @@ def _jobs(parsed, sweep_params, argv_overrides) -> list[list[str]]:
 
 
 def _check_job(config_name: str, overrides: list[str], config_dir: Path, check) -> str | None:
-    """Compose one job exactly as Hydra will and run the app's ``check(cfg)`` (cheap: no model, no writes)."""
+    """Compose one job exactly as Hydra will and run the app's ``check(cfg)`` (cheap: no model, no writes). A
+    problem of the job's values (not of the command line's names) is prefixed by ``@job:``."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -375,12 +376,12 @@ def _check_job(config_name: str, overrides: list[str], config_dir: Path, check) 
     try:
         check(cfg)
     except USER_ERRORS as e:
-        return one_line(e)
+        return "@job:" + one_line(e)
     except OSError as e:
-        return f"cannot read or write a file: {one_line(e)}"
+        return f"@job:cannot read or write a file: {one_line(e)}"
     except Exception as e:  # an interpolation that does not resolve, a value of the wrong type
         if type(e).__module__.startswith("omegaconf"):
-            return one_line(str(e).split("full_key:")[0])
+            return "@job:" + one_line(str(e).split("full_key:")[0])
         raise
     finally:
         HydraConfig.instance().cfg = None
@@ -432,7 +433,8 @@ def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample",
         if problem:
             return problem
         if not multirun:
-            return _check_job(config_name, overrides, config_dir, check)
+            problem = _check_job(config_name, overrides, config_dir, check)
+            return problem.removeprefix("@job:") if problem else None
         from omegaconf import OmegaConf
 
         sweep_params = OmegaConf.to_container(base.hydra.sweeper, resolve=False).get("params") \
@@ -444,8 +446,9 @@ def preflight(argv: Sequence[str], config_dir=None, config_name: str = "sample",
         for number, job in enumerate(jobs[:MAX_CHECKED_JOBS]):
             problem = _check_job(config_name, job, config_dir, check)
             if problem:
-                if len(jobs) == 1:
-                    return problem
+                if len(jobs) == 1 or not problem.startswith("@job:"):  # a bad name is bad in every job
+                    return problem.removeprefix("@job:")
+                problem = problem.removeprefix("@job:")
                 where = f"sweep job {number + 1} of {len(jobs)}: {' '.join(job) or 'no overrides'}"
                 return f"{problem} ({where}); no job was run"
     return None
