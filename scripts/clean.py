@@ -36,7 +36,8 @@ WRITTEN = {
     "sample": [rf"images/{ITEMS['sample']}\.png", rf"records/{ITEMS['sample']}\.npz", *map(re.escape, END_OF_RUN)],
     "text2image": [rf"images/{ITEMS['text2image']}\.png", rf"records/{ITEMS['text2image']}\.npz",
                    *map(re.escape, END_OF_RUN)],
-    "edit": [r"(bdia|ddim|edict|null_text)\.png", r"(bdia|ddim|edict|null_text)_inversion\.npz", r"bdia_pair\.npz",
+    "edit": [r"(bdia|ddim|edict|null_text|rf_inversion|rf_solver|fireflow)\.png",  # = bdia.apps.edit.EDIT_WRITTEN
+             r"(bdia|ddim|edict|null_text|rf_inversion|rf_solver|fireflow)_inversion\.npz", r"bdia_pair\.npz",
              r"edit_grid\.png", r"metrics\.json"],
     "train": [r"checkpoint-[0-9]{9,}\.safetensors", r"training_log\.jsonl", r"final\.safetensors"],
     "optimize": [r"state\.npz", r"images\.npz", r"before\.png", r"after\.png", r"before_after\.png", r"metrics\.json",

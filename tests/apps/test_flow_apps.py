@@ -6,6 +6,7 @@ Euler, resume, and one-line errors for missing weights."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,16 @@ def test_text2image_script_on_tiny_flux(monkeypatch, tmp_path, folders, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["nfe"] == 3 and metrics["guidance_scale"] == 3.5 and metrics["solver"] == "bdia_ddim"
     assert "random weights" in capsys.readouterr().out
+
+
+def test_make_clean_knows_the_files_of_the_flow_methods():
+    """scripts/clean.py keeps its own list of what an edit run writes (it imports nothing from bdia): the same
+    patterns as bdia.apps.edit.EDIT_WRITTEN, which now holds the flow methods' files."""
+    import runpy
+
+    from bdia.apps.edit import EDIT_WRITTEN
+
+    clean = runpy.run_path(str(REPO / "scripts" / "clean.py"), run_name="clean_module")
+    assert clean["WRITTEN"]["edit"] == list(EDIT_WRITTEN)
+    for method in FLOW_METHODS:
+        assert re.fullmatch(EDIT_WRITTEN[0], f"{method}.png") and re.fullmatch(EDIT_WRITTEN[1], f"{method}_inversion.npz")
