@@ -1,4 +1,5 @@
-"""Text-to-image with Stable Diffusion and DDIM / BDIA-DDIM (our solver loop, diffusers' networks).
+"""Text-to-image with Stable Diffusion and DDIM / BDIA-DDIM (our solver loop, diffusers' networks), and with the
+flow-matching SD3 / FLUX models and flow Euler (solver=ddim) / BDIA-flow (solver=bdia_ddim).
 
     python scripts/text2image.py                                    # sd15, BDIA-DDIM gamma 0.5, 10 steps, 2 prompts x 4 seeds
     python scripts/text2image.py model=tiny-sd device=cpu           # offline: the tiny folder from scripts/make_tiny_sd.py
@@ -8,10 +9,12 @@
         seeds=0 noise_per_prompt=true metrics=clip
     python scripts/text2image.py -m solver=ddim,bdia_ddim solver.num_steps=10,20,40         # a sweep
     python scripts/text2image.py -m solver=bdia_ddim solver.gamma=0.5,1.0                    # a gamma sweep
+    python scripts/text2image.py model=flux-dev solver.num_steps=28 height=1024 width=1024   # FLUX.1-dev, BDIA-flow
+    python scripts/text2image.py model=tiny-sd3 height=32 width=32  # offline: scripts/make_tiny_flow.py's tiny SD3
     python scripts/text2image.py --cfg job                          # print the composed config and exit
 
 Config: ``configs/text2image/text2image.yaml`` (groups ``solver/`` and ``experiment/`` of its own, ``model/`` from
-``configs/sd/``, ``metrics/``, ``logger/``, ``launcher/``; :data:`bdia.apps.cli.APP_CONFIGS`). The work is done by
+``configs/sd/`` and ``configs/flow/``, ``metrics/``, ``logger/``, ``launcher/``; :data:`bdia.apps.cli.APP_CONFIGS`). The work is done by
 :func:`bdia.apps.text2image.text2image_from_config` and :func:`bdia.apps.text2image.text_to_image`.
 
 Output: ``out_dir`` (default ``results/text2image/<experiment_name>/<overrides>``) holds ``images/*.png``,
