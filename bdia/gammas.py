@@ -24,9 +24,9 @@ import torch
 from .schedules import as_sigmas, flow_time, vp_alpha
 
 __all__ = ["GAMMA_SCHEDULES", "UNSTABLE_ROUNDTRIP_ERROR", "check_invertible", "gamma_schedule", "predicted_roundtrip_error",
-           "ddim_scale", "vp_scale", "unit_scale", "scale_in"]
+           "ddim_scale", "vp_scale", "unit_scale", "scale_in", "ei_obelm_weight"]
 
-GAMMA_SCHEDULES = ("obelm", "lte")
+GAMMA_SCHEDULES = ("obelm", "lte", "obelm_ei", "obelm_mix")
 
 #: Inversion warns when the predicted relative round-trip error exceeds this.
 UNSTABLE_ROUNDTRIP_ERROR = 1e-4
@@ -86,6 +86,21 @@ def scale_in(scale_fn, coordinates: str):
     return in_flow
 
 
+def ei_obelm_weight(levels, k) -> float:
+    """The x-space BDIA weight ``gamma_k c_k`` that makes BDIA-DDIM exact for a denoiser output linear in
+    ``lambda = -log sigma``: ``phi(h_f) / phi(-h_b) * sigma_{k+1} / sigma_{k-1}`` with ``h_f = lambda_{k+1} - lambda_k``,
+    ``h_b = lambda_k - lambda_{k-1}`` and ``phi(h) = e^h (h - 1) + 1`` (the local errors of the exponential Euler
+    step forward and back, ``sigma_t`` times ``e^lambda_k phi(h) dD/dlambda``). On a step onto sigma = 0 (``h_f``
+    infinite) it returns O-BELM's ``r_k^2``."""
+    h_b_sigma, h_f_sigma = levels[k - 1] - levels[k], levels[k] - levels[k + 1]
+    if levels[k + 1] == 0:
+        return (h_f_sigma / h_b_sigma) ** 2
+    h_f, h_b = math.log(levels[k] / levels[k + 1]), math.log(levels[k - 1] / levels[k])
+    phi_f = h_f * math.exp(h_f) - math.expm1(h_f)  # e^h (h - 1) + 1, ~h^2/2
+    phi_b = -math.expm1(-h_b) - h_b * math.exp(-h_b)  # phi(-h_b) = 1 - e^-h (1 + h), ~h^2/2
+    return phi_f / phi_b * levels[k + 1] / levels[k - 1]
+
+
 def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None, coordinates: str = "edm") -> list[float]:
     """The per-step gamma a BDIA solver uses, as a list of ``N`` floats (entry ``k`` for the step that makes
     ``x_{k+1}``; entry 0 belongs to the first, plain base step and is 0).
@@ -103,6 +118,19 @@ def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None, coord
       ``h_k^3``, tapering gamma where the steps shrink fast (few steps, and near the data). ``scale_fn`` gives
       ``c_k`` (the solver passes its own; default 1, x-space).
 
+    * ``"obelm_ei"`` (``bdia_ddim`` on EDM's x only): O-BELM derived in DPM-Solver++'s variables instead of sigma.
+      DDIM is the exponential Euler step in ``lambda = -log sigma`` (``x/sigma`` advances by the integral of
+      ``e^lambda D``); the combination is exact whenever ``D`` is linear in ``lambda`` if its x-space weight is
+      ``gamma_k c_k = phi(h_k) / phi(-h_{k-1}) * sigma_{k+1} / sigma_{k-1}``, ``phi(h) = e^h (h - 1) + 1``, with
+      ``h`` the lambda-steps (:func:`ei_obelm_weight`). Also second order; a different third-order error.
+    * ``"obelm_mix"`` (``bdia_ddim`` on EDM's x only): each expansion where it holds. Far above the data's scale
+      ``D`` barely moves and the noise part of the state is linear in ``lambda``-time (the exponential integrator's
+      case); far below it the state is smooth in sigma (``x - mu ~ sqrt(s^2 + sigma^2)``: O-BELM's case). The
+      x-space weight is the weighted geometric mean ``(r_k^2)^(1 - w_k) * ei_k^w_k`` with ``w_k = sigma_k^2 / (1 +
+      sigma_k^2)``, the noise share of the VP latent's variance (``1 - alpha-bar``; BDIA-DDIM's own coordinates).
+      Chosen by measurement (``make samplers``, results/samplers.md).
+      The step onto sigma = 0 (``lambda = inf``) takes ``"obelm"``'s weight in both.
+
     ``coordinates="flow"`` (a flow-matching model's states ``x_t``, :func:`bdia.schedules.flow_time`): the step
     ratios are those of the flow time ``t``, in which the solvers step there, and ``c_k`` the flow form of
     ``scale_fn`` (:func:`scale_in`; BDIA-DDIM's is 1): ``"obelm"`` is then O-BELM over flow Euler in ``(x_t, t)``.
@@ -115,6 +143,15 @@ def gamma_schedule(gamma, sigmas, solver: str = "bdia_edm", scale_fn=None, coord
             raise ValueError(f"unknown gamma schedule {gamma!r}; named schedules: {list(GAMMA_SCHEDULES)}")
         times = flow_time(sigmas).tolist() if coordinates == "flow" else levels  # the solver's time variable
         ratios = [0.0] + [(times[k] - times[k + 1]) / (times[k - 1] - times[k]) for k in range(1, N)]
+        if gamma in ("obelm_ei", "obelm_mix"):
+            if solver != "bdia_ddim" or coordinates != "edm":
+                raise ValueError(f"gamma={gamma!r} is derived for BDIA-DDIM on EDM's x (bdia_ddim, not a flow model); "
+                                 "use 'obelm' there")
+            def weight(k):  # the share of the lambda-expansion
+                return 1.0 if gamma == "obelm_ei" else levels[k] ** 2 / (1 + levels[k] ** 2)
+
+            return [0.0] + [ratios[k] ** (2 * (1 - weight(k))) * ei_obelm_weight(levels, k) ** weight(k)
+                            / ddim_scale(levels, k) for k in range(1, N)]
         if gamma == "lte":
             if solver != "bdia_edm":
                 raise ValueError("gamma='lte' is derived from Heun's local error: bdia_edm only (bdia_ddim: 'obelm')")
