@@ -23,7 +23,9 @@ measured run, so no memory freed by a warm-up can be reused unseen). Then:
    * both: the bytes autograd saves for the backward pass during the forward pass (``saved_tensors_hooks``; each
      storage once) -- exact, independent of the allocator.
 2. **time**, on warm runs (``--repeats``, median): ``bdia.sample`` without autograd (the "sampling" time the ratios
-   divide by), then ``bdia.sample_with_grad`` + ``backward``. With 0 repeats (DDPM++'s default: a run takes
+   divide by), then ``bdia.sample_with_grad`` + ``backward``. On a CPU the times are the process's **CPU time**
+   (``time.process_time``, all threads): on a shared machine other jobs inflate wall time, and so wall-time ratios,
+   by whatever share of the cores they take meanwhile; on CUDA, wall time after synchronising. With 0 repeats (DDPM++'s default: a run takes
    minutes) the memory run is timed, against a sampling run just before it (its first backward pass pays the
    network's backward kernels' set-up once).
 
@@ -149,6 +151,9 @@ def worker(spec: dict) -> dict:
     weights = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
     sigmas = bdia.karras_sigmas(spec["num_steps"])
     warnings.simplefilter("ignore", ReversibleGradientWarning)
+    # CPU: the process's CPU time (all its threads), which other work on a shared machine does not inflate the way it
+    # inflates wall time; CUDA: wall time after synchronising.
+    clock = time.perf_counter if device == "cuda" else time.process_time
 
     def sample():
         counted = bdia.CountingDenoiser(net)
@@ -157,14 +162,14 @@ def worker(spec: dict) -> dict:
 
     def forward_backward(hooks=None):
         x = (noise * sigmas[0]).requires_grad_(True)
-        started = time.perf_counter()
+        started = clock()
         with hooks or contextlib.nullcontext():
             out = bdia.sample_with_grad(net, x, sigmas, solver=solver, gamma=gamma, backprop=spec["backprop"])
         _sync(device)
-        forward_s = time.perf_counter() - started
+        forward_s = clock() - started
         (weights * out).sum().backward()
         _sync(device)
-        return forward_s, time.perf_counter() - started, x.grad
+        return forward_s, clock() - started, x.grad
 
     # Warm-up: every code path of the run (lazy imports, autograd, checkpointing) on the tiny network, and the real
     # network's forward kernels without autograd (one image, two steps). No graph of the real network is built
@@ -189,10 +194,10 @@ def worker(spec: dict) -> dict:
 
     def timed_sample():
         _sync(device)
-        started = time.perf_counter()
+        started = clock()
         calls = sample()
         _sync(device)
-        return calls, time.perf_counter() - started
+        return calls, clock() - started
 
     # 1. Memory, on the first full-size run (nothing of its size allocated before in this process). With
     #    repeats = 0 its time is the one reported, against a sampling run just before it.
@@ -294,7 +299,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         f"Memory: **{result['memory_measure']}**; \"saved\" = bytes autograd keeps for the backward pass during "
         "the forward pass (each storage once; checkpoint's own stored step inputs are hidden from these hooks: n/a). "
-        "Times: \"sampling\" = `bdia.sample` without autograd in the same process; ratios divide by it.",
+        f"Times: {result['time_measure']}; \"sampling\" = `bdia.sample` without autograd in the same process; "
+        "ratios divide by it.",
         "",
     ]
     for network in result["networks"]:
@@ -361,7 +367,7 @@ def write_plot(path: Path, result: dict) -> None:
                               label=method)
         axes[0][col].set_title(NETWORKS[network][0].split(" (")[0] + f" ({NETWORKS[network][1]})", fontsize=10)
         axes[0][col].set_ylabel(f"peak memory above baseline (MiB)\n[{result['memory_measure_short']}]")
-        axes[1][col].set_ylabel("forward + backward time / sampling time")
+        axes[1][col].set_ylabel(f"forward + backward / sampling\n[{'wall' if result['device'] == 'cuda' else 'CPU'} time]")
         axes[1][col].set_xlabel("number of steps N")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log")
@@ -386,7 +392,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--max-autograd-gib", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=1, help="digits: timed runs per row after the memory run "
+    parser.add_argument("--repeats", type=int, default=3, help="digits: timed runs per row after the memory run "
                         "(median); 0: time the memory run")
     parser.add_argument("--ddpmpp-repeats", type=int, default=0, help="the same for DDPM++ (a run takes minutes)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
@@ -432,6 +438,7 @@ def main(argv=None) -> None:
         command=COMMAND, device=device, networks=list(plan), batch={n: b for n, (_, b, _) in plan.items()},
         repeats={n: r for n, (_, _, r) in plan.items()},
         memory_measure=measure, memory_measure_short="CUDA allocator" if device == "cuda" else "CPU peak RSS",
+        time_measure="wall time (CUDA synchronised)" if device == "cuda" else "CPU time of the process (time.process_time)",
         machine=dict(platform=platform.platform(), torch=torch.__version__, torch_threads=args.threads,
                      cpu_count=os.cpu_count(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS")),
         rows=rows, accuracy=accuracy, accuracy_batch=accuracy_batch,

@@ -50,7 +50,7 @@ def test_report_tables_plot_and_flatness(bench, tmp_path):
                            total_s=3.1)
             rows.append(row)
     result = dict(rows=rows, networks=["digits"], batch={"digits": 16}, repeats={"digits": 1}, device="cpu",
-                  memory_measure="peak RSS", memory_measure_short="CPU peak RSS",
+                  memory_measure="peak RSS", memory_measure_short="CPU peak RSS", time_measure="CPU time",
                   machine=dict(platform="test", torch="x", torch_threads=1), accuracy=[
                       dict(dtype="float64", gamma=0.5, num_steps=18, gradient_error=1e-15, recovery_error=1e-14,
                            predicted_error=1e-11, warned=False)],
