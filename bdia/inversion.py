@@ -658,11 +658,12 @@ class Inverted(NamedTuple):
 
 class EditSetup(NamedTuple):
     """What every method shares: the counted unguided denoiser, its guided version at ``guidance_scale``, and
-    the unconditional embedding."""
+    the unconditional embedding (SD: a tensor; SD3: the empty prompt's conditioning dict; FLUX: ``None``, its guidance
+    is an input of the network and ``cfg`` is ``counted`` itself)."""
 
     counted: "RowCountingDenoiser"
     cfg: object
-    uncond_embeds: torch.Tensor
+    uncond_embeds: Any
     guidance_scale: float
 
 

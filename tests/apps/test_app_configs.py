@@ -234,6 +234,8 @@ def test_wandb_logger_config_runs_disabled_without_network(tmp_path, monkeypatch
 # Each app's --help: only the groups and options of its own config search path.
 
 #: What ``scripts/<app>.py --help`` lists under "Configuration groups" (group -> options).
+#: The flow-matching model configs (configs/flow/model/), on the text2image and edit search paths.
+FLOW_MODELS = ["flux-dev", "flux-schnell", "sd3-medium", "sd3.5-large", "sd3.5-medium", "tiny-flux", "tiny-sd3"]
 HELP_GROUPS = {
     "sample": {
         "dataset": ["afhqv2", "cifar10", "digits", "ffhq", "gmm", "imagenet64"],
@@ -250,13 +252,13 @@ HELP_GROUPS = {
         "launcher": ["local", "slurm", "torchrun"],
         "logger": ["none", "wandb"],
         "metrics": ["clip", "fid", "fid_edm", "none", "reconstruction"],
-        "model": ["sd14", "sd15", "sd21_base", "tiny-sd"],
+        "model": sorted(["sd14", "sd15", "sd21_base", "tiny-sd", *FLOW_MODELS]),
         "solver": ["bdia_ddim", "ddim"],
     },
     "edit": {
         "launcher": ["local", "slurm", "torchrun"],
         "logger": ["none", "wandb"],
-        "model": ["sd14", "sd15", "sd21_base", "tiny-sd"],
+        "model": sorted(["sd14", "sd15", "sd21_base", "tiny-sd", *FLOW_MODELS]),
     },
     "evaluate": {
         "logger": ["none", "wandb"],
@@ -313,6 +315,7 @@ def test_preflight_lists_the_options_of_the_apps_own_search_path():
         "unknown solver 'edm' (solver=edm); choose one of: bdia_ddim, ddim")
     assert preflight(["model=edm-cifar10-32x32-cond-vp"], config_name="text2image") == (
         "unknown model 'edm-cifar10-32x32-cond-vp' (model=edm-cifar10-32x32-cond-vp); "
-        "choose one of: sd14, sd15, sd21_base, tiny-sd")
+        "choose one of: flux-dev, flux-schnell, sd14, sd15, sd21_base, sd3-medium, sd3.5-large, sd3.5-medium, "
+        "tiny-flux, tiny-sd, tiny-sd3")
     assert preflight(["-m", "solver=ddim,bdia_ddim", "solver.num_steps=10,20"], config_name="text2image") is None
     assert preflight(["metrics=digits"], config_name="text2image").startswith("unknown metrics 'digits'")
