@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..distributed import current, is_main_process
-from ..runfolder import MARKER_FILE, MAX_JSON_BYTES, RunFolder, jsonable, open_finished_run
+from ..distributed import current, gather, is_main_process
+from ..runfolder import MARKER_FILE, MAX_JSON_BYTES, RunFolder, RunFolderError, jsonable, open_finished_run
 from .images import open_images
 
 __all__ = ["find_runs", "evaluate_run", "evaluate_runs", "merge_metrics_json", "flatten_numbers"]
@@ -127,12 +127,25 @@ def flatten_numbers(results: Mapping[str, Any], prefix: str = EVALUATION_KEY) ->
 
 def evaluate_run(run_dir, metrics: Mapping[str, Any], write: bool = True) -> dict:
     """Compute every metric on one run folder's images; merge into its ``metrics.json`` (rank 0) if ``write``,
-    holding the run folder's lock from reading the images to writing (module notes)."""
+    holding the run folder's lock from reading the images to writing (module notes). Under torchrun rank 0
+    takes the lock first and every rank learns whether it could (a refusal is raised on every rank, so no rank
+    waits in a collective for one that stopped)."""
     run_dir = Path(run_dir)
-    holding = write and current().is_main
-    with (open_finished_run(run_dir) if holding else contextlib.nullcontext()) as run:
-        if holding:
-            _read_metrics(run)  # a metrics.json that cannot be merged into is refused before any computing
+    ctx = current()
+    with contextlib.ExitStack() as stack:
+        run, error = None, None
+        if write and ctx.is_main:
+            try:
+                run = stack.enter_context(open_finished_run(run_dir))
+                _read_metrics(run)  # a metrics.json that cannot be merged into is refused before any computing
+            except ValueError as e:  # RunFolderError too
+                error = e
+        if write and ctx.enabled:
+            shared = gather(ctx, None if error is None else (type(error).__name__, str(error)))[0]
+            if shared is not None and error is None:
+                error = RunFolderError(shared[1]) if shared[0] == "RunFolderError" else ValueError(shared[1])
+        if error is not None:
+            raise error
         source = open_images(run_dir)
         results = {}
         for name, metric in metrics.items():
@@ -140,7 +153,7 @@ def evaluate_run(run_dir, metrics: Mapping[str, Any], write: bool = True) -> dic
             values = dict(metric(source, run_dir=run_dir))
             values["seconds"] = round(time.perf_counter() - started, 3)
             results[name] = values
-        if holding:
+        if run is not None:
             merge_metrics_json(run, results)
     return results
 

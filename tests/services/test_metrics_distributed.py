@@ -23,6 +23,8 @@ def _make_run(folder: Path, count: int = 151) -> Path:
     folder.mkdir(parents=True)
     np.savez(folder / "images.npz", images=images[:count], seeds=np.arange(count, dtype=np.int64))
     (folder / "metrics.json").write_text(json.dumps({"solver": "test", "num_images": count}))
+    # a finished run's marker (bdia.runfolder): evaluate writes metrics.json only into finished bdia run folders
+    (folder / ".bdia-run.json").write_text(json.dumps({"app": "sample", "format": 2, "state": "complete"}))
     return folder
 
 
