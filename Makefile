@@ -18,7 +18,7 @@ RESULTS := $(if $(filter 1,$(REGENERATE)),results,results/local)
 
 .PHONY: help venv test test-numerics test-all sample sample-torchrun sample-demo accuracy study bench clean tables summarize \
 	reproduce-table1 reproduce-table1-mini reproduce-table2 reproduce-table2-mini reproduce-table3 reproduce-table3-mini \
-	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow reproduce-flow-mini demo test-browser optimize
+	tiny-sd edit-demo editing-cost flow-accuracy tiny-flow reproduce-flow-mini demo test-browser optimize samplers
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ accuracy: $(STAMP)  ## solver error vs NFE on the Gaussian-mixture problem -> re
 
 study: $(STAMP)  ## which BDIA-EDM? every bdia_edm formulation vs EDM -> results/local/solver_study.{md,csv,png} (REGENERATE=1: results/)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/solver_study.py --out-dir $(RESULTS) $(ARGS)
+
+samplers: $(STAMP)  ## which sampler? BDIA, Rex, DPM-Solver++, UniPC, iPNDM, DDIM, EDM on 3 problems (~10 min) -> results/local/samplers.{md,csv,png} (REGENERATE=1: results/)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sampler_study.py --out-dir $(RESULTS) $(ARGS)
 
 bench: $(STAMP)  ## BDIA/base wall time, round-trip error vs gamma/N/dtype, editing cost, speed, gradients -> results/local/bench/ (REGENERATE=1: results/)
 	$(PY) benchmarks/bench_solvers.py --out-dir $(RESULTS)/bench

@@ -488,7 +488,7 @@ def run(num_seeds=256, sharp_seeds=500, nfe_targets=NFE_TARGETS, extra_nfe=EXTRA
                     check_seed=check_seed, quick=quick, seconds=time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "samplers.csv")
-    write_plot(rows, candidates, problems, out_dir / "samplers.png")
+    write_plot(rows, candidates, problems, out_dir / "samplers.png", chosen)
     write_markdown(rows, candidates, problems, ref_info, roundtrips, flip_results, chosen, verdict, settings,
                    out_dir / "samplers.md")
     return {"rows": rows, "roundtrips": roundtrips, "flips": flip_results, "chosen": chosen, "verdict": verdict,
@@ -516,7 +516,7 @@ def read_csv(path: Path) -> list[dict]:
         return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def write_plot(rows, candidates, problems, path: Path):
+def write_plot(rows, candidates, problems, path: Path, chosen=None):
     fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4.6), squeeze=False)
     colours = plt.get_cmap("tab20")
     for ax, problem in zip(axes[0], problems):
@@ -525,9 +525,11 @@ def write_plot(rows, candidates, problems, path: Path):
                     and math.isfinite(r["rms_error"])]
             if not data:
                 continue
+            mine = c.label == chosen
             ax.plot([r["nfe"] for r in data], [r["rms_error"] for r in data], "-" if c.invertible else "--",
-                    marker="o" if c.invertible else "s", markersize=3.5, color=colours(i % 20),
-                    linewidth=2.0 if c.invertible else 1.3, label=c.label + (" (invertible)" if c.invertible else ""))
+                    marker="o" if c.invertible else "s", markersize=3.5, color="black" if mine else colours(i % 20),
+                    linewidth=3.0 if mine else 2.0 if c.invertible else 1.3, zorder=5 if mine else 2,
+                    label=c.label + (" (invertible)" if c.invertible else "") + (", recommended" if mine else ""))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE (network evaluations, counted)")
@@ -536,7 +538,8 @@ def write_plot(rows, candidates, problems, path: Path):
     axes[0][0].set_ylabel("trajectory RMS error vs fine reference")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.suptitle("Which sampler? Error vs NFE; invertible solid, not invertible dashed (make samplers)")
+    fig.suptitle("Which sampler? Error vs NFE; invertible solid, not invertible dashed, the recommended invertible "
+                 "one black (make samplers)")
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -700,7 +703,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.plot_only:
         out = Path(args.out_dir)
-        write_plot(read_csv(out / "samplers.csv"), CANDIDATES, PROBLEMS, out / "samplers.png")
+        chosen = next((line.split("**Recommended invertible sampler: ")[1].split("**")[0]
+                       for line in (out / "samplers.md").read_text().splitlines()
+                       if line.startswith("**Recommended invertible sampler: ")), None)
+        write_plot(read_csv(out / "samplers.csv"), CANDIDATES, PROBLEMS, out / "samplers.png", chosen)
         return
     if args.quick:
         result = run(num_seeds=12, sharp_seeds=24, nfe_targets=(5, 9), extra_nfe=(), out_dir=args.out_dir,

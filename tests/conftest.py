@@ -18,6 +18,7 @@ NUMERICS_MODULES = {
     "test_metrics_digits.py", "test_metrics_distributed.py", "test_app_run.py", "test_editing.py", "test_train.py",
     "test_solver_study.py", "test_text2image.py", "test_metrics_editing.py", "test_demo.py", "test_invert_records.py",
     "test_reversible.py", "test_optimize.py", "test_flow.py", "test_flow_dropin.py", "test_flow_networks.py", "test_flow_editing.py", "test_flow_apps.py", "test_multistep.py", "test_rex.py", "test_sampler_study.py",
+    "test_obelm_ei.py",
     "test_bad_input_core.py",
 }
 
