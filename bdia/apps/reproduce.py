@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from ..imageio import parse_seeds
 from ..logger import WandbLogger
+from ..rex import rex_nfe
 from .cli import CONFIG_DIR, initialize_app, preflight
 from .tables import split_values, write_table
 
@@ -194,8 +195,10 @@ def planned_nfe(cfg) -> int | None:
     if solver is None or solver.get("num_steps") is None:
         return None
     steps = int(solver.num_steps)
-    if solver.name in ("ddim", "bdia_ddim"):
+    if solver.name in ("ddim", "bdia_ddim", "dpmpp_2m", "unipc", "ipndm"):
         return steps
+    if solver.name == "rex":  # 2 s (N - 1) + 1 for an s-stage tableau (bdia.rex)
+        return rex_nfe(steps, solver.get("tableau", "midpoint"))
     extra = steps - 1 if solver.get("backward") == "heun" else 0
     return 2 * steps - 1 + extra
 

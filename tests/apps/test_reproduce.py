@@ -181,18 +181,20 @@ def test_table2_mini_smoke_runs_end_to_end_and_writes_its_table(tmp_path):
     # The smoke cut keeps the first two values of every list (two gammas too); BDIA-EDM lines name their
     # coordinates and backward map (the default, and the old x-space form beside it).
     for line in ("| edm |", "| ddim |", "| bdia_edm γ=0.5 vp exp |", "| bdia_edm γ=0.5 x euler |",
-                 "| bdia_edm γ=1.0 x euler |", "| bdia_ddim γ=0.5 |", "| bdia_ddim γ=1.0 |"):
+                 "| bdia_edm γ=1.0 x euler |", "| bdia_ddim γ=0.5 |", "| bdia_ddim γ=1.0 |", "| dpmpp_2m |",
+                 "| rex euler |"):
         assert line in text, line
     assert "NFE 5 | NFE 9" in text
     assert "two disjoint real halves" in text
     with out.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
     fd_rows = [r for r in rows if r["metric"].startswith("FD") and r["column"]]
-    assert len(fd_rows) == 14  # 7 solver lines x 2 NFE values
+    assert len(fd_rows) == 18  # 9 solver lines x 2 NFE values
     assert all(int(r["num_images"]) == 16 and float(r["value"]) > 0 for r in fd_rows)
     assert out.with_suffix(".png").stat().st_size > 1000
     nfe = {(r["solver"], int(r["num_steps"])): int(r["column"]) for r in fd_rows}
     assert nfe[("edm", 3)] == 5 and nfe[("edm", 5)] == 9 and nfe[("ddim", 5)] == 5 and nfe[("bdia_edm", 3)] == 5
+    assert nfe[("rex", 3)] == 5 and nfe[("rex", 5)] == 9 and nfe[("dpmpp_2m", 9)] == 9
 
 
 def test_planned_nfe_matches_the_solvers_measured_counts():
@@ -205,10 +207,11 @@ def test_planned_nfe_matches_the_solvers_measured_counts():
     from bdia.apps.reproduce import planned_nfe
 
     means = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
-    for name, backward in (("ddim", None), ("bdia_ddim", None), ("edm", None), ("bdia_edm", "euler"), ("bdia_edm", "heun")):
+    for name, backward in (("ddim", None), ("bdia_ddim", None), ("edm", None), ("bdia_edm", "euler"), ("bdia_edm", "heun"),
+                           ("dpmpp_2m", None), ("unipc", None), ("ipndm", None), ("rex", None), ("rex", "rk4")):
         for steps in (3, 6):
             counting = CountingDenoiser(bdia.GaussianMixtureDenoiser(means, stds=[0.3, 0.3]))
-            kwargs = {} if backward is None else {"backward": backward}
+            kwargs = {} if backward is None else {"tableau" if name == "rex" else "backward": backward}
             gamma = 0.5 if name.startswith("bdia") else None
             bdia.sample(counting, torch.ones(1, 1, 2, 2) * 80, bdia.karras_sigmas(steps), solver=name, gamma=gamma, **kwargs)
             cfg = OmegaConf.create({"solver": {"name": name, "num_steps": steps, **kwargs}})
