@@ -21,7 +21,7 @@ measured run, so no memory freed by a warm-up can be reused unseen). Then:
    * CUDA (when ``--device cuda`` or a GPU is present): ``torch.cuda.max_memory_allocated`` above the allocation
      before the run;
    * both: the bytes autograd saves for the backward pass during the forward pass (``saved_tensors_hooks``; each
-     storage once) -- exact, independent of the allocator.
+     storage once; the network's own parameters left out) -- exact, independent of the allocator.
 2. **time**, on warm runs (``--repeats``, median): ``bdia.sample`` without autograd (the "sampling" time the ratios
    divide by), then ``bdia.sample_with_grad`` + ``backward``. On a CPU the times are the process's **CPU time**
    (``time.process_time``, all threads): on a shared machine other jobs inflate wall time, and so wall-time ratios,
@@ -29,8 +29,9 @@ measured run, so no memory freed by a warm-up can be reused unseen). Then:
    minutes) the memory run is timed, against a sampling run just before it (its first backward pass pays the
    network's backward kernels' set-up once).
 
-Plain autograd whose saved tensors would exceed ``--max-autograd-gib`` (estimated from one network call with grad
-times the number of calls) is not run; its row says what it would need.
+Plain autograd that would need more than ``--max-autograd-gib`` (extrapolated linearly in N from its measured row
+with fewer steps; for the first row, one network call's saved activations times images and calls) is not run; its
+row says what it would need.
 
 The accuracy table runs the embedded digits network (float32, as shipped) through bdia_edm at the app's setting
 (N = 18, 35 NFE) with float64 and float32 solver states and several gamma, comparing the reversible gradient with
@@ -123,12 +124,17 @@ class PeakMemory:
         return False
 
 
-def saved_bytes_hooks():
+def saved_bytes_hooks(net):
+    """Hooks counting the bytes of the tensors autograd saves (each storage once), leaving out the network's own
+    parameters and buffers (saved for the backward pass, but no new memory)."""
+    own = {(t.untyped_storage().data_ptr(), t.device.type) for t in [*net.parameters(), *net.buffers()]}
     storages = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        storages[(storage.data_ptr(), t.device.type)] = storage.nbytes()
+        key = (storage.data_ptr(), t.device.type)
+        if key not in own:
+            storages[key] = storage.nbytes()
         return t
 
     return storages, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -182,15 +188,18 @@ def worker(spec: dict) -> dict:
 
     nfe = None
     if spec["backprop"] == "autograd" and spec.get("max_autograd_bytes"):
-        storages, hooks = saved_bytes_hooks()
-        x = noise[:1].float().requires_grad_(True)
-        with hooks:
-            net(x, torch.tensor(1.0, device=device))
         nfe = 2 * spec["num_steps"] - 1 if solver == "bdia_edm" else spec["num_steps"]
-        need = sum(storages.values()) * spec["batch"] * nfe
+        need = spec.get("estimated_bytes")  # extrapolated from a measured row with fewer steps, when there is one
+        if need is None:  # else: one network call's saved activations on one image, times images and calls
+            storages, hooks = saved_bytes_hooks(net)
+            x = noise[:1].float().requires_grad_(True)
+            with hooks:
+                net(x, torch.tensor(1.0, device=device))
+            need = sum(storages.values()) * spec["batch"] * nfe
         if need > spec["max_autograd_bytes"]:
-            return dict(spec, nfe=nfe, skipped=f"saved tensors would need ~{need / 2**30:.1f} GiB "
-                        f"(> --max-autograd-gib {spec['max_autograd_bytes'] / 2**30:g})")
+            how = "extrapolated from the row with fewer steps" if spec.get("estimated_bytes") else "estimated"
+            return dict(spec, nfe=nfe, skipped=f"would need ~{need / 2**30:.1f} GiB ({how}; > --max-autograd-gib "
+                        f"{spec['max_autograd_bytes'] / 2**30:g})")
 
     def timed_sample():
         _sync(device)
@@ -200,12 +209,12 @@ def worker(spec: dict) -> dict:
         return calls, clock() - started
 
     # 1. Memory, on the first full-size run (nothing of its size allocated before in this process). With
-    #    repeats = 0 its time is the one reported, against a sampling run just before it.
-    if spec["repeats"] == 0:
-        nfe, sample_s = timed_sample()
-    storages, hooks = saved_bytes_hooks()
+    #    repeats = 0 its time is the one reported, against a sampling run just after it.
+    storages, hooks = saved_bytes_hooks(net)
     with PeakMemory(device) as memory:
         forward_s, total_s, grad = forward_backward(hooks)
+    if spec["repeats"] == 0:
+        nfe, sample_s = timed_sample()
     # 2. Time, on warm runs: sampling without autograd, then forward + backward, `repeats` times (median ratio).
     timings = []
     for _ in range(spec["repeats"]):
@@ -216,6 +225,17 @@ def worker(spec: dict) -> dict:
         _, sample_s, forward_s, total_s = sorted(timings)[len(timings) // 2]
     return dict(spec, nfe=nfe, sample_s=sample_s, forward_s=forward_s, backward_s=total_s - forward_s, total_s=total_s,
                 peak_bytes=memory.peak, saved_bytes=sum(storages.values()), grad_norm=float(grad.norm()))
+
+
+def _extrapolated(rows, network, method, num_steps) -> int | None:
+    """Peak memory of ``method`` at ``num_steps``, extrapolated linearly in N from its measured row with the most
+    steps below it (plain autograd's memory grows with the number of network calls); ``None`` without one."""
+    done = [r for r in rows if r["network"] == network and r["backprop"] == method and "peak_bytes" in r
+            and r["num_steps"] < num_steps]
+    if not done:
+        return None
+    last = max(done, key=lambda r: r["num_steps"])
+    return int(last["peak_bytes"] * num_steps / last["num_steps"])
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
@@ -298,7 +318,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "frozen). Every row is a fresh process.",
         "",
         f"Memory: **{result['memory_measure']}**; \"saved\" = bytes autograd keeps for the backward pass during "
-        "the forward pass (each storage once; checkpoint's own stored step inputs are hidden from these hooks: n/a). "
+        "the forward pass (each storage once, the network's own weights left out; checkpoint's own stored step inputs "
+        "are hidden from these hooks: n/a). "
         f"Times: {result['time_measure']}; \"sampling\" = `bdia.sample` without autograd in the same process; "
         "ratios divide by it.",
         "",
@@ -391,7 +412,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ddpmpp-batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--max-autograd-gib", type=float, default=4.0)
+    parser.add_argument("--max-autograd-gib", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=3, help="digits: timed runs per row after the memory run "
                         "(median); 0: time the memory run")
     parser.add_argument("--ddpmpp-repeats", type=int, default=0, help="the same for DDPM++ (a run takes minutes)")
@@ -421,7 +442,7 @@ def main(argv=None) -> None:
             for method in METHODS:
                 spec = dict(network=network, backprop=method, num_steps=num_steps, batch=batch, threads=args.threads,
                             device=device, max_autograd_bytes=int(args.max_autograd_gib * 2**30),
-                            repeats=repeats)
+                            repeats=repeats, estimated_bytes=_extrapolated(rows, network, method, num_steps))
                 row = run_worker(spec, args.timeout)
                 rows.append(row)
                 shown = row.get("error") or row.get("skipped") or (
