@@ -245,7 +245,7 @@ HELP_GROUPS = {
         "logger": ["none", "wandb"],
         "metrics": ["digits", "fid", "fid_edm", "inversion", "none", "reconstruction"],
         "model": sorted([*CHECKPOINTS, "digits", "gmm-digits"]),
-        "solver": ["bdia_ddim", "bdia_edm", "ddim", "edm"],
+        "solver": ["bdia_ddim", "bdia_edm", "ddim", "dpmpp_2m", "edm", "ipndm", "rex", "unipc"],
     },
     "text2image": {
         "experiment": ["table1_sd", "table1_tiny"],
