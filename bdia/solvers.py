@@ -467,9 +467,10 @@ def sample(
     (``latents * sigmas[0]``) or, for BDIA solvers, a :class:`StatePair` from :func:`invert`.
     ``gamma``: BDIA weight (scalar, per-step list, ``"obelm"`` or ``"lte"``); default :data:`DEFAULT_GAMMA` (bdia_ddim 1,
     bdia_edm its measured default, 0.5); must be left
-    unset for ``ddim`` / ``edm``. ``dtype``: the solver state's dtype (float64 by default; ``None`` keeps
-    the input's). Extra keywords go to the solver (``backward``, ``space``, ``sigma_data`` for ``bdia_edm``; ``s_churn`` ...
-    for ``edm``).
+    unset for the solvers without one (``ddim``, ``edm``, ``dpmpp_2m``, ``unipc``, ``ipndm``, ``rex``). ``dtype``: the
+    solver state's dtype (float64 by default; ``None`` keeps the input's). Extra keywords go to the solver
+    (``backward``, ``space``, ``sigma_data`` for ``bdia_edm``; ``s_churn`` ... for ``edm``; ``order``, ``variant`` for
+    ``unipc``; ``max_order`` for ``ipndm``; ``tableau``, ``zeta`` for ``rex``, whose pair is ``(x_N, x_hat_{N-1})``).
 
     Returns the final state, or with ``return_pair=True`` the :class:`StatePair` ``(x_N, x_{N-1})``.
     Runs without autograd (the per-solver functions such as :func:`bdia_edm` do not disable it).
