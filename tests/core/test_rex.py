@@ -136,6 +136,7 @@ def weight_at(sigma):
     return sigma / math.sqrt(1 + sigma**2)
 
 
+@pytest.mark.filterwarnings("ignore:sigmas end at")  # a one-step grid ending at high noise, on purpose
 def test_the_first_euler_step_is_ddim():
     """Both halves start at the noise, so Rex-Euler's first step is the exponential Euler step: DDIM."""
     den, noise = gmm_problem(5)
@@ -193,6 +194,16 @@ def test_nfe(tableau, stages):
         counted.reset()
         bdia.invert(counted, pair, bdia.karras_sigmas(n), solver="rex", tableau=tableau)
         assert counted.nfe == rex_nfe(n, tableau)
+
+
+def test_float32_inversion_warns_and_is_far_from_exact():
+    den, noise = gmm_problem(7)
+    sigmas = bdia.karras_sigmas(12)
+    pair = bdia.sample(den, noise * 80, sigmas, solver="rex", tableau="euler", return_pair=True, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="float32"):
+        start = bdia.invert(den, pair, sigmas, solver="rex", tableau="euler", dtype=torch.float32)
+    relative = ((start.x_end.double() - noise * 80).abs().max() / (noise * 80).abs().max()).item()
+    assert relative > 1e-6  # characterisation: far above float32's own round-off (1e-7)
 
 
 def test_bad_options():
