@@ -10,9 +10,8 @@ nothing. The loss is ``sum(w * x_N)`` with fixed random ``w``; gradients w.r.t. 
 networks' weights do not require grad, as in noise optimisation).
 
 Every (network, backprop, N) runs in a fresh Python process, so one run's freed memory cannot hide the next one's.
-That process builds the network, draws the noise and warms up (the run's code paths on a tiny network, and the
-network's forward pass without autograd on one image and two steps: no graph of the network is built before the
-measured run, so no memory freed by a warm-up can be reused unseen). Then:
+That process builds the network, draws the noise and warms up the run's code paths on a tiny network (the measured
+network runs first in the measured run, so no memory it freed earlier can be reused unseen). Then:
 
 1. **memory**, on the first full-size run of ``bdia.sample_with_grad`` + ``backward``:
    * CPU: **peak resident set size (VmHWM) above the baseline** (VmRSS just before the run; the peak is reset there
@@ -26,8 +25,8 @@ measured run, so no memory freed by a warm-up can be reused unseen). Then:
    divide by), then ``bdia.sample_with_grad`` + ``backward``. On a CPU the times are the process's **CPU time**
    (``time.process_time``, all threads): on a shared machine other jobs inflate wall time, and so wall-time ratios,
    by whatever share of the cores they take meanwhile; on CUDA, wall time after synchronising. With 0 repeats (DDPM++'s default: a run takes
-   minutes) the memory run is timed, against a sampling run just before it (its first backward pass pays the
-   network's backward kernels' set-up once).
+   minutes) the memory run is timed, against a sampling run just after it (the memory run pays the network's
+   kernels' set-up once).
 
 Plain autograd that would need more than ``--max-autograd-gib`` (extrapolated linearly in N from its measured row
 with fewer steps; for the first row, one network call's saved activations times images and calls) is not run; its
@@ -177,14 +176,12 @@ def worker(spec: dict) -> dict:
         _sync(device)
         return forward_s, clock() - started, x.grad
 
-    # Warm-up: every code path of the run (lazy imports, autograd, checkpointing) on the tiny network, and the real
-    # network's forward kernels without autograd (one image, two steps). No graph of the real network is built
-    # before the measured run, so no memory it would reuse unseen is left in the allocator.
+    # Warm-up: every code path of the run (lazy imports, autograd, checkpointing) on the tiny network. The measured
+    # network itself runs first in the measured run, so nothing it allocates (and frees for reuse) precedes it.
     tiny = build_network("tiny", device)
     warm_sigmas = bdia.karras_sigmas(2)
     warm = torch.randn(1, 1, 8, 8, dtype=torch.float64, device=device).mul(warm_sigmas[0]).requires_grad_(True)
     bdia.sample_with_grad(tiny, warm, warm_sigmas, solver=solver, gamma=gamma, backprop=spec["backprop"]).sum().backward()
-    bdia.sample(net, noise[:1] * warm_sigmas[0], warm_sigmas, solver=solver, gamma=gamma)
 
     nfe = None
     if spec["backprop"] == "autograd" and spec.get("max_autograd_bytes"):
