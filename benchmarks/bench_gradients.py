@@ -14,9 +14,12 @@ That process builds the network, draws the noise and warms up the run's code pat
 network runs first in the measured run, so no memory it freed earlier can be reused unseen). Then:
 
 1. **memory**, on the first full-size run of ``bdia.sample_with_grad`` + ``backward``:
-   * CPU: **peak resident set size (VmHWM) above the baseline** (VmRSS just before the run; the peak is reset there
-     by writing 5 to /proc/self/clear_refs; Linux only). It includes everything the run allocates: autograd's
-     saved tensors, one step's recomputed graph, the gradients;
+   * CPU: **peak bytes allocated through malloc above those allocated before the run** (glibc's ``mallinfo2``,
+     ``uordblks + hblkhd``: allocated memory, not memory the allocator keeps for reuse), sampled after every call
+     of the network (when a step's graph is complete) and at the end; it includes autograd's saved tensors, one
+     step's recomputed graph, the gradients. Also the peak resident set size above the baseline (VmHWM - VmRSS, the
+     peak reset by writing 5 to /proc/self/clear_refs; Linux only), which freed memory the allocator keeps (from
+     building the network, say) can hide: shown, not used for the conclusions;
    * CUDA (when ``--device cuda`` or a GPU is present): ``torch.cuda.max_memory_allocated`` above the allocation
      before the run;
    * both: the bytes autograd saves for the backward pass during the forward pass (``saved_tensors_hooks``; each
@@ -24,8 +27,8 @@ network runs first in the measured run, so no memory it freed earlier can be reu
 2. **time**, on warm runs (``--repeats``, median): ``bdia.sample`` without autograd (the "sampling" time the ratios
    divide by), then ``bdia.sample_with_grad`` + ``backward``. On a CPU the times are the process's **CPU time**
    (``time.process_time``, all threads): on a shared machine other jobs inflate wall time, and so wall-time ratios,
-   by whatever share of the cores they take meanwhile; on CUDA, wall time after synchronising. With 0 repeats (DDPM++'s default: a run takes
-   minutes) the memory run is timed, against a sampling run just after it (the memory run pays the network's
+   by whatever share of the cores they take meanwhile; on CUDA, wall time after synchronising. With 0 repeats
+   (DDPM++'s default: a run takes minutes) the memory run is timed, against a sampling run just after it (the memory run pays the network's
    kernels' set-up once).
 
 Plain autograd that would need more than ``--max-autograd-gib`` (extrapolated linearly in N from its measured row
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -98,28 +102,55 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-class PeakMemory:
-    """Peak memory of a block above what was in use when it started (CPU: VmHWM - VmRSS; CUDA: the allocator)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    def __init__(self, device: str):
-        self.device = device
+
+def _malloc_in_use():
+    """Bytes malloc has handed out and not taken back (glibc ``mallinfo2``: ``uordblks`` + ``hblkhd``): what is
+    allocated, not what the process keeps for reuse (main arena: run with one thread)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started.
+
+    CPU: bytes allocated through malloc (:func:`_malloc_in_use`), sampled after every call of the network (a forward
+    hook: the moment a step's graph is complete) and at the end; and peak resident set size (VmHWM - VmRSS), which
+    freed memory the allocator keeps for reuse can hide. CUDA: ``torch.cuda.max_memory_allocated``."""
+
+    def __init__(self, device: str, net):
+        self.device, self.net = device, net
 
     def __enter__(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-            self.base = _status_kib("VmRSS") * 1024
+            return self
+        self.in_use = _malloc_in_use()
+        self.base, self.top = self.in_use(), 0
+        self.hook = self.net.register_forward_hook(lambda *args: self._sample())
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        self.rss_base = _status_kib("VmRSS") * 1024
         return self
+
+    def _sample(self):
+        self.top = max(self.top, self.in_use())
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.peak = _status_kib("VmHWM") * 1024 - self.base
+            self.rss_peak = None
+            return False
+        self._sample()
+        self.hook.remove()
+        self.peak = self.top - self.base
+        self.rss_peak = _status_kib("VmHWM") * 1024 - self.rss_base
         return False
 
 
@@ -208,7 +239,7 @@ def worker(spec: dict) -> dict:
     # 1. Memory, on the first full-size run (nothing of its size allocated before in this process). With
     #    repeats = 0 its time is the one reported, against a sampling run just after it.
     storages, hooks = saved_bytes_hooks(net)
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, net) as memory:
         forward_s, total_s, grad = forward_backward(hooks)
     if spec["repeats"] == 0:
         nfe, sample_s = timed_sample()
@@ -221,7 +252,8 @@ def worker(spec: dict) -> dict:
     if timings:
         _, sample_s, forward_s, total_s = sorted(timings)[len(timings) // 2]
     return dict(spec, nfe=nfe, sample_s=sample_s, forward_s=forward_s, backward_s=total_s - forward_s, total_s=total_s,
-                peak_bytes=memory.peak, saved_bytes=sum(storages.values()), grad_norm=float(grad.norm()))
+                peak_bytes=memory.peak, rss_peak_bytes=memory.rss_peak, saved_bytes=sum(storages.values()),
+                grad_norm=float(grad.norm()))
 
 
 def _extrapolated(rows, network, method, num_steps) -> int | None:
@@ -327,18 +359,19 @@ def write_markdown(path: Path, result: dict) -> None:
         repeats = result["repeats"][network]
         timing = f"times: median of {repeats} warm run(s)" if repeats else "times: the memory run's"
         lines += [f"## {what}", "", f"{solver}, gamma {gamma}, batch {batch}, float64 states, float32 network; {timing}.", "",
-                  "| backprop | N | NFE | peak memory (MiB) | saved (KiB) | sampling (s) | forward (s) | backward (s) | "
-                  "total / sampling | backward / sampling |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| backprop | N | NFE | peak memory (MiB) | RSS (MiB) | saved (KiB) | sampling (s) | forward (s) | "
+                  "backward (s) | total / sampling | backward / sampling |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if r["network"] != network:
                 continue
             head = f"| {r['backprop']} | {r['num_steps']} | {r.get('nfe', '—')} |"
             if "error" in r or "skipped" in r:
-                lines.append(f"{head} not run: {r.get('error') or r.get('skipped')} | | | | | | |")
+                lines.append(f"{head} not run: {r.get('error') or r.get('skipped')} | | | | | | | |")
                 continue
             lines.append(
-                f"{head} {fmt_bytes(r['peak_bytes'])} | {fmt_saved(r)} | {r['sample_s']:.2f} | "
+                f"{head} {fmt_bytes(r['peak_bytes'])} | {fmt_bytes(r.get('rss_peak_bytes'))} | {fmt_saved(r)} | "
+                f"{r['sample_s']:.2f} | "
                 f"{r['forward_s']:.2f} | {r['backward_s']:.2f} | {r['total_s'] / r['sample_s']:.2f} | "
                 f"{r['backward_s'] / r['sample_s']:.2f} |")
         growth = {m: flatness(rows, network, m) for m in METHODS}
@@ -451,11 +484,13 @@ def main(argv=None) -> None:
     accuracy_batch = 2 if args.tiny else 4
     accuracy = accuracy_rows(args.threads, 4 if args.tiny else args.accuracy_steps, gammas, accuracy_batch, args.tiny)
     measure = ("CUDA max_memory_allocated above the allocation before the run" if device == "cuda" else
-               "peak resident set size (VmHWM) above VmRSS just before the run, fresh process per row")
+               "peak bytes allocated through malloc (glibc mallinfo2, sampled after every network call and at the "
+               "end) above those allocated before the run, fresh process per row; \"RSS\" = peak resident set size "
+               "above VmRSS before the run, which freed memory kept by the allocator can hide")
     result = dict(
         command=COMMAND, device=device, networks=list(plan), batch={n: b for n, (_, b, _) in plan.items()},
         repeats={n: r for n, (_, _, r) in plan.items()},
-        memory_measure=measure, memory_measure_short="CUDA allocator" if device == "cuda" else "CPU peak RSS",
+        memory_measure=measure, memory_measure_short="CUDA allocator" if device == "cuda" else "CPU, malloc",
         time_measure="wall time (CUDA synchronised)" if device == "cuda" else "CPU time of the process (time.process_time)",
         machine=dict(platform=platform.platform(), torch=torch.__version__, torch_threads=args.threads,
                      cpu_count=os.cpu_count(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS")),

@@ -60,7 +60,7 @@ def test_report_tables_plot_and_flatness(bench, tmp_path):
     bench.write_markdown(tmp_path / "g.md", result)
     text = (tmp_path / "g.md").read_text()
     assert "| autograd | 100 | 199 | not run: would need ~9.0 GiB" in text
-    assert "| reversible | 10 | 19 | 100.0 | 1,024 | 1.00 | 1.10 | 2.00 | 3.10 | 2.00 |" in text
+    assert "| reversible | 10 | 19 | 100.0 | — | 1,024 | 1.00 | 1.10 | 2.00 | 3.10 | 2.00 |" in text
     assert "reversible +4 %, checkpoint +150 %" in text
     bench.write_plot(tmp_path / "g.png", result)
     assert (tmp_path / "g.png").stat().st_size > 10_000
