@@ -119,6 +119,18 @@ def test_script_mistakes_end_in_one_line(tmp_path, monkeypatch, args, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_script_refuses_a_foreign_out_dir_and_a_missing_model_in_one_line(tmp_path, monkeypatch):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    code = cli(monkeypatch, tmp_path, f"out_dir={foreign}", script=SCRIPT)
+    assert code.startswith("error: ") and "not a bdia run folder" in code and "\n" not in code
+    assert [p.name for p in foreign.iterdir()] == ["mine.txt"] and (foreign / "mine.txt").read_text() == "keep me"
+    code = cli(monkeypatch, tmp_path, f"model_path={tmp_path / 'missing.safetensors'}", f"out_dir={tmp_path / 'r'}",
+               script=SCRIPT)
+    assert code.startswith("error: model_path=") and "no such file" in code and not (tmp_path / "r").exists()
+
+
 def test_script_runs_and_prints_a_summary(tmp_path, monkeypatch, capsys):
     code = cli(monkeypatch, tmp_path, "seeds=0-1", "num_steps=3", "iterations=1", "threads=1", "progress=false",
                f"out_dir={tmp_path / 'run'}", script=SCRIPT)
