@@ -38,7 +38,6 @@ keeps more pairs, which bounds the drift of long, small-gamma or float32 runs).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Mapping, Sequence
 

@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import ctypes
 import json
-import math
 import os
 import platform
 import subprocess

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from app_helpers import REPO, cli
-from bdia.apps.optimize import classifier_loss, gaussian_prior, optimize_clip_score, optimize_noise, optimize_run
+from bdia.apps.optimize import classifier_loss, gaussian_prior, optimize_clip_score, optimize_run
 
 SCRIPT = REPO / "scripts" / "optimize.py"
 SMALL = dict(seeds="0-3", num_steps=4, iterations=2, progress=False)
