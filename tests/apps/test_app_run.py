@@ -206,7 +206,7 @@ def test_saved_states_hold_the_bdia_pair_that_inverts_the_run(tmp_path):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["solver=foo"], "error: unknown solver 'foo' (solver=foo); choose one of: bdia_ddim, bdia_edm, ddim, edm"),
+        (["solver=foo"], "error: unknown solver 'foo' (solver=foo); choose one of: bdia_ddim, bdia_edm, ddim, dpmpp_2m, edm, ipndm, rex, unipc"),
         (["dataset=mnist"], "error: unknown dataset 'mnist' (dataset=mnist); choose one of: afhqv2, cifar10, digits"),
         (["model=edm-cifar11"], "error: unknown model 'edm-cifar11' (model=edm-cifar11); choose one of: baseline-"),
         (["-m", "solver=edm,dpm"], "error: unknown solver 'dpm'"),
