@@ -354,7 +354,8 @@ def null_text_invert(
 
     1. Pivot: DDIM inversion at guidance 1 (the plain conditional denoiser), ``z*_0 ... z*_N`` (N calls).
     2. From ``zbar = z*_0`` and ``e = uncond_embeds``, for each step ``k`` (sigma_k -> sigma_{k+1}): optimise ``e``
-       with Adam (learning rate ``lr * (1 - lr_decay * k)``) to minimise ``mse(DDIM_z(zbar, eps_w(zbar; e)), z*_{k+1})``
+       with Adam (learning rate ``lr * max(1 - lr_decay * k, lr_decay)``: the authors' decay, floored so that grids of
+       more than ``1 / lr_decay`` steps keep a positive rate) to minimise ``mse(DDIM_z(zbar, eps_w(zbar; e)), z*_{k+1})``
        with ``eps_w = eps_u(e) + w (eps_c - eps_u(e))``, at most ``num_inner_steps`` iterations, stopping once the
        loss (in VP latents) falls below ``early_stop + early_stop_growth * k``; keep ``e_k``; advance ``zbar`` with
        the guided step using ``e_k``; start step k+1 from ``e_k``.
@@ -375,7 +376,7 @@ def null_text_invert(
     for k in range(N):
         s_from, s_to = levels[k], levels[k + 1]
         e = e.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([e], lr=lr * (1.0 - lr_decay * k))
+        optimizer = torch.optim.Adam([e], lr=lr * max(1.0 - lr_decay * k, lr_decay))
         with torch.no_grad():
             eps_c = vp_eps(base, z, s_from, cond)
         used, loss_value = 0, float("nan")

@@ -313,3 +313,26 @@ def test_registry_options_are_one_dataclass_per_method_and_mistakes_are_refused(
     by_options = run("bdia", setup64, options=BDIAOptions(gamma=0.94))
     assert torch.equal(by_keywords.reconstruction, by_options.reconstruction)
     assert by_options.settings["gamma"] == 0.94
+
+
+def test_null_text_learning_rate_stays_positive_on_long_grids(monkeypatch):
+    """The authors' decay ``lr (1 - 0.01 k)`` would reach 0 at step 100 and go negative after it (Adam refuses a
+    negative rate); the floor keeps every step's rate at least ``lr * lr_decay``."""
+    rates = []
+    adam = torch.optim.Adam
+
+    def recording_adam(params, lr):
+        rates.append(lr)
+        return adam(params, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", recording_adam)
+
+    def base(x, sigma, class_labels=None, encoder_hidden_states=None):  # a smooth toy denoiser of x and e
+        return 0.5 * x + encoder_hidden_states.mean() * torch.ones_like(x)
+
+    alphas_cumprod = bdia.make_alphas_cumprod("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sigmas = bdia.vp_sigmas(alphas_cumprod, 120, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    embeds = torch.zeros(1, 3, 4, dtype=torch.float64)
+    null_text_invert(base, x, sigmas, embeds + 1, embeds, guidance_scale=3.0, num_inner_steps=1)
+    assert len(rates) == 120 and min(rates) == pytest.approx(1e-2 * 0.01) and rates[0] == pytest.approx(1e-2)
