@@ -184,7 +184,6 @@ class _ReversibleBDIA(torch.autograd.Function):
     def backward(ctx, grad_end, grad_inner):
         run, stored = ctx.run, ctx.stored
         x_start, x_start_inner, x_end, x_inner, *conditioning = ctx.saved_tensors
-        num_conditioning = run.num_conditioning
         wanted = ctx.needs_input_grad[3:]
         # Conditioning enters the recomputed steps as fresh leaves, so the vector-Jacobian products stop at them;
         # parameters are the network's own tensors (their grads are returned, never accumulated here).

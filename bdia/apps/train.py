@@ -22,7 +22,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

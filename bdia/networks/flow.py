@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -39,9 +38,8 @@ import torch
 from torch import nn
 
 from ..denoisers import ClassifierFreeGuidance
-from ..download import AssetUnavailableError, hub_cache_path, is_offline
 from ..flow import FLOW_SCHEDULE_KEYS, FlowDenoiser, flow_shift_mu, flow_sigmas
-from .sd import PATH_KEY, _first_line, _hub_reachable, resolve_dtype
+from .sd import load_checkpoint, resolve_dtype
 
 __all__ = ["FLOW_MODELS", "FlowModel", "FluxVelocity", "SD3Velocity", "load_flow", "is_flow_model"]
 
@@ -359,44 +357,10 @@ def load_flow(name: str | None = "flux-dev", path: str | None = None, dtype=torc
         ValueError: an unknown name.
     """
     dtype = resolve_dtype(dtype)
-    if path is not None and str(path).strip():
-        local = Path(str(path).strip()).expanduser()
-        if not local.is_dir():
-            reason = "it is a file, not a diffusers folder" if local.exists() else "no such folder"
-            raise AssetUnavailableError(None, local, PATH_KEY, reason=reason, what=f"{PATH_KEY}={path}")
-        try:
-            pipe = _load_pipeline(local, dtype, local_files_only=True, t5=t5)
-        except (OSError, ValueError, EnvironmentError, json.JSONDecodeError) as e:
-            raise AssetUnavailableError(None, local, PATH_KEY, what=f"{PATH_KEY}={path}",
-                                        reason=f"not a complete SD3 / FLUX diffusers folder ({_first_line(e)})") from None
-        return FlowModel(pipe, dtype=dtype, device=device, source=str(local))
-
-    if name is None or not str(name).strip():
-        raise ValueError(f"model: give a checkpoint name ({', '.join(FLOW_MODELS)}) or a local folder ({PATH_KEY}=...)")
-    text = str(name).strip()
-    entry = FLOW_MODELS.get(text, {})
-    repo_id = entry.get("repo_id", text)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise ValueError(f"model.name={text!r} is neither one of {', '.join(FLOW_MODELS)} nor a Hub id owner/name; "
-                         f"for a local folder use {PATH_KEY}=/path/to/folder")
-    url = f"https://huggingface.co/{repo_id}"
-
-    def unavailable(reason):
-        return AssetUnavailableError(url, hub_cache_path(repo_id), PATH_KEY, reason=reason,
-                                     what=f"flow-matching checkpoint {repo_id!r}")
-
-    try:
-        pipe = _load_pipeline(repo_id, dtype, local_files_only=True, t5=t5)
-    except (OSError, ValueError, EnvironmentError):
-        if is_offline():
-            var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "BDIA_OFFLINE"
-            raise unavailable(f"offline mode ({var}=1) and not (completely) in the Hugging Face cache") from None
-        problem = _hub_reachable()
-        if problem:
-            raise unavailable(f"not in the Hugging Face cache and the Hub is unreachable ({problem})") from None
-        try:
-            pipe = _load_pipeline(repo_id, dtype, local_files_only=False, t5=t5)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise unavailable(f"download failed ({_first_line(e)}; SD3 and FLUX.1-dev are gated: accept the licence "
-                              "on the Hub and log in)") from None
-    return FlowModel(pipe, dtype=dtype, device=device, source=repo_id, entry=entry)
+    local = path is not None and str(path).strip()
+    entry = {} if local or name is None else FLOW_MODELS.get(str(name).strip(), {})
+    pipe, source = load_checkpoint(
+        name, path, {key: value["repo_id"] for key, value in FLOW_MODELS.items()},
+        lambda source, local_only: _load_pipeline(source, dtype, local_files_only=local_only, t5=t5), "SD3 / FLUX",
+        download_hint="; SD3 and FLUX.1-dev are gated: accept the licence on the Hub and log in")
+    return FlowModel(pipe, dtype=dtype, device=device, source=source, entry=entry)

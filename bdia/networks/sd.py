@@ -33,15 +33,13 @@ import importlib.util
 import json
 import math
 import os
-import socket
-import urllib.parse
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..denoisers import ClassifierFreeGuidance, VPEpsDenoiser
-from ..download import AssetUnavailableError, hub_cache_path, is_offline
+from ..download import AssetUnavailableError, hub_cache_path, hub_reachable, is_offline
 from ..schedules import make_alphas_cumprod, vp_sigmas, x_to_z, z_to_x  # noqa: F401  (z/x: re-exported)
 
 __all__ = [
@@ -244,25 +242,6 @@ def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
 # Loading.
 
 
-def _hub_reachable(timeout: float = 3.0) -> str | None:
-    """``None`` if the Hub's host accepts a TCP connection within ``timeout`` seconds, else why not."""
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover
-        endpoint = "https://huggingface.co"
-    parsed = urllib.parse.urlparse(endpoint)
-    host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return None  # behind a proxy the direct probe says nothing; let the download try once
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"cannot reach {host} ({e.__class__.__name__}: {e})"
-
-
 def _load_components(source, dtype, local_files_only: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -297,6 +276,52 @@ def _first_line(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:200]
 
 
+def load_checkpoint(name, path, known: dict, load, kind: str, download_hint: str = ""):
+    """The one way the diffusers loaders find a checkpoint: ``path`` (a local folder; wins over ``name``) or ``name`` (a
+    key of ``known``, mapped to its Hub id, or a Hub id ``owner/name``), loaded from the Hugging Face cache, and
+    downloaded once only when the cache lacks it, the process is not offline and the Hub answers a one-shot probe.
+    ``load(source, local_files_only)`` reads the checkpoint (raising ``OSError`` / ``ValueError`` when it is absent or
+    incomplete); ``kind`` names it in messages (``"Stable Diffusion"``), ``download_hint`` is added to a failed
+    download's reason. Returns ``(load's result, source)``; every failure is one :class:`AssetUnavailableError`
+    naming the Hub URL, the cache path and ``model.path``, or a ``ValueError`` for a name that is neither."""
+    if path is not None and str(path).strip():
+        local = Path(str(path).strip()).expanduser()
+        if not local.is_dir():
+            reason = "it is a file, not a diffusers folder" if local.exists() else "no such folder"
+            raise AssetUnavailableError(None, local, PATH_KEY, reason=reason, what=f"{PATH_KEY}={path}")
+        try:
+            return load(local, True), str(local)
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise AssetUnavailableError(None, local, PATH_KEY, what=f"{PATH_KEY}={path}",
+                                        reason=f"not a complete {kind} diffusers folder ({_first_line(e)})") from None
+
+    if name is None or not str(name).strip():
+        raise ValueError(f"model: give a checkpoint name ({', '.join(known)}) or a local folder ({PATH_KEY}=...)")
+    text = str(name).strip()
+    repo_id = known.get(text, text)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise ValueError(f"model.name={text!r} is neither one of {', '.join(known)} nor a Hub id owner/name; "
+                         f"for a local folder use {PATH_KEY}=/path/to/folder")
+
+    def unavailable(reason):
+        return AssetUnavailableError(f"https://huggingface.co/{repo_id}", hub_cache_path(repo_id), PATH_KEY,
+                                     reason=reason, what=f"{kind} checkpoint {repo_id!r}")
+
+    try:
+        return load(repo_id, True), repo_id
+    except (OSError, ValueError):
+        if is_offline():
+            var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "BDIA_OFFLINE"
+            raise unavailable(f"offline mode ({var}=1) and not (completely) in the Hugging Face cache") from None
+        problem = hub_reachable()
+        if problem:
+            raise unavailable(f"not in the Hugging Face cache and the Hub is unreachable ({problem})") from None
+        try:
+            return load(repo_id, False), repo_id
+        except (OSError, ValueError) as e:
+            raise unavailable(f"download failed ({_first_line(e)}{download_hint})") from None
+
+
 def load_sd(name: str | None = "sd15", path: str | None = None, dtype=torch.float32, device="cpu") -> StableDiffusion:
     """Load a Stable Diffusion checkpoint's UNet, VAE, text encoder, tokenizer and scheduler config.
 
@@ -316,42 +341,7 @@ def load_sd(name: str | None = "sd15", path: str | None = None, dtype=torch.floa
         ValueError: an unknown short name.
     """
     dtype = resolve_dtype(dtype)
-    if path is not None and str(path).strip():
-        local = Path(str(path).strip()).expanduser()
-        if not local.is_dir():
-            reason = "it is a file, not a diffusers folder" if local.exists() else "no such folder"
-            raise AssetUnavailableError(None, local, PATH_KEY, reason=reason, what=f"{PATH_KEY}={path}")
-        try:
-            parts = _load_components(local, dtype, local_files_only=True)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise AssetUnavailableError(None, local, PATH_KEY, what=f"{PATH_KEY}={path}",
-                                        reason=f"not a complete Stable Diffusion diffusers folder ({_first_line(e)})") from None
-        return StableDiffusion(*parts, dtype=dtype, device=device, source=str(local))
-
-    if name is None or not str(name).strip():
-        raise ValueError(f"model: give a checkpoint name ({', '.join(SD_MODELS)}) or a local folder ({PATH_KEY}=...)")
-    text = str(name).strip()
-    repo_id = SD_MODELS.get(text, text)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise ValueError(f"model.name={text!r} is neither one of {', '.join(SD_MODELS)} nor a Hub id owner/name; "
-                         f"for a local folder use {PATH_KEY}=/path/to/folder")
-    url = f"https://huggingface.co/{repo_id}"
-
-    def unavailable(reason):
-        return AssetUnavailableError(url, hub_cache_path(repo_id), PATH_KEY, reason=reason,
-                                     what=f"Stable Diffusion checkpoint {repo_id!r}")
-
-    try:
-        parts = _load_components(repo_id, dtype, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError):
-        if is_offline():
-            var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "BDIA_OFFLINE"
-            raise unavailable(f"offline mode ({var}=1) and not (completely) in the Hugging Face cache") from None
-        problem = _hub_reachable()
-        if problem:
-            raise unavailable(f"not in the Hugging Face cache and the Hub is unreachable ({problem})") from None
-        try:
-            parts = _load_components(repo_id, dtype, local_files_only=False)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise unavailable(f"download failed ({_first_line(e)})") from None
-    return StableDiffusion(*parts, dtype=dtype, device=device, source=repo_id)
+    parts, source = load_checkpoint(name, path, SD_MODELS,
+                                    lambda source, local_only: _load_components(source, dtype, local_files_only=local_only),
+                                    "Stable Diffusion")
+    return StableDiffusion(*parts, dtype=dtype, device=device, source=source)

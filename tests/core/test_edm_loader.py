@@ -1,7 +1,5 @@
 """The safe EDM snapshot loader, on pickles written in EDM's exact persistence format (tests/support/edm_pickle.py)."""
 
-import os
-import pickle
 import time
 
 import numpy as np
@@ -10,7 +8,7 @@ import torch
 
 import bdia
 from bdia.download import AssetUnavailableError
-from bdia.networks import EDM_CLASSES, DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
+from bdia.networks import EDM_CLASSES, EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from bdia.networks.loader import CACHE_SUFFIX, SnapshotError, load_edm, read_snapshot
 from edm_pickle import write_edm_snapshot
 

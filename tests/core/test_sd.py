@@ -207,7 +207,7 @@ def test_unreachable_hub_fails_at_once_without_download_retries(monkeypatch, tmp
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("BDIA_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(sdmod, "_hub_reachable", lambda timeout=3.0: "cannot reach huggingface.co (test)")
+    monkeypatch.setattr(sdmod, "hub_reachable", lambda timeout=3.0: "cannot reach huggingface.co (test)")
     calls = []
     real = sdmod._load_components
     monkeypatch.setattr(sdmod, "_load_components", lambda *a, **k: calls.append(k) or real(*a, **k))

@@ -13,7 +13,6 @@ import inspect
 import itertools
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
