@@ -235,6 +235,14 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
     def _alpha_bar(self, timestep: int) -> torch.Tensor:
         return self.alphas_cumprod[timestep] if timestep >= 0 else self.final_alpha_cumprod
 
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """DDIM's ``sigma_t^2 / eta^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)`` between two timesteps (DDIM
+        paper eq. 16; ``DDIMScheduler._get_variance``), kept for callers that read it. BDIA's steps are deterministic
+        (``eta = 0``) and never use it."""
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[timestep], self._alpha_bar(prev_timestep)
+        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+        return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
     # --- DDIM's pieces, the same operations as diffusers' DDIMScheduler.step -------------------------------
 
     def _threshold(self, x0: torch.Tensor) -> torch.Tensor:
@@ -273,8 +281,10 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
         """``D_{t->s} = sqrt(a_s) x0 + sqrt(1 - a_s) eps``."""
         return alpha_prod_s ** (0.5) * x0 + (1 - alpha_prod_s) ** (0.5) * eps
 
-    def _timestep(self, timestep, model_output: torch.Tensor, sample: torch.Tensor) -> int:
-        """``timestep`` as an int, checked: one of this loop's timesteps (so never negative or off the grid), and
+    def _timestep(self, timestep, model_output: torch.Tensor, sample: torch.Tensor, on_grid: bool = True) -> int:
+        """``timestep`` as an int, checked: a training timestep in ``[0, num_train_timesteps)`` (never negative: that
+        would index ``alphas_cumprod`` from its end), one of this loop's timesteps when ``on_grid`` (BDIA pairs
+        grid levels; plain DDIM, gamma = 0, steps from any training timestep as ``DDIMScheduler`` does), and
         ``model_output`` of ``sample``'s shape (no broadcasting across a batch)."""
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1 or timestep.is_floating_point() and timestep.item() != int(timestep.item()):
@@ -285,7 +295,9 @@ class _BDIABase(SchedulerMixin, ConfigMixin):
         t = int(timestep)
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if t not in set(self.timesteps.tolist()):
+        if not 0 <= t < self.config.num_train_timesteps:
+            raise ValueError(f"timestep {t} is outside the training timesteps 0..{self.config.num_train_timesteps - 1}")
+        if on_grid and t not in set(self.timesteps.tolist()):
             raise ValueError(f"timestep {t} is not one of this loop's timesteps (set_timesteps gave "
                              f"{self.timesteps.tolist()[:6]}{' ...' if len(self.timesteps) > 6 else ''})")
         if tuple(model_output.shape) != tuple(sample.shape):
@@ -390,13 +402,15 @@ class BDIADDIMScheduler(_BDIABase):
         if eta != 0:
             raise ValueError(f"BDIADDIMScheduler is deterministic: eta must be 0, got eta={eta} (BDIA integrates the "
                              "probability-flow ODE; for stochastic DDIM sampling use diffusers' DDIMScheduler)")
-        t = self._timestep(timestep, model_output, sample)
+        bdia_step = float(self.config.gamma) != 0.0  # gamma = 0 is DDIMScheduler, off-grid timesteps included
+        t = self._timestep(timestep, model_output, sample, on_grid=bdia_step)
         t_next = t - self._step_ratio()
         x0, eps = self._x0_and_eps(model_output, sample, self.alphas_cumprod[t], use_clipped_model_output)
         state = self.state
         if state is not None and state.timestep <= t:  # not a continuation: a new trajectory starts here
             state = None
-        self._check_continuation(state, sample)
+        if bdia_step:
+            self._check_continuation(state, sample)
         if state is None and self._starts_the_pair(t, sample):
             prev_sample = self.start_pair.lower.to(device=sample.device, dtype=sample.dtype).clone()
         else:

@@ -435,3 +435,24 @@ def test_invert_and_regenerate_with_a_loaded_pipeline_is_exact_in_float64(tiny_s
     assert ((edited - z0).abs().max() / z0.abs().max()).item() > 1e-3
     assert pipe.scheduler is scheduler
     assert torch.equal(invert_with_pipeline(pipe, z0, "a photo of a temple", 10, 0.96, 3.0).upper, pair.upper)
+
+
+@pytest.mark.parametrize("timestep", [1, 10, 49, 999])
+def test_gamma_zero_steps_from_any_training_timestep_as_ddim_does(timestep):
+    """At gamma = 0 the drop-in is DDIMScheduler also off its inference grid (diffusers' own scheduler tests step
+    from timesteps 1, 10, 49); BDIA (gamma > 0) pairs grid levels and refuses them (tests/core/test_bad_input_core.py);
+    a negative timestep, which would index alphas_cumprod from its end, is refused either way."""
+    ours, ddim = BDIADDIMScheduler(), DDIMScheduler()
+    for scheduler in (ours, ddim):
+        scheduler.set_timesteps(10)
+    sample = latents()
+    output = toy_model(sample, timestep)
+    assert_bitwise_equal(ours.step(output, timestep, sample).prev_sample, ddim.step(output, timestep, sample).prev_sample)
+    with pytest.raises(ValueError, match="outside the training timesteps"):
+        ours.step(output, -1, sample)
+
+
+def test_ddim_variance_matches_ddim_scheduler():
+    ours, ddim = BDIADDIMScheduler(), DDIMScheduler()
+    for t, prev in ((0, 0), (420, 400), (980, 960), (487, 486), (999, 998), (20, -10)):
+        assert_bitwise_equal(ours._get_variance(t, prev), ddim._get_variance(t, prev))
