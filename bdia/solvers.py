@@ -465,7 +465,7 @@ def sample(
     ``denoiser`` follows EDM's protocol ``D(x, sigma, class_labels, **cond)``; ``sigmas`` is an EDM-convention
     grid (:func:`bdia.karras_sigmas`, :func:`bdia.vp_sigmas`). ``x_init`` is the initial state
     (``latents * sigmas[0]``) or, for BDIA solvers, a :class:`StatePair` from :func:`invert`.
-    ``gamma``: BDIA weight (scalar, per-step list, ``"obelm"`` or ``"lte"``); default :data:`DEFAULT_GAMMA` (bdia_ddim 1,
+    ``gamma``: BDIA weight (scalar, per-step list, or a named schedule of :data:`GAMMA_SCHEDULES`); default :data:`DEFAULT_GAMMA` (bdia_ddim 1,
     bdia_edm its measured default, 0.5); must be left
     unset for the solvers without one (``ddim``, ``edm``, ``dpmpp_2m``, ``unipc``, ``ipndm``, ``rex``). ``dtype``: the
     solver state's dtype (float64 by default; ``None`` keeps the input's). Extra keywords go to the solver

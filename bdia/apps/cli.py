@@ -47,7 +47,7 @@ APP_CONFIGS = {
     "sample": ("shared", "loggers", "launchers", "image_metrics", "digits_metrics", "sample_metrics"),
     "text2image": ("shared", "loggers", "launchers", "image_metrics", "prompt_metrics", "sd", "flow"),
     "edit": ("shared", "loggers", "launchers", "sd", "flow"),
-    "demo": ("shared", "sd"),
+    "demo": ("shared", "sd", "flow"),
     "evaluate": ("shared", "loggers", "image_metrics", "digits_metrics", "prompt_metrics", "sample_metrics"),
     "fid_ref": ("shared",),
     "train": ("shared",),

@@ -1,17 +1,20 @@
-"""The exact-editing web demo behind ``scripts/demo.py`` (Gradio): upload a photo, invert it once with BDIA-DDIM,
-edit it as many times as wanted from the cached inversion, and read the numbers that make the method's point
-(latent round-trip error, PSNR of the reconstruction, NFE and seconds of the inversion and of each edit).
+"""The exact-editing web demo behind ``scripts/demo.py`` (Gradio): upload a photo, invert it once with BDIA (BDIA-DDIM
+on Stable Diffusion 1.x / 2.x, BDIA over flow Euler on the flow-matching SD3 / FLUX), edit it as many times as wanted
+from the cached inversion, and read the numbers that make the method's point (latent round-trip error, PSNR of the
+reconstruction, NFE and seconds of the inversion and of each edit).
 
 The page is a thin layer over plain functions that the tests call directly:
 
 * :func:`invert_photo` -- a new :class:`Session`: the photo read and bounded as the edit app reads it
-  (:func:`bdia.apps.edit.load_image`), encoded, inverted under the source prompt with
-  :func:`bdia.apps.edit.invert_image` (BDIA, and any comparison methods of :data:`bdia.inversion.METHOD_REGISTRY`),
-  reconstructed, measured;
+  (:func:`bdia.apps.edit.load_image`), encoded for the chosen model (:func:`bdia.apps.edit.encode_photo`: the clean
+  state, the grid and the denoiser of either kind of model), inverted under the source prompt with
+  :func:`bdia.apps.edit.invert_image` (BDIA, and any comparison methods that apply to the model's kind:
+  :data:`COMPARE_METHODS` for Stable Diffusion, :data:`FLOW_COMPARE_METHODS` for SD3 / FLUX), reconstructed, measured;
 * :func:`edit_photo` -- one more edit in a session (edit prompt, strength), from the cached inversion;
 * :func:`save_session` -- the session's images and numbers as a zip in the demo's temporary folder (the page offers
   it for download; nothing else is written outside that folder);
-* :class:`Models` -- the models the page can pick (the ``model`` group: ``configs/sd/model/``), loaded on first use,
+* :class:`Models` -- the models the page can pick (the ``model`` group: ``configs/sd/model/`` and ``configs/flow/model/``),
+  loaded on first use (or when picked in the page's menu),
   one at a time besides the one the demo started with, shared read-only by every session. Everything of a user's
   photo lives in that user's :class:`Session`, held in ``gr.State``: one browser session never sees another's.
 
@@ -25,8 +28,13 @@ session as it was.
 of the grid, and its regeneration retraces it exactly (up to round-off), so the demo inverts the whole grid once and
 gets the state pair at the tail's top by regenerating the first ``N - ceil(s N)`` steps under the source prompt
 (once per strength, kept in the session). ``tests/apps/test_demo.py`` checks the edit against ``invert_and_edit``
-with that strength. The comparison methods (DDIM inversion, EDICT, null-text) edit from their cached inversion at
+with that strength, on the tiny SD, SD3 and FLUX. The comparison methods (Stable Diffusion: DDIM inversion, EDICT,
+null-text; flows: flow-Euler inversion, RF-Inversion, RF-Solver, FireFlow) edit from their cached inversion at
 strength 1 only.
+
+**Guidance.** ``guidance_scale=None`` is the model's own (:func:`bdia.apps.edit.default_guidance_scale`: SD 7.5,
+SD3 7.0, FLUX.1-dev 3.5 as its guidance embedding); picking a model in the page's menu loads it and moves the guidance
+slider to its default. FLUX.1-schnell has no guidance (its value is ignored).
 """
 
 from __future__ import annotations
@@ -51,20 +59,27 @@ from ..configs import instantiate
 from ..denoisers import DenoiserWrapper
 from ..download import AssetUnavailableError
 from ..imageio import quantize
-from ..inversion import METHODS, latent_to_state, state_to_latent, tail_sigmas
+from ..inversion import FLOW_METHODS, METHODS, check_method, tail_sigmas
 from ..metrics.reconstruction import latent_metrics, pixel_metrics
+from ..networks.flow import is_flow_model
 from ..solvers import StatePair, sample
 from ..testing import has_random_weights
 from .cli import USER_ERRORS, app_config_dir, config_dirs, group_options, one_line
-from .edit import SAMPLE_IMAGES, CachedInversion, invert_image, load_image
+from .edit import (FLOW_LOADER, SAMPLE_IMAGES, CachedInversion, EncodedPhoto, as_cond, default_guidance_scale,
+                   encode_photo, invert_image, load_image)
 
 __all__ = ["Session", "Models", "invert_photo", "edit_photo", "save_session", "model_configs", "build_demo", "serve",
-           "check_port", "COMPARE_METHODS", "METHOD_LABELS"]
+           "check_port", "check_compare", "compare_methods", "method_label", "COMPARE_METHODS", "FLOW_COMPARE_METHODS",
+           "METHOD_LABELS", "FLOW_METHOD_LABELS"]
 
-#: Methods the page can run beside BDIA on the same photo (the edit app's baselines).
+#: Methods the page can run beside BDIA on the same photo (the edit app's baselines): on Stable Diffusion ...
 COMPARE_METHODS = tuple(m for m in METHODS if m != "bdia")
+#: ... and on a flow-matching model (SD3, FLUX; :data:`bdia.inversion.FLOW_METHOD_REGISTRY`).
+FLOW_COMPARE_METHODS = tuple(m for m in FLOW_METHODS if m != "bdia")
 METHOD_LABELS = {"bdia": "BDIA-DDIM (exact)", "ddim": "DDIM inversion", "edict": "EDICT (exact)",
                  "null_text": "null-text inversion"}
+FLOW_METHOD_LABELS = {"bdia": "BDIA over flow Euler (exact)", "ddim": "flow-Euler inversion",
+                      "rf_inversion": "RF-Inversion", "rf_solver": "RF-Solver", "fireflow": "FireFlow"}
 #: Bounds on what the page accepts (prompts are truncated to CLIP's 77 tokens anyway).
 MAX_PROMPT_CHARS = 1000
 MAX_DEMO_STEPS = 1000
@@ -98,12 +113,43 @@ class _Ticker(DenoiserWrapper):
         return out
 
 
-def _expected_calls(method: str, steps: int, phase: str) -> int:
-    if method == "edict":
+def _expected_calls(method: str, steps: int, phase: str, flow: bool = False) -> int:
+    if method == "edict" or (flow and method == "rf_solver"):
         return 2 * steps
     if method == "null_text" and phase == "inversion":
         return steps * 12
+    if flow and method == "fireflow":
+        return steps + 1
+    if method == "bdia" and phase != "inversion":
+        return steps - 1
     return steps
+
+
+def compare_methods(flow: bool) -> tuple[str, ...]:
+    """The comparison methods for a model's kind: :data:`FLOW_COMPARE_METHODS` for a flow model, else
+    :data:`COMPARE_METHODS`."""
+    return FLOW_COMPARE_METHODS if flow else COMPARE_METHODS
+
+
+def method_label(method: str, flow: bool) -> str:
+    """The page's name of ``method`` on a model of that kind (``ddim`` is flow-Euler inversion on a flow model)."""
+    return (FLOW_METHOD_LABELS if flow else METHOD_LABELS)[method]
+
+
+def check_compare(compare, flow: bool) -> list[str]:
+    """``compare`` (a name or a list) as a list of the comparison methods for the model's kind; a method of the
+    other kind is refused in one line saying which apply (:func:`bdia.inversion.check_method`), an unknown one too."""
+    compare = [compare] if isinstance(compare, str) else list(compare or [])
+    valid = compare_methods(flow)
+    for method in compare:
+        if method not in valid:
+            if method in (*COMPARE_METHODS, *FLOW_COMPARE_METHODS):
+                try:
+                    check_method(method, flow)
+                except ValueError as e:
+                    raise ValueError(f"compare: {e}") from None
+            raise ValueError(f"compare: unknown {method!r}; choose from {', '.join(valid)}")
+    return [m for m in valid if m in compare]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,8 +157,8 @@ def _expected_calls(method: str, steps: int, phase: str) -> int:
 
 
 def model_configs(chosen: str | None = None, chosen_config: dict | None = None) -> dict[str, dict]:
-    """The ``model`` group of the demo's configs (``configs/sd/model/*.yaml``; flow models join when their folder is
-    added to ``APP_CONFIGS["demo"]``) as ``{name: config dict}``; ``chosen`` gets ``chosen_config`` (the command
+    """The ``model`` group of the demo's configs (``configs/sd/model/*.yaml`` and ``configs/flow/model/*.yaml``,
+    the folders of ``APP_CONFIGS["demo"]``) as ``{name: config dict}``; ``chosen`` gets ``chosen_config`` (the command
     line's ``model`` with its overrides)."""
     from omegaconf import OmegaConf
 
@@ -144,19 +190,33 @@ class Models:
     def names(self) -> list[str]:
         return sorted(self.configs)
 
-    def get(self, name: str | None):
+    def _name(self, name: str | None) -> str:
         name = self.default if name is None or not str(name).strip() else str(name).strip()
         if name not in self.configs:
             raise ValueError(f"model {name!r}: not one of {', '.join(self.names)}")
+        return name
+
+    def is_flow(self, name: str | None) -> bool:
+        """Whether the config ``name`` is a flow-matching model's (SD3, FLUX: ``bdia.networks.flow.load_flow``),
+        read from the config without loading it."""
+        return self.configs[self._name(name)].get("_target_") == FLOW_LOADER
+
+    def get(self, name: str | None):
+        name = self._name(name)
         with self.lock:
             if name not in self.loaded:
                 for other in [n for n in self.loaded if n != self.default]:
                     del self.loaded[other]  # one model besides the default in memory
                 model = instantiate(self.configs[name], "model", device=self.device)
-                missing = [a for a in ("encode_images", "decode_latents", "encode_prompts", "eps_denoiser", "sigmas")
-                           if not hasattr(model, a)]
+                if self.is_flow(name) != is_flow_model(model):
+                    raise ValueError(f"model {name!r}: its config loads a {type(model).__name__}, which is "
+                                     f"{'not ' if self.is_flow(name) else ''}a flow-matching model")
+                kind, needs = (("a flow model's", ("denoiser", "default_guidance_scale")) if is_flow_model(model) else
+                               ("Stable Diffusion's", ("eps_denoiser",)))
+                missing = [a for a in ("encode_images", "decode_latents", "encode_prompts", "sigmas", "latent_shape",
+                                       *needs) if not hasattr(model, a)]
                 if missing:
-                    raise ValueError(f"model {name!r}: the demo edits through Stable Diffusion's interface; "
+                    raise ValueError(f"model {name!r}: the demo edits through {kind} interface; "
                                      f"{type(model).__name__} has no {', '.join(missing)}")
                 self.loaded[name] = model
             return self.loaded[name]
@@ -170,8 +230,11 @@ class Models:
 class Session:
     """One browser session's photo and everything computed from it (held in ``gr.State``; never shared).
 
-    ``original``: uint8 ``[1, 3, H, W]``; ``z0``: its VAE latent; ``vae_images``: ``z0`` decoded (``[-1, 1]``); ``inversions``: method -> the cached inversion
-    (``bdia`` always); ``reconstructions``: method -> uint8 image; ``numbers``: method -> the round-trip numbers
+    ``sd``: the model (Stable Diffusion or a flow model); ``original``: uint8 ``[1, 3, H, W]``; ``photo``: it encoded
+    for the model (:class:`bdia.apps.edit.EncodedPhoto`: latent ``z0``, clean state, grid, denoiser);
+    ``vae_images``: ``z0`` decoded (``[-1, 1]``); ``source_embeds``: the source prompt's encoding (SD: a tensor; a
+    flow model: its conditioning dict); ``inversions``: method -> the cached inversion (``bdia`` always);
+    ``reconstructions``: method -> uint8 image; ``numbers``: method -> the round-trip numbers
     (:func:`_round_trip_numbers`); ``start_pairs``: BDIA's state pair at a grid level (what an edit of a strength
     below 1 starts from), with the cost of computing it; ``edits``: one dict per edit, newest last."""
 
@@ -184,8 +247,8 @@ class Session:
     guidance_scale: float
     original: torch.Tensor
     vae_images: torch.Tensor
-    z0: torch.Tensor
-    source_embeds: torch.Tensor
+    photo: EncodedPhoto
+    source_embeds: object
     ticker: _Ticker
     inversions: dict = field(default_factory=dict)
     reconstructions: dict = field(default_factory=dict)
@@ -193,6 +256,17 @@ class Session:
     start_pairs: dict = field(default_factory=dict)
     edits: list = field(default_factory=list)
     number_of_edits: int = 0
+
+    @property
+    def z0(self) -> torch.Tensor:
+        return self.photo.z0
+
+    @property
+    def flow(self) -> bool:
+        return self.photo.flow
+
+    def label(self, method: str) -> str:
+        return method_label(method, self.flow)
 
 
 def _check_prompt(text, what: str) -> str:
@@ -228,7 +302,7 @@ def _image_name(image) -> str:
 def _round_trip_numbers(session: Session, method: str, reconstruction_x: torch.Tensor, cost: dict,
                         pixels: torch.Tensor) -> tuple[dict, torch.Tensor]:
     inversion = session.inversions[method]
-    z_rec = state_to_latent(reconstruction_x, inversion.grid)
+    z_rec = session.photo.latent(reconstruction_x, inversion.grid)
     images = session.sd.decode_latents(z_rec)
     latent = latent_metrics(session.z0, z_rec, per_image=False)
     versus_photo = pixel_metrics(pixels, images, per_image=False)
@@ -251,27 +325,27 @@ def invert_photo(
     source_prompt: str = "a photo of a chinese temple",
     num_steps: int = 50,
     gamma: float = 0.96,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     compare: Sequence[str] = (),
     progress: Callable[[float, str], None] | None = None,
 ) -> Session:
     """Read ``image`` (a file path, or ``china.jpg`` / ``flower.jpg``), encode it with ``model``, invert it under
-    ``source_prompt`` with BDIA-DDIM (``gamma``, ``num_steps``, ``guidance_scale``) and each method in ``compare``,
-    reconstruct it with each; return the new :class:`Session`. ``progress(fraction, phase)`` is told after every
-    network call."""
+    ``source_prompt`` with BDIA (``gamma``, ``num_steps``, ``guidance_scale``: ``None`` is the model's own) and each
+    method in ``compare`` (those of the model's kind, :func:`compare_methods`), reconstruct it with each; return the
+    new :class:`Session`. ``progress(fraction, phase)`` is told after every network call."""
     image = _image_name(image)
     source_prompt = _check_prompt(source_prompt, "source prompt")
     num_steps = _check_number(num_steps, "steps", 2, MAX_DEMO_STEPS, integer=True)
     gamma = _check_number(gamma, "gamma", 0, 1, low_open=True)
-    guidance_scale = _check_number(guidance_scale, "guidance", 1, 50)
-    compare = [compare] if isinstance(compare, str) else list(compare or [])
-    unknown = [m for m in compare if m not in COMPARE_METHODS]
-    if unknown:
-        raise ValueError(f"compare: unknown {unknown}; choose from {', '.join(COMPARE_METHODS)}")
     name = models.default if model is None or not str(model).strip() else str(model).strip()
+    flow = models.is_flow(name)  # from the config (an unknown name is one line here)
+    if guidance_scale is not None:  # Stable Diffusion: classifier-free guidance, >= 1; a flow's may be 0 (none)
+        guidance_scale = _check_number(guidance_scale, "guidance", 0 if flow else 1, 50)
+    compare = check_compare(compare, flow)
     with models.lock:
         sd = models.get(name)
         size = int(models.image_size or sd.image_size)
+        sd.latent_shape(size, size)  # the size suits the VAE (FLUX: and its 2x2 packing); one line if not
         try:
             original = load_image(image, size)  # size bound before decoding, centre square, resized
         except ValueError as e:  # name the photo, not the server's temporary path
@@ -279,21 +353,20 @@ def invert_photo(
             raise ValueError(str(e).replace(f"image={image}", f"photo {name}", 1).replace(str(image), name)) from None
         pixels = original.to(torch.float32) / 127.5 - 1
         with torch.no_grad():
-            z0 = sd.encode_images(pixels)
-            vae_images = sd.decode_latents(z0)  # the photo through the VAE alone, [-1, 1]
-        sigmas = sd.sigmas(num_steps)
-        x_clean = latent_to_state(z0, sigmas)
-        source, uncond = sd.encode_prompts([source_prompt]), sd.encode_prompts([""])
-        ticker = _Ticker(sd.eps_denoiser())
+            photo = encode_photo(sd, pixels, num_steps, guidance_scale)  # the edit app's: either kind of model
+            vae_images = sd.decode_latents(photo.z0)  # the photo through the VAE alone, [-1, 1]
+        source = sd.encode_prompts([source_prompt])
+        ticker = _Ticker(photo.base)
         ticker.report = progress
-        session = Session(name, sd, Path(image).name, source_prompt, num_steps, gamma, guidance_scale, original,
-                          vae_images, z0, source, ticker)
-        for method in ["bdia", *[m for m in COMPARE_METHODS if m in compare]]:
-            label = METHOD_LABELS[method]
-            ticker.phase(f"{label}: inverting", _expected_calls(method, num_steps, "inversion"))
-            inversion = invert_image(method, ticker, x_clean, sigmas, source, uncond, guidance_scale, gamma=gamma)
+        session = Session(name, sd, Path(image).name, source_prompt, num_steps, gamma, photo.guidance_scale, original,
+                          vae_images, photo, source, ticker)
+        for method in ["bdia", *compare]:
+            label = session.label(method)
+            ticker.phase(f"{label}: inverting", _expected_calls(method, num_steps, "inversion", flow))
+            inversion = invert_image(method, ticker, photo.x_clean, photo.sigmas, source, photo.uncond,
+                                     photo.guidance_scale, gamma=gamma)
             session.inversions[method] = inversion
-            ticker.phase(f"{label}: reconstructing", _expected_calls(method, num_steps, "reconstruction"))
+            ticker.phase(f"{label}: reconstructing", _expected_calls(method, num_steps, "reconstruction", flow))
             reconstruction, cost = inversion.regenerate(source)
             session.numbers[method], session.reconstructions[method] = _round_trip_numbers(
                 session, method, reconstruction, cost, pixels)
@@ -312,7 +385,7 @@ def _bdia_start_pair(session: Session, inversion: CachedInversion, level: int):
     if level in session.start_pairs:
         return session.start_pairs[level], None
     gamma = inversion.settings["gamma"]
-    cond = {"encoder_hidden_states": session.source_embeds}
+    cond = as_cond(session.source_embeds)
     with warnings.catch_warnings():  # ending at a noisy level is the point here (the edit continues from it)
         warnings.filterwarnings("ignore", message="sigmas end at")
         pair, cost = inversion.measure(lambda: sample(inversion.setup.cfg, top, inversion.grid[: level + 2],
@@ -353,17 +426,17 @@ def edit_photo(
             if level == 0:
                 x, cost = bdia.regenerate(edit_embeds)
             else:
-                cond = {"encoder_hidden_states": edit_embeds}
+                cond = as_cond(edit_embeds)
                 x, cost = bdia.measure(lambda: sample(bdia.setup.cfg, start, grid, solver="bdia_ddim",
                                                       gamma=bdia.settings["gamma"], cond=cond, dtype=None))
-            images = {"bdia": quantize(session.sd.decode_latents(state_to_latent(x, grid))).cpu()}
+            images = {"bdia": quantize(session.sd.decode_latents(session.photo.latent(x, grid))).cpu()}
             costs = {"bdia": cost}
             for method, inversion in session.inversions.items():
                 if method == "bdia" or level != 0:
                     continue
-                ticker.phase(f"{METHOD_LABELS[method]}: editing", _expected_calls(method, steps, "edit"))
+                ticker.phase(f"{session.label(method)}: editing", _expected_calls(method, steps, "edit", session.flow))
                 x_m, costs[method] = inversion.regenerate(edit_embeds)
-                images[method] = quantize(session.sd.decode_latents(state_to_latent(x_m, inversion.grid))).cpu()
+                images[method] = quantize(session.sd.decode_latents(session.photo.latent(x_m, inversion.grid))).cpu()
         finally:
             ticker.report = None
     session.number_of_edits += 1
@@ -377,6 +450,8 @@ def session_record(session: Session) -> dict:
     """The session's settings and numbers as JSON-ready data (what :func:`save_session` writes)."""
     return {
         "model": session.model, "model_info": session.sd.describe() if hasattr(session.sd, "describe") else {},
+        "model_kind": "flow" if session.flow else "vp",
+        "methods": {method: session.label(method) for method in session.inversions},
         "image": session.image, "image_size": int(session.original.shape[-1]), "source_prompt": session.source_prompt,
         "num_steps": session.num_steps, "gamma": session.gamma, "guidance_scale": session.guidance_scale,
         "state_dtype": "float64", "round_trip": session.numbers,
@@ -444,18 +519,25 @@ def round_trip_text(session: Session | None) -> str:
             f"against the photo, {_fmt(n['psnr_vs_vae'], '.2f')} dB against the VAE's own round trip")
 
 
+def _guidance_text(sd, guidance_scale: float) -> str:
+    kind = getattr(sd, "guidance", "cfg") if is_flow_model(sd) else "cfg"
+    if kind == "none":
+        return "no guidance (the model has none)"
+    return f"guidance {guidance_scale:g}" + (" (its guidance embedding)" if kind == "embedded" else "")
+
+
 def numbers_table(session: Session | None) -> str:
     if session is None:
         return ""
-    lines = [f"Inverted **{session.image}** on **{session.model}**: {session.num_steps} steps, guidance "
-             f"{session.guidance_scale:g}, γ {session.gamma:g}, float64 states, "
+    lines = [f"Inverted **{session.image}** on **{session.model}**: {session.num_steps} steps, "
+             f"{_guidance_text(session.sd, session.guidance_scale)}, γ {session.gamma:g}, float64 states, "
              f"{session.original.shape[-1]}×{session.original.shape[-2]} pixels.", "",
              "| method | latent round-trip error (relative) | max abs | PSNR vs photo (dB) | PSNR vs VAE (dB) "
              "| inversion: NFE / s | reconstruction: NFE / s |",
              "|---|---|---|---|---|---|---|"]
     for method, n in session.numbers.items():
         backward = f" + {n['backward_passes']} backward" if n["backward_passes"] else ""
-        lines.append(f"| {METHOD_LABELS[method]} | {n['latent_relative_error']:.3g} | {n['latent_max_abs_error']:.3g} "
+        lines.append(f"| {session.label(method)} | {n['latent_relative_error']:.3g} | {n['latent_max_abs_error']:.3g} "
                      f"| {_fmt(n['psnr_vs_photo'], '.2f')} | {_fmt(n['psnr_vs_vae'], '.2f')} "
                      f"| {n['nfe_inversion']}{backward} / {n['seconds_inversion']:.2f} "
                      f"| {n['nfe_reconstruction']} / {n['seconds_reconstruction']:.2f} |")
@@ -475,7 +557,7 @@ def edits_table(session: Session | None) -> str:
         bdia = e["costs"]["bdia"]
         prefix = e["prefix_cost"]
         extra = f" (+ {prefix['nfe']} / {prefix['seconds']:.2f} to reach the start, once)" if prefix else ""
-        others = ", ".join(f"{METHOD_LABELS[m]} {c['nfe']} / {c['seconds']:.2f}" for m, c in e["costs"].items()
+        others = ", ".join(f"{session.label(m)} {c['nfe']} / {c['seconds']:.2f}" for m, c in e["costs"].items()
                            if m != "bdia")
         if not others and len(session.inversions) > 1:
             others = "at strength 1 only"
@@ -489,7 +571,7 @@ def gallery_items(session: Session | None, display_size: int) -> list:
     items = []
     for e in reversed((session.edits if session else [])):
         for method, image in e["images"].items():
-            items.append((_display(image, display_size), f"#{e['number']} {METHOD_LABELS[method]}: {e['prompt']} "
+            items.append((_display(image, display_size), f"#{e['number']} {session.label(method)}: {e['prompt']} "
                                                          f"(strength {e['strength']:g})"))
     return items
 
@@ -498,8 +580,8 @@ def gallery_items(session: Session | None, display_size: int) -> list:
 # The page.
 
 _INTRO = """# Exact editing with BDIA — invert once, edit many times
-Upload a photo (or pick an example), describe it, **Invert**: BDIA-DDIM maps it to noise exactly, at DDIM's cost.
-Then **Edit** as often as you like: each edit regenerates from the cached inversion under your edit prompt, without
+Upload a photo (or pick an example), describe it, **Invert**: BDIA-DDIM maps it to noise exactly, at DDIM's cost
+(on SD3 / FLUX: BDIA over flow Euler, at flow Euler's cost). Then **Edit** as often as you like: each edit regenerates from the cached inversion under your edit prompt, without
 inverting again. The numbers show the round trip: regenerating under the source prompt gives the photo's latent back
 to round-off."""
 
@@ -510,16 +592,27 @@ def _photo_path(payload):
     return None if path is None else str(path)
 
 
+def _compare_choices(flow: bool) -> list[tuple[str, str]]:
+    return [(method_label(m, flow), m) for m in compare_methods(flow)]
+
+
 def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chinese temple",
                edit_prompt: str = "a watercolor painting of a chinese temple", num_steps: int = 50,
-               gamma: float = 0.96, guidance_scale: float = 7.5, strength: float = 1.0, compare: Sequence[str] = (),
-               display_size: int = 256, counters: dict | None = None):
-    """The Gradio Blocks of the demo (not launched). ``temp_dir``: where example photos and saved zips go."""
+               gamma: float = 0.96, guidance_scale: float | None = None, strength: float = 1.0,
+               compare: Sequence[str] = (), display_size: int = 256, counters: dict | None = None):
+    """The Gradio Blocks of the demo (not launched). ``temp_dir``: where example photos and saved zips go.
+    ``guidance_scale``: the slider's starting value (``None``: the starting model's own; picking a model in the menu
+    moves it to that model's); ``compare``: the comparison methods ticked at the start (those of the starting
+    model's kind; picking a model of the other kind keeps those that apply to it)."""
     import gradio as gr
     from PIL import Image
 
     temp_dir = Path(temp_dir)
     counters = counters if counters is not None else {}
+    start_flow = models.is_flow(models.default)
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(models.get(models.default))
+    compare = [m for m in ([compare] if isinstance(compare, str) else list(compare or [])) if m in compare_methods(start_flow)]
     examples = []
     for name in SAMPLE_IMAGES:
         path = temp_dir / "examples" / name
@@ -564,6 +657,25 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
                   f"(no inversion again).")
         return [session, *views(session), status]
 
+    def on_model(name, ticked):
+        """A model picked in the menu: load it (its weights missing: one line), offer its kind's comparisons (keeping
+        those ticked that apply) and move the guidance slider to its own default."""
+        try:
+            flow = models.is_flow(name)
+            choices = _compare_choices(flow)
+            methods_update = gr.update(choices=choices, value=[m for _, m in choices if m in (ticked or [])])
+            sd = models.get(name)
+        except USER_ERRORS + (AssetUnavailableError,) as e:
+            return [gr.update(), gr.update(), f"**error:** {one_line(e)}"]
+        default = default_guidance_scale(sd)
+        kind = getattr(sd, "guidance", "cfg") if flow else "cfg"
+        note = {"cfg": "classifier-free guidance", "embedded": "its guidance embedding",
+                "none": "the model has no guidance: the value is ignored"}[kind]
+        guidance_update = gr.update(minimum=0.0 if flow else 1.0, value=default, info=f"{note}; its default {default:g}")
+        return [methods_update, guidance_update,
+                f"Model **{name}** loaded ({'flow matching: BDIA over flow Euler' if flow else 'BDIA-DDIM'}); guidance "
+                f"set to its default {default:g}. Upload a photo or pick an example, then press Invert."]
+
     def on_save(session):
         try:
             return gr.update(value=str(save_session(session, temp_dir / "saved")), visible=True), \
@@ -585,14 +697,18 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
                 photo.preprocess = _photo_path
                 gr.Examples(examples, inputs=[photo], label="Examples (scikit-learn's sample photos)")
                 model = gr.Dropdown(models.names, value=models.default, label="Model", elem_id="model",
-                                    info="configs/sd/model/; real checkpoints must be in the Hugging Face cache offline")
+                                    info="configs/sd/model/ (Stable Diffusion) and configs/flow/model/ (SD3, FLUX), "
+                                         "loaded when picked; real checkpoints must be in the Hugging Face cache offline")
                 source = gr.Textbox(source_prompt, label="Source prompt (describes the photo)", elem_id="source")
                 with gr.Accordion("Inversion settings", open=True):
                     steps = gr.Slider(2, 200, value=num_steps, step=1, label="Steps (N)", elem_id="steps")
                     gamma_slider = gr.Slider(0.8, 1.0, value=gamma, step=0.005, label="γ (BDIA weight)",
                                              info="round-off grows like γ^-N; 0.92-1 for editing", elem_id="gamma")
-                    guidance = gr.Slider(1.0, 15.0, value=guidance_scale, step=0.5, label="Guidance", elem_id="guidance")
-                    methods = gr.CheckboxGroup([(METHOD_LABELS[m], m) for m in COMPARE_METHODS], value=list(compare),
+                    guidance = gr.Slider(0.0 if start_flow else 1.0, max(15.0, guidance_scale), value=guidance_scale,
+                                         step=0.5,
+                                         label="Guidance", elem_id="guidance",
+                                         info="picking a model sets its own default (SD 7.5, SD3 7.0, FLUX.1-dev 3.5)")
+                    methods = gr.CheckboxGroup(_compare_choices(start_flow), value=compare,
                                                label="Compare with (same photo, same settings)", elem_id="compare")
                 invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
                 prompt = gr.Textbox(edit_prompt, label="Edit prompt", elem_id="edit_prompt")
@@ -618,6 +734,7 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
         invert_button.click(on_invert, [state, photo, model, source, steps, gamma_slider, guidance, methods], outputs)
         edit_button.click(on_edit, [state, prompt, strength_slider], outputs)
         save_button.click(on_save, [state], [download, status])
+        model.input(on_model, [model, methods], [methods, guidance, status])
     return demo
 
 
@@ -648,7 +765,7 @@ def serve(
     edit_prompt: str = "a watercolor painting of a chinese temple",
     num_steps: int = 50,
     gamma: float = 0.96,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     strength: float = 1.0,
     compare: Sequence[str] = (),
     display_size: int = 256,
@@ -662,6 +779,10 @@ def serve(
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests are not news
     port = check_port(str(host), port)
+    start_flow = models.is_flow(models.default)
+    compare = check_compare(compare, start_flow)  # a method of the other kind of model: one line
+    if guidance_scale is not None:
+        guidance_scale = _check_number(guidance_scale, "guidance_scale", 0 if start_flow else 1, 50)
     max_upload_mb = _check_number(max_upload_mb, "max_upload_mb", 0.001, 1000)
     display_size = _check_number(display_size, "display_size", 1, 4096, integer=True)
     temp_dir = Path(tempfile.mkdtemp(prefix="bdia-demo-"))

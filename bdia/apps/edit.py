@@ -20,6 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -50,8 +51,9 @@ from ..networks.flow import is_flow_model
 from ..runfolder import check_out_dir, environment_info, jsonable, open_run
 from ..testing import has_random_weights
 
-__all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "SAMPLE_IMAGES", "load_image", "edit_run",
-           "check_edit_settings", "image_identity", "EDIT_WRITTEN", "summary_rows", "FLOW_LOADER"]
+__all__ = ["MethodResult", "CachedInversion", "invert_image", "invert_and_edit", "EncodedPhoto", "encode_photo",
+           "default_guidance_scale", "as_cond", "SAMPLE_IMAGES", "load_image", "edit_run", "check_edit_settings",
+           "image_identity", "EDIT_WRITTEN", "summary_rows", "FLOW_LOADER"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,10 +119,10 @@ class CachedInversion:
         """The clean states regenerated under the text embedding ``embeds`` (the source prompt's: the
         reconstruction; another: an edit), and the measured cost of that phase. ``embeds``: Stable Diffusion's
         embedding tensor, or a whole conditioning dict (a flow model's ``encode_prompts``)."""
-        return self.measure(lambda: self.inverted.regenerate(_as_cond(embeds)))
+        return self.measure(lambda: self.inverted.regenerate(as_cond(embeds)))
 
 
-def _as_cond(embeds) -> dict:
+def as_cond(embeds) -> dict:
     """The conditioning dict of a prompt's encoding: SD's embedding tensor, or a flow model's dict as it is."""
     return dict(embeds) if isinstance(embeds, dict) else {"encoder_hidden_states": embeds}
 
@@ -152,7 +154,7 @@ def invert_image(
     grid = tail_sigmas(sigmas, strength)
     counted = RowCountingDenoiser(base)
     setup = EditSetup(counted, guided(counted, guidance_scale, uncond_embeds), uncond_embeds, guidance_scale)
-    source = _as_cond(source_embeds)
+    source = as_cond(source_embeds)
     inverted, c_inv = _measured(counted, x_clean.device, lambda: registry[method].invert(setup, x_clean, grid, source, options))
     settings = {"method": method, "num_steps": len(grid) - 1, "strength": strength, "guidance_scale": guidance_scale,
                 "dtype": str(x_clean.dtype).replace("torch.", ""), **inverted.settings}
@@ -203,6 +205,58 @@ def invert_and_edit(
 
 
 # --------------------------------------------------------------------------------------------------
+# A photo encoded for one model: what every method inverts, on either kind of model.
+
+
+def default_guidance_scale(sd) -> float:
+    """The guidance an edit uses when none is given: Stable Diffusion's 7.5; a flow model's own
+    (:attr:`bdia.networks.flow.FlowModel.default_guidance_scale`: SD3 7.0, FLUX.1-dev 3.5, FLUX.1-schnell 0, unused)."""
+    return float(sd.default_guidance_scale) if is_flow_model(sd) else 7.5
+
+
+@dataclass
+class EncodedPhoto:
+    """A batch of photos encoded for one model, with what :func:`invert_image` needs from that model.
+
+    ``flow``: a flow-matching model (SD3, FLUX); ``z0``: the VAE latents (float64); ``sigmas``: the model's grid of
+    ``num_steps`` steps at the photos' size (EDM convention; a flow's from ``inf`` = ``t = 1`` down to 0);
+    ``x_clean``: the clean states at ``sigmas[-1]`` -- Stable Diffusion's ``z0 / alpha_N`` (:func:`latent_to_state`),
+    a flow's latent itself; ``base``: the unguided denoiser (FLUX.1-dev: with ``guidance_scale`` as its guidance
+    embedding); ``uncond``: the unconditional conditioning for classifier-free guidance (the empty prompt's; ``None``
+    for FLUX, which has no unconditional half); ``guidance_scale``: the scale resolved (:func:`default_guidance_scale`
+    for ``None``)."""
+
+    flow: bool
+    z0: torch.Tensor
+    x_clean: torch.Tensor
+    sigmas: torch.Tensor
+    base: object
+    uncond: object
+    guidance_scale: float
+
+    def latent(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """The latent the VAE decodes from a clean state ``x`` at ``grid[-1]`` (a flow's state is its latent)."""
+        return x if self.flow else state_to_latent(x, grid)
+
+
+def encode_photo(sd, pixels: torch.Tensor, num_steps: int, guidance_scale: float | None = None) -> EncodedPhoto:
+    """Encode ``pixels`` (``[B, 3, H, W]`` in ``[-1, 1]``) with ``sd`` (a :class:`bdia.networks.sd.StableDiffusion` or a
+    flow-matching :class:`bdia.networks.flow.FlowModel`) and give the clean states, the grid of ``num_steps`` steps at
+    that size and the denoiser to invert them with (:class:`EncodedPhoto`): the one place where the edit app and the
+    web demo (:mod:`bdia.apps.demo`) branch on the model's kind."""
+    guidance_scale = default_guidance_scale(sd) if guidance_scale is None else float(guidance_scale)
+    z0 = sd.encode_images(pixels)
+    if is_flow_model(sd):  # the state is the latent x_t itself; the grid is the pipeline's at this size (FLUX: its mu)
+        sigmas = sd.sigmas(num_steps, pixels.shape[-2], pixels.shape[-1])
+        base = sd.denoiser(guidance_scale if sd.guidance == "embedded" else 1.0)  # FLUX: its guidance embedding
+        uncond = sd.encode_prompts([""]) if sd.guidance == "cfg" else None  # SD3: classifier-free guidance
+        return EncodedPhoto(True, z0, z0.to(torch.float64), sigmas, base, uncond, guidance_scale)
+    sigmas = sd.sigmas(num_steps)
+    return EncodedPhoto(False, z0, latent_to_state(z0, sigmas), sigmas, sd.eps_denoiser(), sd.encode_prompts([""]),
+                        guidance_scale)
+
+
+# --------------------------------------------------------------------------------------------------
 # The edit run behind scripts/edit.py: an image, a Stable Diffusion, every method, one folder.
 
 #: Photos that ship offline inside scikit-learn (``sklearn.datasets.load_sample_image``).
@@ -211,7 +265,7 @@ SAMPLE_IMAGES = ("china.jpg", "flower.jpg")
 MAX_IMAGE_PIXELS = 64 * 10**6
 
 
-def _image_path(image) -> tuple[str, "Path | None"]:
+def _image_path(image) -> tuple[str, Path | None]:
     """``(name, path)`` of the ``image`` setting: a sample photo's name with ``None``, or a path to a regular file
     (checked without opening it: a folder, a FIFO or a device is refused by name)."""
     from pathlib import Path
@@ -442,8 +496,7 @@ def edit_run(
                                   lpips_weights=lpips_weights, grid_scale=grid_scale, resume=resume, flow=flow)
     check_flags(progress=progress)
     check_out_dir(out_dir, "edit")  # cheap, before any work: an out_dir that is not an edit folder is refused
-    if guidance_scale is None:
-        guidance_scale = float(sd.default_guidance_scale) if flow else 7.5
+    guidance_scale = default_guidance_scale(sd) if guidance_scale is None else guidance_scale
     size = int(image_size or sd.image_size)
     sd.latent_shape(size, size)  # the size suits the VAE (FLUX: and its 2x2 packing)
     check_grid_size(3 * len(methods), (3, size, size), 3, 1, grid_scale)
@@ -468,16 +521,8 @@ def edit_run(
             run.mark("complete")  # the same settings, already done: nothing to redo
             return finished
         pixels = original.to(torch.float32) / 127.5 - 1
-        z0 = sd.encode_images(pixels)
-        if flow:  # the state is the latent x_t itself; the grid is the pipeline's at this size (FLUX: its mu)
-            sigmas = sd.sigmas(num_steps, size, size)
-            x_clean = z0.to(torch.float64)
-            base = sd.denoiser(guidance_scale if sd.guidance == "embedded" else 1.0)  # FLUX: its guidance embedding
-            uncond = sd.encode_prompts([""]) if sd.guidance == "cfg" else None  # SD3: classifier-free guidance
-        else:
-            sigmas = sd.sigmas(num_steps)
-            x_clean = latent_to_state(z0, sigmas)
-            base, uncond = sd.eps_denoiser(), sd.encode_prompts([""])
+        photo = encode_photo(sd, pixels, num_steps, guidance_scale)
+        z0, x_clean, sigmas, base, uncond = photo.z0, photo.x_clean, photo.sigmas, photo.base, photo.uncond
         source, edit = sd.encode_prompts([source_prompt]), sd.encode_prompts([edit_prompt])
         vae_images = sd.decode_latents(z0)
         # Before any work, so that a missing model fails at once:
@@ -503,10 +548,9 @@ def edit_run(
                                      num_inner_steps=num_inner_steps, lr=lr, early_stop=early_stop,
                                      ddim_inversion_guidance=ddim_inversion_guidance, **(flow_options if flow else {}))
             grid = tail_sigmas(sigmas, strength)
-            latent = (lambda x: x) if flow else (lambda x: state_to_latent(x, grid))  # noqa: E731
-            z_rec = latent(result.reconstruction)
+            z_rec = photo.latent(result.reconstruction, grid)
             recon_images = sd.decode_latents(z_rec)
-            edit_images = sd.decode_latents(latent(result.edit))
+            edit_images = sd.decode_latents(photo.latent(result.edit, grid))
             cost = result.cost
             metrics["methods"][method] = {
                 "latent": _scalars(latent_metrics(z0, z_rec, per_image=False)),
