@@ -1,7 +1,8 @@
 """The web demo in a real browser (marked ``browser``: ``make test-browser``, which installs Debian's chromium when
 absent; CI runs it). ``scripts/demo.py`` serves the tiny SD on 127.0.0.1 (a free port); headless Chromium, driven by
 Playwright's Python client (``/usr/bin/chromium``, nothing downloaded), uploads a photo, inverts it, edits it twice,
-and the page must show the three images and a latent round-trip error below 1e-6. A second browser session sees
+and the page must show the three images and a latent round-trip error below 1e-6; picking the tiny FLUX in the
+model menu offers the flow methods and its guidance, and inverts exactly too. A second browser session sees
 none of it; a file that is not an image is a message in the page; the demo writes nothing outside its temporary
 folder, which is gone when it stops. Screenshots go to the test's temporary folder (``BDIA_DEMO_SCREENSHOT=path``
 also copies the final one there: the README's ``docs/demo_screenshot.png``)."""
@@ -54,21 +55,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo(tiny_sd_dir, tmp_path_factory):
-    """scripts/demo.py on a free port, run from an empty folder with its own TMPDIR; stopped with SIGTERM after the
-    module. Yields (url, folders, log path)."""
+def demo(tiny_sd_dir, tiny_flux_dir, tmp_path_factory):
+    """scripts/demo.py on a free port, run from a folder holding only ``results/tiny_flux`` (a link to the session's
+    tiny FLUX: the menu's tiny-flux config reads that relative path) with its own TMPDIR; stopped with SIGTERM after
+    the module. Yields (url, folders, log path)."""
     _need_browser()
     root = tmp_path_factory.mktemp("demo")
     folders = {name: root / name for name in ("cwd", "tmp")}
     for folder in folders.values():
         folder.mkdir()
+    (folders["cwd"] / "results").mkdir()
+    (folders["cwd"] / "results" / "tiny_flux").symlink_to(tiny_flux_dir, target_is_directory=True)
     port = _free_port()
     log = root / "demo.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "TMPDIR": str(folders["tmp"]), "HYDRA_FULL_ERROR": ""}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"), f"model.path={tiny_sd_dir}",
-                                    f"port={port}", f"num_steps={STEPS}"],
+                                    f"port={port}", f"num_steps={STEPS}", "image_size=32"],
                                    cwd=folders["cwd"], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -207,15 +211,41 @@ def test_upload_invert_and_edit_twice_in_chromium(demo, browser, tmp_path):
     other.close()
 
 
+def test_picking_a_flow_model_offers_its_methods_and_guidance_and_inverts_exactly(demo, browser, tmp_path):
+    """The model menu in the browser: tiny-flux loads, the comparisons become the flow methods, the guidance slider
+    moves to FLUX.1-dev's 3.5, and the photo inverts with BDIA over flow Euler to round-off."""
+    url, folders, log, _ = demo
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#invert")
+    assert "EDICT" in page.inner_text("#compare")
+    page.click("#model input")
+    page.click("#model [role=option][aria-label='tiny-flux']")
+    assert "guidance set to its default 3.5" in _status(page, "Model tiny-flux loaded")
+    compare = page.inner_text("#compare")
+    assert "RF-Solver" in compare and "FireFlow" in compare and "EDICT" not in compare
+    assert float(page.input_value("#guidance input[type=number]")) == 3.5
+    page.check("#compare label:has-text('RF-Solver') input")
+    page.set_input_files("#photo input[type=file]", str(_photo(tmp_path)))
+    page.wait_for_function("() => !!document.querySelector('#photo img')", timeout=30_000)
+    page.click("#invert")
+    assert f"BDIA: {STEPS} NFE" in _status(page, "Inverted")
+    error = float(re.search(r"relative\): ([0-9.eE+-]+)", page.inner_text("#roundtrip")).group(1))
+    numbers = page.inner_text("#numbers")
+    assert error < 1e-6 and "BDIA over flow Euler" in numbers and "RF-Solver" in numbers and "tiny-flux" in numbers
+    page.screenshot(path=str(tmp_path / "4_flux.png"), full_page=True)
+    page.close()
+
+
 def test_the_demo_writes_only_its_temporary_folder_and_removes_it(demo, browser):
-    """After the page test: the working folder is untouched, the temporary folder is emptied when the demo stops,
+    """After the page tests: the working folder is untouched, the temporary folder is emptied when the demo stops,
     and the demo ends with its summary line."""
     url, folders, log, process = demo
-    assert list(folders["cwd"].iterdir()) == []
+    assert [p.name for p in folders["cwd"].rglob("*")] == ["results", "tiny_flux"]  # what the fixture put there
     made = [p for p in folders["tmp"].iterdir() if p.name.startswith("bdia-demo-")]
     assert len(made) == 1  # the demo's one temporary folder (uploads, shown images, example photos)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert not made[0].exists()
-    assert re.search(r"bdia demo stopped after .* min: inversions 1, edits 3; temporary files removed",
+    assert re.search(r"bdia demo stopped after .* min: inversions 2, edits 3; temporary files removed",
                      log.read_text())
