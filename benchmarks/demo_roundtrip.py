@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -32,8 +33,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from bdia.apps.demo import Models, compare_methods, edit_photo, invert_photo, model_configs
+    from bdia.download import AssetUnavailableError
 
     models = Models(model_configs(), args.models[0], image_size=args.size)
+    try:
+        for name in args.models:
+            models.get(name)
+    except (AssetUnavailableError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]} (make tiny-sd tiny-flow writes the tiny models)", file=sys.stderr)
+        return 1
     print(f"china.jpg at {args.size} px, N = {args.steps}, gamma 0.96, {args.threads} thread(s)")
     print("| model | method | latent round trip (relative) | NFE invert / reconstruct | NFE edit s=1 | NFE edit s=0.5 |")
     print("|---|---|---|---|---|---|")
