@@ -52,8 +52,8 @@ from scipy.integrate import solve_ivp  # noqa: E402
 import bdia  # noqa: E402
 from bdia.analytic import digits_gmm, gmm_toy  # noqa: E402
 from bdia.imageio import quantize, seed_noise  # noqa: E402
-from bdia.metrics.digits_classifier import DigitsFeatures, digits_uint8, load_digits_classifier  # noqa: E402
-from bdia.metrics.frechet import frechet_distance  # noqa: E402
+from bdia.metrics.digits_classifier import load_digits_classifier  # noqa: E402
+from bdia.metrics.fid import DigitsFD  # noqa: E402
 from bdia.models import digits_network  # noqa: E402
 from bdia.rex import rex_nfe  # noqa: E402
 
@@ -236,20 +236,13 @@ class Scorer:
     """FD in the digits classifier's features (16x16 problems) and the classifier's digit for each sample."""
 
     def __init__(self):
-        self.features = DigitsFeatures()
+        self.distance = DigitsFD(kid=False, real_floor=False)  # against digits-test, the library's metric
         self.classifier = load_digits_classifier()
-        self.real = self._stats(torch.from_numpy(digits_uint8("test")[0]))
-
-    @torch.no_grad()
-    def _stats(self, images_uint8):
-        f = self.features(images_uint8).double().numpy()
-        return f.mean(0), np.cov(f, rowvar=False)
 
     def fd(self, x) -> float:
         if not bool(torch.isfinite(x).all()):
             return float("nan")
-        mu, cov = self._stats(quantize(x))
-        return float(frechet_distance(mu, cov, *self.real))
+        return float(self.distance(quantize(x))["fd"])
 
     @torch.no_grad()
     def digit(self, x) -> torch.Tensor:
