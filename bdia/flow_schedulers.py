@@ -150,12 +150,7 @@ class BDIAFlowMatchEulerScheduler(_BDIAFlowMixin, FlowMatchEulerDiscreteSchedule
         ``pair.lower`` (the pair :class:`BDIAFlowMatchInverseScheduler` produced) instead of an Euler step; kept across
         ``set_timesteps`` until ``regenerate_from(None)``."""
         if pair is not None:
-            if float(pair.gamma) != float(self.config.gamma):
-                raise ValueError(f"the pair was inverted with gamma={pair.gamma} but this scheduler has "
-                                 f"gamma={self.config.gamma}; regeneration is exact only with the same gamma")
-            if pair.upper.shape != pair.lower.shape:
-                raise ValueError(f"pair.upper {tuple(pair.upper.shape)} and pair.lower {tuple(pair.lower.shape)} "
-                                 "differ in shape")
+            pair.check_regenerates_with(self.config.gamma)
         self.start_pair = pair
 
     def _starts_the_pair(self, index: int, timestep, sample) -> bool:

@@ -107,6 +107,16 @@ class BDIAInvertedPair(NamedTuple):
     timestep: int
     gamma: float
 
+    def check_regenerates_with(self, gamma: float) -> None:
+        """Refuse (one line) a pair that a scheduler of this ``gamma`` cannot continue exactly: another gamma, or
+        halves of different shapes."""
+        if float(self.gamma) != float(gamma):
+            raise ValueError(f"the pair was inverted with gamma={self.gamma} but this scheduler has "
+                             f"gamma={gamma}; regeneration is exact only with the same gamma")
+        if self.upper.shape != self.lower.shape:
+            raise ValueError(f"pair.upper {tuple(self.upper.shape)} and pair.lower {tuple(self.lower.shape)} "
+                             "differ in shape")
+
 
 def _ddim_init_keys() -> set[str]:
     from diffusers import DDIMInverseScheduler, DDIMScheduler
@@ -364,12 +374,7 @@ class BDIADDIMScheduler(_BDIABase):
         ``pair.lower`` (the BDIA pair an inversion produced) instead of a DDIM step; kept across
         ``set_timesteps`` (Pix2Pix-Zero runs two passes) until ``regenerate_from(None)``."""
         if pair is not None:
-            if float(pair.gamma) != float(self.config.gamma):
-                raise ValueError(f"the pair was inverted with gamma={pair.gamma} but this scheduler has "
-                                 f"gamma={self.config.gamma}; regeneration is exact only with the same gamma")
-            if pair.upper.shape != pair.lower.shape:
-                raise ValueError(f"pair.upper {tuple(pair.upper.shape)} and pair.lower {tuple(pair.lower.shape)} "
-                                 "differ in shape")
+            pair.check_regenerates_with(self.config.gamma)
         self.start_pair = pair
 
     def _starts_the_pair(self, t: int, sample: torch.Tensor) -> bool:
