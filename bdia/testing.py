@@ -72,6 +72,16 @@ def _tiny_tokenizer(model_max_length: int = 77):
     return tokenizer, vocab
 
 
+def _tiny_folder(out_dir, sample_size) -> tuple[Path, int]:
+    """``out_dir`` (created) and the image side, checked: a positive multiple of 8 pixels."""
+    sample_size = int(sample_size)
+    if sample_size < 8 or sample_size % 8:
+        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, sample_size
+
+
 def build_tiny_sd(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
     """Write a tiny random Stable Diffusion as a diffusers folder and return its path.
 
@@ -88,11 +98,7 @@ def build_tiny_sd(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sample_size = int(sample_size)
-    if sample_size < 8 or sample_size % 8:
-        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, sample_size = _tiny_folder(out_dir, sample_size)
     tokenizer, vocab = _tiny_tokenizer()
     generator_state = torch.random.get_rng_state()
     try:
@@ -219,11 +225,7 @@ def build_tiny_sd3(out_dir, seed: int = 0, sample_size: int = 32) -> Path:
     ``FlowMatchEulerDiscreteScheduler(shift=3.0)``, SD3's. Deterministic given ``seed``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    sample_size = int(sample_size)
-    if sample_size < 8 or sample_size % 8:
-        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, sample_size = _tiny_folder(out_dir, sample_size)
     tokenizer, vocab = _tiny_tokenizer()
 
     def build():
@@ -259,11 +261,7 @@ def build_tiny_flux(out_dir, seed: int = 0, sample_size: int = 32, guidance_embe
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    sample_size = int(sample_size)
-    if sample_size < 8 or sample_size % 8:
-        raise ValueError(f"sample_size must be a positive multiple of 8 (pixels), got {sample_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, sample_size = _tiny_folder(out_dir, sample_size)
     tokenizer, vocab = _tiny_tokenizer()
     tokenizer_2 = _tiny_t5_tokenizer()
 
