@@ -142,10 +142,34 @@ def init_distributed(device="auto", mode: str = "auto") -> tuple[DistContext, to
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        _import_modules_that_default_to_the_world_group()
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size)
         atexit.register(_destroy)
     return DistContext(ctx.rank, ctx.world_size, ctx.local_rank, dist.get_backend()), device
+
+
+# torch modules whose functions take ``group=dist.group.WORLD`` as a default argument: the default is evaluated
+# when the module is imported, so importing one after the group is joined (transformers imports the first one
+# when it loads a model) keeps a reference to the group that ``destroy_process_group`` cannot drop. The gloo
+# backend's threads then outlive it and are torn down with the interpreter, which aborts a few exits in a
+# hundred ("terminate called without an active exception", exit -6, after the run's files are written).
+# Imported before the group exists, their defaults are ``None``.
+_WORLD_DEFAULT_MODULES = (
+    "torch.distributed.nn.functional",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+)
+
+
+def _import_modules_that_default_to_the_world_group() -> None:
+    import importlib
+
+    for name in _WORLD_DEFAULT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a torch build without that part cannot capture the group either
+            pass
 
 
 def _destroy() -> None:
