@@ -93,7 +93,7 @@ def test_torchrun_two_cpu_processes_match_one_process_bit_for_bit(tmp_path, tiny
               "save_states=true", "device=cpu", "progress=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
            "launcher=torchrun", "batch_size=2", f"out_dir={tmp_path / 'torchrun'}", *common]
-    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     with hydra_configs():
         cfg = compose(*common, "batch_size=5", f"out_dir={tmp_path / 'single'}")

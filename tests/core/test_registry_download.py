@@ -130,7 +130,7 @@ def test_offline_missing_checkpoint_fails_fast_with_one_clear_error(tmp_path, mo
     t0 = time.perf_counter()
     with pytest.raises(AssetUnavailableError) as info:
         resolve_checkpoint(name)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # at once: no download attempt or retry loop (tens of s)
     message = str(info.value)
     url = registry.get_checkpoint(name).url
     cache_path = tmp_path / "cache" / "edm" / f"{name}.pkl"
