@@ -136,10 +136,15 @@ def method_label(method: str, flow: bool) -> str:
     return (FLOW_METHOD_LABELS if flow else METHOD_LABELS)[method]
 
 
+def _as_list(compare) -> list[str]:
+    """The ``compare`` setting (a name, a list, or nothing) as a list."""
+    return [compare] if isinstance(compare, str) else list(compare or [])
+
+
 def check_compare(compare, flow: bool) -> list[str]:
     """``compare`` (a name or a list) as a list of the comparison methods for the model's kind; a method of the
     other kind is refused in one line saying which apply (:func:`bdia.inversion.check_method`), an unknown one too."""
-    compare = [compare] if isinstance(compare, str) else list(compare or [])
+    compare = _as_list(compare)
     valid = compare_methods(flow)
     for method in compare:
         if method not in valid:
@@ -190,7 +195,8 @@ class Models:
     def names(self) -> list[str]:
         return sorted(self.configs)
 
-    def _name(self, name: str | None) -> str:
+    def resolve(self, name: str | None) -> str:
+        """``name`` stripped (empty or ``None``: the default), checked to be one of :attr:`names` (one line if not)."""
         name = self.default if name is None or not str(name).strip() else str(name).strip()
         if name not in self.configs:
             raise ValueError(f"model {name!r}: not one of {', '.join(self.names)}")
@@ -199,10 +205,10 @@ class Models:
     def is_flow(self, name: str | None) -> bool:
         """Whether the config ``name`` is a flow-matching model's (SD3, FLUX: ``bdia.networks.flow.load_flow``),
         read from the config without loading it."""
-        return self.configs[self._name(name)].get("_target_") == FLOW_LOADER
+        return self.configs[self.resolve(name)].get("_target_") == FLOW_LOADER
 
     def get(self, name: str | None):
-        name = self._name(name)
+        name = self.resolve(name)
         with self.lock:
             if name not in self.loaded:
                 for other in [n for n in self.loaded if n != self.default]:
@@ -337,8 +343,8 @@ def invert_photo(
     source_prompt = _check_prompt(source_prompt, "source prompt")
     num_steps = _check_number(num_steps, "steps", 2, MAX_DEMO_STEPS, integer=True)
     gamma = _check_number(gamma, "gamma", 0, 1, low_open=True)
-    name = models.default if model is None or not str(model).strip() else str(model).strip()
-    flow = models.is_flow(name)  # from the config (an unknown name is one line here)
+    name = models.resolve(model)  # an unknown name is one line here
+    flow = models.is_flow(name)  # from the config
     if guidance_scale is not None:  # Stable Diffusion: classifier-free guidance, >= 1; a flow's may be 0 (none)
         guidance_scale = _check_number(guidance_scale, "guidance", 0 if flow else 1, 50)
     compare = check_compare(compare, flow)
@@ -519,8 +525,14 @@ def round_trip_text(session: Session | None) -> str:
             f"against the photo, {_fmt(n['psnr_vs_vae'], '.2f')} dB against the VAE's own round trip")
 
 
+def _guidance_kind(sd) -> str:
+    """How ``sd`` is guided: ``"cfg"`` (classifier-free: Stable Diffusion, SD3), ``"embedded"`` (FLUX.1-dev's guidance
+    embedding) or ``"none"`` (FLUX.1-schnell)."""
+    return getattr(sd, "guidance", "cfg") if is_flow_model(sd) else "cfg"
+
+
 def _guidance_text(sd, guidance_scale: float) -> str:
-    kind = getattr(sd, "guidance", "cfg") if is_flow_model(sd) else "cfg"
+    kind = _guidance_kind(sd)
     if kind == "none":
         return "no guidance (the model has none)"
     return f"guidance {guidance_scale:g}" + (" (its guidance embedding)" if kind == "embedded" else "")
@@ -581,9 +593,9 @@ def gallery_items(session: Session | None, display_size: int) -> list:
 
 _INTRO = """# Exact editing with BDIA — invert once, edit many times
 Upload a photo (or pick an example), describe it, **Invert**: BDIA-DDIM maps it to noise exactly, at DDIM's cost
-(on SD3 / FLUX: BDIA over flow Euler, at flow Euler's cost). Then **Edit** as often as you like: each edit regenerates from the cached inversion under your edit prompt, without
-inverting again. The numbers show the round trip: regenerating under the source prompt gives the photo's latent back
-to round-off."""
+(on SD3 / FLUX: BDIA over flow Euler, at flow Euler's cost). Then **Edit** as often as you like: each edit
+regenerates from the cached inversion under your edit prompt, without inverting again. The numbers show the round
+trip: regenerating under the source prompt gives the photo's latent back to round-off."""
 
 
 def _photo_path(payload):
@@ -612,7 +624,7 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
     start_flow = models.is_flow(models.default)
     if guidance_scale is None:
         guidance_scale = default_guidance_scale(models.get(models.default))
-    compare = [m for m in ([compare] if isinstance(compare, str) else list(compare or [])) if m in compare_methods(start_flow)]
+    compare = [m for m in _as_list(compare) if m in compare_methods(start_flow)]
     examples = []
     for name in SAMPLE_IMAGES:
         path = temp_dir / "examples" / name
@@ -668,9 +680,8 @@ def build_demo(models: Models, temp_dir, source_prompt: str = "a photo of a chin
         except USER_ERRORS + (AssetUnavailableError,) as e:
             return [gr.update(), gr.update(), f"**error:** {one_line(e)}"]
         default = default_guidance_scale(sd)
-        kind = getattr(sd, "guidance", "cfg") if flow else "cfg"
         note = {"cfg": "classifier-free guidance", "embedded": "its guidance embedding",
-                "none": "the model has no guidance: the value is ignored"}[kind]
+                "none": "the model has no guidance: the value is ignored"}[_guidance_kind(sd)]
         guidance_update = gr.update(minimum=0.0 if flow else 1.0, value=default, info=f"{note}; its default {default:g}")
         return [methods_update, guidance_update,
                 f"Model **{name}** loaded ({'flow matching: BDIA over flow Euler' if flow else 'BDIA-DDIM'}); guidance "
